@@ -1,0 +1,28 @@
+"""Heartbeating around long awaits, so cancellation (interrupts, `keel cancel`) arrives fast."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from temporalio import activity
+
+T = TypeVar("T")
+
+HEARTBEAT_EVERY_SECONDS = 1.0
+
+
+async def heartbeat_while(coro: Awaitable[T]) -> T:
+    """Await `coro`, heartbeating meanwhile; a cancellation cancels `coro` too."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY_SECONDS)
+            if done:
+                return task.result()
+            if activity.in_activity():
+                activity.heartbeat()
+    finally:
+        if not task.done():
+            task.cancel()

@@ -1,0 +1,194 @@
+"""The model call: OpenAI Chat Completions (or any compatible server), errors classified once."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import openai
+from openai import AsyncOpenAI
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.heartbeat import heartbeat_while
+from workflows import errors
+from workflows.models import ChatMessage, ModelInput, ModelResult, ToolCall, Usage
+
+# Temporal refuses payloads past 2 MB; fail fast below that instead of retrying forever.
+MAX_RESULT_BYTES = 1_500_000
+RETRYABLE_STATUS = {408, 409, 429}
+
+
+def retry_after(response: Any) -> timedelta | None:
+    """The provider's Retry-After (seconds, or retry-after-ms), if it sent one."""
+    if response is None:
+        return None
+    ms = response.headers.get("retry-after-ms")
+    if ms:
+        try:
+            return timedelta(milliseconds=float(ms))
+        except ValueError:
+            pass
+    value = response.headers.get("retry-after")
+    if value:
+        try:
+            return timedelta(seconds=float(value))
+        except ValueError:
+            return None
+    return None
+
+
+def classify(e: Exception) -> ApplicationError:
+    """Translate an OpenAI SDK error into the one ApplicationError Temporal acts on."""
+    if isinstance(e, openai.APIStatusError):
+        status = e.status_code
+        message = _provider_message(e)
+        if status in RETRYABLE_STATUS or status >= 500:
+            return ApplicationError(
+                f"provider answered {status}: {message}",
+                type=errors.PROVIDER_UNAVAILABLE,
+                next_retry_delay=retry_after(e.response),
+            )
+        if status == 413:
+            return ApplicationError(
+                f"provider answered 413: {message}",
+                type=errors.PAYLOAD_TOO_LARGE,
+                non_retryable=True,
+            )
+        return ApplicationError(
+            f"provider answered {status}: {message}",
+            type=errors.PROVIDER_REJECTED,
+            non_retryable=True,
+        )
+    if isinstance(e, openai.APIConnectionError):  # includes timeouts
+        return ApplicationError(
+            f"provider unreachable: {type(e).__name__}: {e}", type=errors.PROVIDER_UNAVAILABLE
+        )
+    return ApplicationError(
+        f"provider sent a response that is not a chat completion: {type(e).__name__}: {e}",
+        type=errors.PROVIDER_BAD_RESPONSE,
+    )
+
+
+def _provider_message(e: openai.APIStatusError) -> str:
+    body = e.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return e.message
+
+
+def to_openai_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Our transcript in the Chat Completions wire format."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        item: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.role == "assistant" and m.tool_calls:
+            item["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
+                for c in m.tool_calls
+            ]
+        if m.role == "tool":
+            item["tool_call_id"] = m.tool_call_id
+            item["content"] = m.content or ""
+        out.append(item)
+    return out
+
+
+def normalise_tool_calls(raw: list[Any] | None, step: int) -> list[ToolCall]:
+    """Tolerate compatible servers' quirks: missing or repeated ids, non-string arguments."""
+    calls: list[ToolCall] = []
+    seen: set[str] = set()
+    for i, c in enumerate(raw or []):
+        fn = getattr(c, "function", None)
+        name = getattr(fn, "name", None) or ""
+        args = getattr(fn, "arguments", None)
+        if args is None:
+            args = "{}"
+        elif not isinstance(args, str):
+            args = json.dumps(args)
+        call_id = getattr(c, "id", None) or f"call_{step}_{i}"
+        if call_id in seen:
+            call_id = f"{call_id}_{i}"
+        seen.add(call_id)
+        calls.append(ToolCall(id=call_id, name=name, arguments=args))
+    return calls
+
+
+class ModelActivities:
+    """The `call_model` activity; the client comes from the worker's settings."""
+
+    def __init__(self, base_url: str | None, api_key: str | None, default_model: str) -> None:
+        self._base_url = base_url
+        self._api_key = api_key or "not-needed"
+        self._default_model = default_model
+        self._clients: dict[tuple[str | None, float], AsyncOpenAI] = {}
+
+    def _client(self, base_url: str | None, timeout: float) -> AsyncOpenAI:
+        key = (base_url, timeout)
+        if key not in self._clients:
+            # Retries live in Temporal: the SDK must not retry behind its back.
+            self._clients[key] = AsyncOpenAI(
+                base_url=base_url, api_key=self._api_key, max_retries=0, timeout=timeout
+            )
+        return self._clients[key]
+
+    @activity.defn(name="call_model")
+    async def call_model(self, input: ModelInput) -> ModelResult:
+        """One chat completion with the agent's tools; usage recorded."""
+        s = input.settings
+        model = s.model or self._default_model
+        client = self._client(s.base_url or self._base_url, s.timeout_seconds)
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "messages": to_openai_messages(input.messages),
+        }
+        if input.tools:
+            kwargs["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": t.parameters or {"type": "object", "properties": {}},
+                    },
+                }
+                for t in input.tools
+            ]
+        if s.temperature is not None:
+            kwargs["temperature"] = s.temperature
+        try:
+            completion = await heartbeat_while(client.chat.completions.create(**kwargs))
+            choice = completion.choices[0]
+            msg = choice.message
+        except (openai.APIError, ValueError, AttributeError, IndexError, TypeError) as e:
+            raise classify(e) from e
+        usage = completion.usage
+        result = ModelResult(
+            message=ChatMessage(
+                role="assistant",
+                content=msg.content,
+                tool_calls=normalise_tool_calls(msg.tool_calls, input.step),
+            ),
+            usage=Usage(
+                prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+                total_tokens=getattr(usage, "total_tokens", 0) or 0,
+            ),
+            finish_reason=choice.finish_reason or "",
+            model=completion.model or model,
+        )
+        size = len(result.model_dump_json())
+        if size > MAX_RESULT_BYTES:
+            raise ApplicationError(
+                f"model reply is {size} bytes, over the {MAX_RESULT_BYTES}-byte payload limit",
+                type=errors.PAYLOAD_TOO_LARGE,
+                non_retryable=True,
+            )
+        return result

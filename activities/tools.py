@@ -1,0 +1,153 @@
+"""Tools: the `@tool` decorator and the one `run_tool` activity that validates and dispatches."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, get_type_hints
+
+from pydantic import BaseModel, ValidationError
+from temporalio import activity
+
+from activities.heartbeat import heartbeat_while
+from workflows.models import ApprovalPolicy, ToolInput, ToolResult, ToolSpec
+from workflows.policy import parse_arguments
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool gets besides its arguments: who calls, the idempotency key, resources."""
+
+    agent: str
+    call_id: str
+    idempotency_key: str
+    run_id: str
+    user: str
+    resources: Any = None  # whatever the worker was given (a database, an HTTP client, ...)
+
+    def heartbeat(self, *details: Any) -> None:
+        """Tell Temporal the tool is alive (and learn of a cancellation)."""
+        if activity.in_activity():
+            activity.heartbeat(*details)
+
+
+ToolFn = Callable[[Any, ToolContext], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A typed async function and the options it runs with."""
+
+    fn: ToolFn
+    args_model: type[BaseModel]
+    spec: ToolSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def tool(
+    fn: ToolFn | None = None,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    side_effects: bool = False,
+    interruptible: bool | None = None,
+    timeout_seconds: float = 60.0,
+    heartbeat_seconds: float | None = None,
+    max_attempts: int = 5,
+    initial_retry_seconds: float = 1.0,
+    approval: ApprovalPolicy | None = None,
+) -> Any:
+    """Make a `Tool` of `async def f(args: SomeModel, ctx: ToolContext) -> str | model | dict`.
+
+    The JSON schema the model sees comes from the arguments model; the description from
+    the docstring. Side-effecting tools are not interruptible unless said otherwise.
+    """
+
+    def wrap(f: ToolFn) -> Tool:
+        if not inspect.iscoroutinefunction(f):
+            raise TypeError(f"tool {f.__name__} must be an async function")
+        params = list(inspect.signature(f).parameters)
+        hints = get_type_hints(f)
+        args_model = hints.get(params[0]) if params else None
+        if not (isinstance(args_model, type) and issubclass(args_model, BaseModel)):
+            raise TypeError(f"tool {f.__name__}: first parameter must be a pydantic model")
+        spec = ToolSpec(
+            name=name or f.__name__,
+            description=description or inspect.cleandoc(f.__doc__ or "") or f.__name__,
+            parameters=args_model.model_json_schema(),
+            side_effects=side_effects,
+            interruptible=(not side_effects) if interruptible is None else interruptible,
+            start_to_close_seconds=timeout_seconds,
+            heartbeat_seconds=heartbeat_seconds,
+            max_attempts=max_attempts,
+            initial_retry_seconds=initial_retry_seconds,
+            approval=approval or ApprovalPolicy(),
+        )
+        return Tool(fn=f, args_model=args_model, spec=spec)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, BaseModel):
+        return value.model_dump_json()
+    return json.dumps(value, default=str)
+
+
+class ToolActivities:
+    """The `run_tool` activity over the tools a worker knows."""
+
+    def __init__(self, tools: list[Tool], resources: Any = None) -> None:
+        self._tools = {t.name: t for t in tools}
+        self._resources = resources
+
+    @activity.defn(name="run_tool")
+    async def run_tool(self, input: ToolInput) -> ToolResult:
+        """Validate the arguments and run the tool; bad calls come back as results, not errors.
+
+        An exception from the tool itself propagates, so Temporal retries it with the
+        tool's retry policy.
+        """
+        t = self._tools.get(input.tool)
+        if t is None:
+            known = ", ".join(sorted(self._tools)) or "none"
+            return ToolResult(
+                ok=False,
+                error_type="unknown_tool",
+                content=f"Error: there is no tool named {input.tool!r}. Available tools: {known}.",
+            )
+        raw, problem = parse_arguments(input.arguments)
+        if raw is None:
+            return ToolResult(ok=False, error_type="invalid_arguments", content=f"Error: {problem}")
+        try:
+            args = t.args_model.model_validate(raw)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
+                for err in e.errors()
+            )
+            return ToolResult(
+                ok=False,
+                error_type="invalid_arguments",
+                content=f"Error: invalid arguments for {t.name}: {problems}",
+            )
+        ctx = ToolContext(
+            agent=input.agent,
+            call_id=input.call_id,
+            idempotency_key=input.idempotency_key,
+            run_id=input.run_id,
+            user=input.user,
+            resources=self._resources,
+        )
+        if t.spec.heartbeat_seconds:
+            result = await heartbeat_while(t.fn(args, ctx))
+        else:
+            result = await t.fn(args, ctx)
+        return ToolResult(ok=True, content=_render(result))

@@ -1,0 +1,262 @@
+"""AgentClient: start runs, watch them, approve, message and cancel them from Python."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel
+from temporalio.client import (
+    Client,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError
+
+from client.config import Settings
+from workflows.agent import AgentWorkflow
+from workflows.models import (
+    AGENT_NAME,
+    AGENT_STATUS,
+    AGENT_STEPS,
+    AGENT_USER,
+    TERMINAL_STATUSES,
+    TOTAL_TOKENS,
+    AgentInput,
+    AgentResult,
+    AgentState,
+    AgentStatus,
+    DecideInput,
+    DecideReceipt,
+    Decision,
+    MessageInput,
+    MessagePolicy,
+    MessageReceipt,
+)
+
+POLL_EVERY = 0.25
+
+
+class KeelClientError(Exception):
+    """A request Keel refused, with the reason the run gave."""
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    agent: str = ""
+    status: str = ""
+    user: str = ""
+    steps: int = 0
+    tokens: int = 0
+    started: datetime | None = None
+
+
+class PendingApproval(BaseModel):
+    run_id: str
+    call_id: str
+    tool: str
+    arguments: dict[str, Any]
+    reason: str
+    approvers: list[str]
+    age_seconds: float
+    expires_at: datetime
+
+
+async def connect(settings: Settings | None = None) -> Client:
+    """A Temporal client with Keel's data converter, configured from the environment."""
+    s = settings or Settings.from_env()
+    return await Client.connect(
+        s.address,
+        namespace=s.namespace,
+        api_key=s.api_key,
+        tls=s.tls,
+        data_converter=pydantic_data_converter,
+    )
+
+
+class AgentClient:
+    """The Python API over Keel runs. A run's id is its Temporal workflow id."""
+
+    def __init__(self, client: Client, settings: Settings | None = None) -> None:
+        self.client = client
+        self.settings = settings or Settings.from_env()
+
+    @classmethod
+    async def connect(cls, settings: Settings | None = None) -> AgentClient:
+        """Connect from the environment (TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, ...)."""
+        s = settings or Settings.from_env()
+        return cls(await connect(s), s)
+
+    def _handle(self, run_id: str) -> WorkflowHandle[AgentWorkflow, AgentResult]:
+        return self.client.get_workflow_handle_for(AgentWorkflow.run, run_id)
+
+    async def start(
+        self,
+        agent: str,
+        message: str,
+        *,
+        user: str = "",
+        run_id: str | None = None,
+        execution_timeout: timedelta | None = None,
+    ) -> str:
+        """Start a run of `agent` on `message`; returns the run id."""
+        run_id = run_id or f"{agent}-{uuid.uuid4().hex[:12]}"
+        await self.client.start_workflow(
+            AgentWorkflow.run,
+            AgentInput(agent=agent, message=message, user=user),
+            id=run_id,
+            task_queue=self.settings.task_queue,
+            execution_timeout=execution_timeout,
+            search_attributes=TypedSearchAttributes(
+                [
+                    SearchAttributePair(AGENT_NAME, agent),
+                    SearchAttributePair(AGENT_USER, user),
+                    SearchAttributePair(AGENT_STATUS, AgentStatus.RUNNING.value),
+                ]
+            ),
+        )
+        return run_id
+
+    async def get_state(self, run_id: str) -> AgentState:
+        """The run's state: status, step, transcript, usage, approvals, effects, audit."""
+        return await self._handle(run_id).query(AgentWorkflow.get_state)
+
+    async def result(self, run_id: str, timeout: float | None = None) -> AgentResult:
+        """Wait for the run's latest answer: when it ends, or goes idle after a turn."""
+        handle = self._handle(run_id)
+
+        async def wait() -> AgentResult:
+            while True:
+                desc = await handle.describe()
+                if desc.status is not None and desc.status.name != "RUNNING":
+                    try:
+                        return await handle.result()
+                    except WorkflowFailureError as e:
+                        state = await self._state_or_none(run_id)
+                        status = state.status if state else AgentStatus.FAILED
+                        if status not in TERMINAL_STATUSES:
+                            status = AgentStatus.FAILED
+                        return AgentResult(
+                            status=status,
+                            final_answer=state.final_answer if state else None,
+                            error=_cause(e),
+                            steps=state.step if state else 0,
+                            usage=state.usage if state else AgentResult(status=status).usage,
+                        )
+                state = await self._state_or_none(run_id)
+                if state is not None and state.status == AgentStatus.IDLE:
+                    return AgentResult(
+                        status=state.status,
+                        final_answer=state.final_answer,
+                        steps=state.step,
+                        usage=state.usage,
+                    )
+                await asyncio.sleep(POLL_EVERY)
+
+        return await asyncio.wait_for(wait(), timeout)
+
+    async def _state_or_none(self, run_id: str) -> AgentState | None:
+        try:
+            return await self.get_state(run_id)
+        except RPCError:
+            return None
+
+    async def list(self, status: str | None = None, limit: int = 100) -> list[RunSummary]:
+        """Recent runs, newest first, optionally only those with this AgentStatus."""
+        query = "WorkflowType = 'AgentWorkflow'"
+        if status:
+            query += f" AND AgentStatus = '{AgentStatus(status).value}'"
+        out: list[RunSummary] = []
+        async for wf in self.client.list_workflows(query, limit=limit):
+            sa = wf.typed_search_attributes
+            out.append(
+                RunSummary(
+                    run_id=wf.id,
+                    agent=sa.get(AGENT_NAME) or "",
+                    status=sa.get(AGENT_STATUS) or "",
+                    user=sa.get(AGENT_USER) or "",
+                    steps=sa.get(AGENT_STEPS) or 0,
+                    tokens=sa.get(TOTAL_TOKENS) or 0,
+                    started=wf.start_time,
+                )
+            )
+        return out
+
+    async def approve(
+        self, run_id: str, call_id: str, approver: str, edit: dict[str, Any] | None = None
+    ) -> DecideReceipt:
+        """Approve a pending tool call, optionally with changed arguments."""
+        decision = Decision.EDIT if edit is not None else Decision.APPROVE
+        return await self.decide(
+            run_id,
+            DecideInput(call_id=call_id, decision=decision, approver=approver, arguments=edit),
+        )
+
+    async def reject(self, run_id: str, call_id: str, approver: str, reason: str) -> DecideReceipt:
+        """Reject a pending tool call; the model sees the reason as the tool's result."""
+        return await self.decide(
+            run_id,
+            DecideInput(
+                call_id=call_id, decision=Decision.REJECT, approver=approver, reason=reason
+            ),
+        )
+
+    async def decide(self, run_id: str, decision: DecideInput) -> DecideReceipt:
+        """Send a decision through the `decide_approval` update; a refusal raises."""
+        try:
+            return await self._handle(run_id).execute_update(
+                AgentWorkflow.decide_approval, decision
+            )
+        except WorkflowUpdateFailedError as e:
+            raise KeelClientError(_cause(e)) from e
+
+    async def send_message(
+        self, run_id: str, text: str, policy: MessagePolicy | str | None = None, sender: str = ""
+    ) -> MessageReceipt:
+        """Send a message mid-run; the receipt says queued, delivered or why it was refused."""
+        m = MessageInput(text=text, policy=MessagePolicy(policy) if policy else None, sender=sender)
+        try:
+            return await self._handle(run_id).execute_update(AgentWorkflow.send_message, m)
+        except WorkflowUpdateFailedError as e:
+            return MessageReceipt(
+                status="rejected", policy=m.policy or MessagePolicy.QUEUE, reason=_cause(e)
+            )
+
+    async def cancel(self, run_id: str) -> None:
+        """Cancel the run: in-flight activities are cancelled, the record is kept."""
+        await self._handle(run_id).cancel()
+
+    async def pending(self) -> list[PendingApproval]:
+        """Every open approval across runs, oldest first."""
+        now = datetime.now(UTC)
+        out: list[PendingApproval] = []
+        query = "WorkflowType = 'AgentWorkflow' AND ExecutionStatus = 'Running'"
+        query += " AND PendingApprovals > 0"
+        async for wf in self.client.list_workflows(query):
+            state = await self._state_or_none(wf.id)
+            for r in state.pending_approvals if state else []:
+                out.append(
+                    PendingApproval(
+                        run_id=wf.id,
+                        call_id=r.call_id,
+                        tool=r.tool,
+                        arguments=r.arguments,
+                        reason=r.reason,
+                        approvers=r.approvers,
+                        age_seconds=(now - r.requested_at).total_seconds(),
+                        expires_at=r.expires_at,
+                    )
+                )
+        return sorted(out, key=lambda p: -p.age_seconds)
+
+
+def _cause(e: BaseException) -> str:
+    """The innermost message of a Temporal client error."""
+    while getattr(e, "cause", None) is not None:
+        e = e.cause  # type: ignore[assignment]
+    return str(e)

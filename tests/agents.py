@@ -1,0 +1,119 @@
+"""Agents and tools the tests run: small, each showing one behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from pydantic import BaseModel, Field
+from temporalio import activity
+
+from activities.registry import Agent
+from activities.support import Ledger
+from activities.tools import ToolContext, tool
+from workflows.models import (
+    ApprovalMode,
+    ApprovalPolicy,
+    ApprovalTimeoutAction,
+    Condition,
+    Limits,
+    MessagePolicy,
+    ModelSettings,
+)
+
+
+class AddArgs(BaseModel):
+    a: int
+    b: int
+
+
+class ChargeArgs(BaseModel):
+    amount: float = Field(gt=0)
+    note: str = ""
+
+
+class WaitArgs(BaseModel):
+    seconds: float = 5.0
+
+
+@tool
+async def add(args: AddArgs, ctx: ToolContext) -> str:
+    """Add two integers."""
+    return json.dumps({"result": args.a + args.b})
+
+
+@tool(side_effects=True)
+async def charge(args: ChargeArgs, ctx: ToolContext) -> str:
+    """Refund an amount on order A-1003 (a side effect, keyed by the idempotency key)."""
+    ledger: Ledger = ctx.resources
+    r = await asyncio.to_thread(
+        ledger.refund, "A-1003", args.amount, args.note, ctx.idempotency_key
+    )
+    return json.dumps(r)
+
+
+@tool(heartbeat_seconds=3, timeout_seconds=120)
+async def slow_lookup(args: WaitArgs, ctx: ToolContext) -> str:
+    """A read that takes a while (interruptible)."""
+    await asyncio.sleep(args.seconds)
+    return json.dumps({"looked_up": True})
+
+
+@tool(side_effects=True, heartbeat_seconds=3, timeout_seconds=120)
+async def slow_email(args: WaitArgs, ctx: ToolContext) -> str:
+    """A side effect that takes a while: once started, it finishes."""
+    await asyncio.sleep(args.seconds)
+    ledger: Ledger = ctx.resources
+    r = await asyncio.to_thread(
+        ledger.email, "ops@example.com", "slow", "done", ctx.idempotency_key
+    )
+    return json.dumps(r)
+
+
+@tool(initial_retry_seconds=0.2)
+async def flaky(args: WaitArgs, ctx: ToolContext) -> str:
+    """Fails on its first two attempts, then works."""
+    if activity.info().attempt < 3:
+        raise RuntimeError(f"transient failure on attempt {activity.info().attempt}")
+    return json.dumps({"result": activity.info().attempt})
+
+
+CHARGE_APPROVAL = ApprovalPolicy(
+    mode=ApprovalMode.WHEN,
+    when=[Condition(field="amount", op=">", value=20)],
+    approvers=["alice", "bob"],
+    reason="charges above 20 need approval",
+)
+FAST = ModelSettings(timeout_seconds=2.0, max_attempts=6)
+TOOLS = [add, charge, slow_lookup, slow_email, flaky]
+INSTRUCTIONS = "You are a test agent."
+
+TEST_AGENTS = [
+    Agent(name="calc", instructions=INSTRUCTIONS, tools=TOOLS, model=FAST),
+    Agent(
+        name="shop",
+        instructions=INSTRUCTIONS,
+        tools=TOOLS,
+        model=FAST,
+        approvals={"charge": CHARGE_APPROVAL},
+    ),
+    Agent(
+        name="shop-strict",
+        instructions=INSTRUCTIONS,
+        tools=TOOLS,
+        model=FAST,
+        approvals={"charge": CHARGE_APPROVAL},
+        approval_timeout_seconds=3600,
+        on_approval_timeout=ApprovalTimeoutAction.CANCEL,
+    ),
+    Agent(name="steps", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_steps=3)),
+    Agent(name="tokens", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_tokens=150)),
+    Agent(name="clock", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_seconds=2)),
+    Agent(name="chat", instructions=INSTRUCTIONS, tools=TOOLS, keep_open_seconds=600),
+    Agent(
+        name="strict-chat",
+        instructions=INSTRUCTIONS,
+        tools=TOOLS,
+        message_policy=MessagePolicy.REJECT,
+    ),
+]

@@ -1,0 +1,129 @@
+"""The scripted model's rules for the tests (stateless: matched on the conversation)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TEST_RULES: dict[str, Any] = {
+    "rules": [
+        {
+            "name": "tool problem",
+            "when": {
+                "last_role": "tool",
+                "last_tool_result": "^(?P<error>(?:Error|Rejected|Interrupted)[^\\n]*)",
+            },
+            "reply": {"content": "The tool reported: {error}"},
+        },
+        {
+            "name": "loop",
+            "when": {"any_user": "(?i)loop forever"},
+            "reply": {"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 1}}]},
+        },
+        {
+            "name": "slow loop",
+            "when": {"any_user": "(?i)slow loop"},
+            "reply": {
+                "delay": 0.8,
+                "tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 2}}],
+            },
+        },
+        {
+            "name": "sum",
+            "when": {
+                "last_role": "tool",
+                "last_tool_name": "add",
+                "last_tool_result": '"result": (?P<result>-?\\d+)',
+            },
+            "reply": {"content": "The sum is {result}."},
+        },
+        {
+            "name": "after tool",
+            "when": {"last_role": "tool", "last_tool_result": "(?s)(?P<output>.*)"},
+            "reply": {"content": "Done: {output}"},
+        },
+        {
+            "name": "hello",
+            "when": {"last_role": "user", "last_user": "(?i)say hello"},
+            "reply": {"content": "Hello!"},
+        },
+        {
+            "name": "add",
+            "when": {"last_role": "user", "last_user": "(?i)add (?P<a>-?\\d+) and (?P<b>-?\\d+)"},
+            "reply": {
+                "tool_calls": [{"name": "add", "arguments": {"a": "{a:int}", "b": "{b:int}"}}]
+            },
+        },
+        {
+            "name": "unknown tool",
+            "when": {"last_role": "user", "last_user": "(?i)call unknown tool"},
+            "reply": {"tool_calls": [{"name": "no_such_tool", "arguments": {}}]},
+        },
+        {
+            "name": "bad args",
+            "when": {"last_role": "user", "last_user": "(?i)bad args"},
+            "reply": {"tool_calls": [{"name": "add", "arguments": {"a": "not a number"}}]},
+        },
+        {
+            "name": "broken json",
+            "when": {"last_role": "user", "last_user": "(?i)broken json"},
+            "reply": {"tool_calls": [{"name": "add", "raw_arguments": '{"a": 1,'}]},
+        },
+        {
+            "name": "quirks",
+            "when": {"last_role": "user", "last_user": "(?i)quirky"},
+            "reply": {
+                "tool_calls": [
+                    {"name": "add", "arguments": {"a": 1, "b": 1}},
+                    {"name": "add", "arguments": {"a": 2, "b": 2}},
+                ],
+                "duplicate_tool_call_ids": True,
+                "content_with_tool_calls": "Let me add those.",
+            },
+        },
+        {
+            "name": "flaky",
+            "when": {"last_role": "user", "last_user": "(?i)try the flaky tool"},
+            "reply": {"tool_calls": [{"name": "flaky", "arguments": {}}]},
+        },
+        {
+            "name": "charge two",
+            "when": {"last_role": "user", "last_user": "(?i)charge twice"},
+            "reply": {
+                "tool_calls": [
+                    {"name": "charge", "arguments": {"amount": 30, "note": "first"}},
+                    {"name": "charge", "arguments": {"amount": 5, "note": "small"}},
+                ]
+            },
+        },
+        {
+            "name": "charge",
+            "when": {"last_role": "user", "last_user": "(?i)charge (?P<amount>\\d+(?:\\.\\d+)?)"},
+            "reply": {
+                "tool_calls": [
+                    {"name": "charge", "arguments": {"amount": "{amount:float}", "note": "test"}}
+                ]
+            },
+        },
+        {
+            "name": "slow think",
+            "when": {"last_role": "user", "last_user": "(?i)think slowly"},
+            "reply": {"delay": 30, "content": "finally"},
+        },
+        {
+            "name": "slow tools",
+            "when": {"last_role": "user", "last_user": "(?i)use slow tools"},
+            "reply": {
+                "tool_calls": [
+                    {"name": "slow_lookup", "arguments": {"seconds": 60}},
+                    {"name": "slow_email", "arguments": {"seconds": 2}},
+                ]
+            },
+        },
+        {
+            "name": "echo",
+            "when": {"last_role": "user", "last_user": "(?is)^(?P<text>.*)$"},
+            "reply": {"content": "You said: {text}"},
+        },
+    ],
+    "default": {"content": "I have no scripted reply for that."},
+}

@@ -1,0 +1,124 @@
+"""The approval gate: pending requests, decisions, durable expiry. Workflow code only."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+
+from workflows.models import (
+    AgentSpec,
+    AgentState,
+    ApprovalRequest,
+    AuditEntry,
+    DecideInput,
+    DecideReceipt,
+    Decision,
+    ToolSpec,
+)
+from workflows.policy import refuse_decision
+
+
+class ApprovalExpired(Exception):
+    """No decision came before the request expired."""
+
+
+class Approvals:
+    """Opens approval requests and waits, at no cost, for a decision or the expiry timer."""
+
+    def __init__(self, state: AgentState) -> None:
+        self._state = state
+        self._decisions: dict[str, DecideInput] = {}
+
+    def refusal(self, spec: AgentSpec | None, d: DecideInput) -> str:
+        """Why this decision must be refused ('' when it applies)."""
+        if spec is None:
+            return f"no pending approval with call id {d.call_id!r}"
+        st = self._state
+        return refuse_decision(spec, st.pending_approvals, set(st.decided_calls), d, workflow.now())
+
+    def decide(self, spec: AgentSpec | None, d: DecideInput) -> DecideReceipt:
+        """Apply a decision, or record its refusal in the audit trail (never raises)."""
+        st = self._state
+        refusal = self.refusal(spec, d)
+        if refusal:
+            st.audit.append(
+                AuditEntry(
+                    at=workflow.now(),
+                    kind="decision_refused",
+                    detail=refusal,
+                    actor=d.approver,
+                    call_id=d.call_id,
+                )
+            )
+            return DecideReceipt(
+                call_id=d.call_id, decision=d.decision, approver=d.approver, accepted=False
+            )
+        self._decisions[d.call_id] = d
+        st.decided_calls.append(d.call_id)
+        self._remove(d.call_id)
+        detail = d.reason
+        if d.decision == Decision.EDIT:
+            detail = f"arguments changed to {d.arguments}"
+        st.audit.append(
+            AuditEntry(
+                at=workflow.now(),
+                kind={"approve": "approved", "reject": "rejected", "edit": "edited"}[d.decision],
+                detail=detail,
+                actor=d.approver,
+                call_id=d.call_id,
+            )
+        )
+        return DecideReceipt(call_id=d.call_id, decision=d.decision, approver=d.approver)
+
+    async def request(
+        self,
+        spec: AgentSpec,
+        call_id: str,
+        tool: ToolSpec,
+        args: dict[str, Any],
+        reason: str,
+        step: int,
+    ) -> DecideInput:
+        """Open a request and wait for its decision; raises ApprovalExpired on the timer."""
+        st = self._state
+        now = workflow.now()
+        timeout = timedelta(seconds=spec.approval_timeout_seconds)
+        st.pending_approvals.append(
+            ApprovalRequest(
+                call_id=call_id,
+                tool=tool.name,
+                arguments=args,
+                reason=reason,
+                approvers=tool.approval.approvers,
+                requested_at=now,
+                expires_at=now + timeout,
+                step=step,
+            )
+        )
+        try:
+            await workflow.wait_condition(lambda: call_id in self._decisions, timeout=timeout)
+        except TimeoutError:
+            st.decided_calls.append(call_id)
+            st.audit.append(
+                AuditEntry(
+                    at=workflow.now(),
+                    kind="expired",
+                    detail=f"no decision within {timeout}; policy: {spec.on_approval_timeout}",
+                    call_id=call_id,
+                )
+            )
+            raise ApprovalExpired(call_id) from None
+        except asyncio.CancelledError:
+            if any(r.call_id == call_id for r in st.pending_approvals):
+                st.audit.append(AuditEntry(at=workflow.now(), kind="withdrawn", call_id=call_id))
+            raise
+        finally:
+            self._remove(call_id)
+        return self._decisions.pop(call_id)
+
+    def _remove(self, call_id: str) -> None:
+        st = self._state
+        st.pending_approvals = [r for r in st.pending_approvals if r.call_id != call_id]

@@ -1,0 +1,110 @@
+"""The message inbox: mid-run user messages and their policies (queue/interrupt/rollback/reject)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from workflows.models import (
+    TERMINAL_STATUSES,
+    AgentSpec,
+    AgentState,
+    AuditEntry,
+    ChatMessage,
+    MessageInput,
+    MessagePolicy,
+    MessageReceipt,
+    QueuedMessage,
+)
+from workflows.policy import effective_policy, turn_in_flight
+
+INTERRUPTED = "Interrupted by user: this tool call was not run to completion."
+ROLLBACK_KINDS = (MessagePolicy.INTERRUPT, MessagePolicy.ROLLBACK)
+
+
+def message_refusal(spec: AgentSpec | None, state: AgentState, m: MessageInput) -> str:
+    """Why a message must be refused now ('' when it is accepted)."""
+    if not m.text.strip():
+        return "the message is empty"
+    if state.status in TERMINAL_STATUSES:
+        return f"the run has ended ({state.status.value})"
+    policy = effective_policy(spec, m.policy) if spec else (m.policy or MessagePolicy.QUEUE)
+    if policy == MessagePolicy.REJECT and turn_in_flight(state):
+        return "a turn is in flight and this message's policy is reject"
+    return ""
+
+
+class Inbox:
+    """Accepts messages into the run's queue and tells the loop when a turn must stop."""
+
+    def __init__(self, state: AgentState) -> None:
+        self._state = state
+        self.stop_turn: MessagePolicy | None = None  # interrupt or rollback, once requested
+
+    def accept(self, spec: AgentSpec | None, m: MessageInput, now: datetime) -> MessageReceipt:
+        """Queue a message (or refuse it), recording either in the audit trail."""
+        st = self._state
+        policy = effective_policy(spec, m.policy) if spec else (m.policy or MessagePolicy.QUEUE)
+        refusal = message_refusal(spec, st, m)
+        if refusal:
+            st.audit.append(
+                AuditEntry(at=now, kind="message_rejected", detail=refusal, actor=m.sender)
+            )
+            return MessageReceipt(status="rejected", policy=policy, reason=refusal)
+        in_flight = turn_in_flight(st)
+        st.queued_messages.append(
+            QueuedMessage(text=m.text, policy=policy, sender=m.sender, received_at=now)
+        )
+        st.audit.append(
+            AuditEntry(at=now, kind="message", detail=f"{policy.value}: {m.text}", actor=m.sender)
+        )
+        if not in_flight:
+            return MessageReceipt(status="delivered", policy=policy, reason="starts the next turn")
+        if policy in ROLLBACK_KINDS:
+            # rollback is the stronger request: it wins over an interrupt already asked for
+            if self.stop_turn != MessagePolicy.ROLLBACK:
+                self.stop_turn = policy
+            return MessageReceipt(
+                status="queued", policy=policy, reason="the turn in flight is being stopped"
+            )
+        return MessageReceipt(status="queued", policy=policy, reason="at the next step boundary")
+
+    @property
+    def has_messages(self) -> bool:
+        return bool(self._state.queued_messages)
+
+    def apply_stop(self, now: datetime) -> None:
+        """After the turn stopped: drop it from the model's context if a rollback was asked."""
+        st = self._state
+        if self.stop_turn == MessagePolicy.ROLLBACK:
+            dropped = len(st.transcript) - st.turn_start
+            del st.transcript[st.turn_start :]
+            st.audit.append(
+                AuditEntry(
+                    at=now,
+                    kind="rolled_back",
+                    detail=f"dropped {dropped} messages of turn {st.turn}; effects stay recorded",
+                )
+            )
+        elif self.stop_turn == MessagePolicy.INTERRUPT:
+            st.audit.append(AuditEntry(at=now, kind="interrupted", detail=f"turn {st.turn}"))
+        self.stop_turn = None
+
+    def deliver(self) -> int:
+        """Move queued messages into the transcript, in arrival order; returns how many."""
+        st = self._state
+        if not st.queued_messages:
+            return 0
+        last = st.transcript[-1] if st.transcript else None
+        turn_over = (
+            last is None
+            or last.role == "system"
+            or (last.role == "assistant" and not last.tool_calls)
+        )
+        if turn_over:
+            st.turn += 1
+            st.turn_start = len(st.transcript)
+        for q in st.queued_messages:
+            st.transcript.append(ChatMessage(role="user", content=q.text))
+        n = len(st.queued_messages)
+        st.queued_messages.clear()
+        return n

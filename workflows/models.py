@@ -1,0 +1,331 @@
+"""Payloads: every workflow, activity, signal, update and query input/result, in one place.
+
+New fields always get defaults so old histories and old callers keep decoding.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from temporalio.common import SearchAttributeKey
+
+# --- the agent spec (a snapshot of it is recorded in each run's history) -------------------
+
+
+class ApprovalMode(StrEnum):
+    NEVER = "never"
+    ALWAYS = "always"
+    WHEN = "when"
+
+
+class Condition(BaseModel):
+    """An argument test, e.g. `amount > 100`: `field` is a top-level argument name."""
+
+    field: str
+    op: Literal[">", ">=", "<", "<=", "==", "!=", "in", "not in"] = ">"
+    value: Any = None
+
+
+class ApprovalPolicy(BaseModel):
+    """When a tool call needs a person's approval, and who may give it."""
+
+    mode: ApprovalMode = ApprovalMode.NEVER
+    when: list[Condition] = Field(default_factory=list)  # any condition that holds asks
+    approvers: list[str] = Field(default_factory=list)  # empty: anyone may decide
+    reason: str = ""
+
+
+class ToolSpec(BaseModel):
+    """What the workflow knows of a tool: its schema for the model and how to run it."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)  # JSON schema
+    side_effects: bool = False
+    interruptible: bool = True
+    start_to_close_seconds: float = 60.0
+    heartbeat_seconds: float | None = None
+    max_attempts: int = 5
+    initial_retry_seconds: float = 1.0
+    approval: ApprovalPolicy = Field(default_factory=ApprovalPolicy)
+
+
+class ModelSettings(BaseModel):
+    """Which model to call; empty fields fall back to the worker's environment."""
+
+    model: str = ""
+    base_url: str = ""
+    temperature: float | None = None
+    timeout_seconds: float = 60.0
+    max_attempts: int = 8
+
+
+class MessagePolicy(StrEnum):
+    QUEUE = "queue"
+    INTERRUPT = "interrupt"
+    ROLLBACK = "rollback"
+    REJECT = "reject"
+
+
+class ApprovalTimeoutAction(StrEnum):
+    REJECT = "reject"
+    CANCEL = "cancel"
+
+
+class Limits(BaseModel):
+    max_steps: int = 20
+    max_tokens: int = 200_000
+    max_seconds: float = 3600.0
+
+
+class AgentSpec(BaseModel):
+    """The snapshot of an agent a run keeps for its whole life."""
+
+    name: str
+    instructions: str = ""
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    tools: list[ToolSpec] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=Limits)
+    message_policy: MessagePolicy = MessagePolicy.QUEUE
+    keep_open_seconds: float = 0.0  # > 0: go idle after a turn and wait for the next message
+    approval_timeout_seconds: float = 24 * 3600.0
+    on_approval_timeout: ApprovalTimeoutAction = ApprovalTimeoutAction.REJECT
+
+    def tool(self, name: str) -> ToolSpec | None:
+        """The tool of that name, if the agent has it."""
+        return next((t for t in self.tools if t.name == name), None)
+
+
+# --- the conversation ------------------------------------------------------------------------
+
+
+class ToolCall(BaseModel):
+    id: str
+    name: str
+    arguments: str = "{}"  # raw JSON text as the model produced it
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_call_id: str | None = None
+    name: str | None = None  # the tool's name, on tool messages
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def add(self, other: Usage) -> Usage:
+        """The sum of two usages."""
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            total_tokens=self.total_tokens + other.total_tokens,
+        )
+
+
+# --- activities -------------------------------------------------------------------------------
+
+
+class LoadAgentInput(BaseModel):
+    agent: str
+
+
+class ModelInput(BaseModel):
+    """One model step. `messages` is the whole context the model sees for this step."""
+
+    agent: str
+    step: int
+    settings: ModelSettings
+    messages: list[ChatMessage]
+    tools: list[ToolSpec] = Field(default_factory=list)
+
+
+class ModelResult(BaseModel):
+    message: ChatMessage
+    usage: Usage = Field(default_factory=Usage)
+    finish_reason: str = ""
+    model: str = ""
+
+
+class ToolInput(BaseModel):
+    agent: str
+    tool: str
+    arguments: str
+    call_id: str
+    idempotency_key: str
+    run_id: str = ""
+    user: str = ""
+
+
+class ToolResult(BaseModel):
+    ok: bool
+    content: str
+    error_type: str = ""  # "unknown_tool", "invalid_arguments", "tool_failed", ...
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+class AgentStatus(StrEnum):
+    RUNNING = "running"
+    WAITING_APPROVAL = "waiting_approval"
+    IDLE = "idle"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+
+
+TERMINAL_STATUSES = frozenset(
+    {
+        AgentStatus.COMPLETED,
+        AgentStatus.FAILED,
+        AgentStatus.CANCELLED,
+        AgentStatus.BUDGET_EXHAUSTED,
+    }
+)
+
+
+class ApprovalRequest(BaseModel):
+    call_id: str
+    tool: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    reason: str = ""
+    approvers: list[str] = Field(default_factory=list)
+    requested_at: datetime
+    expires_at: datetime
+    step: int = 0
+
+
+class Effect(BaseModel):
+    """A side-effecting tool call the run has committed."""
+
+    call_id: str
+    tool: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: str
+    result: str = ""
+    step: int = 0
+    at: datetime | None = None
+
+
+class AuditEntry(BaseModel):
+    """A decision, a refused input or a notable event, in the order it happened."""
+
+    at: datetime
+    kind: str  # "approved", "rejected", "edited", "expired", "refused", "message", ...
+    detail: str = ""
+    actor: str = ""
+    call_id: str = ""
+
+
+class QueuedMessage(BaseModel):
+    text: str
+    policy: MessagePolicy
+    sender: str = ""
+    received_at: datetime | None = None
+
+
+class AgentState(BaseModel):
+    """Everything a run is; carried whole across continue-as-new, and what `get_state` shows."""
+
+    run_key: str = ""
+    agent: str = ""
+    user: str = ""
+    status: AgentStatus = AgentStatus.RUNNING
+    step: int = 0
+    turn: int = 0
+    turn_start: int = 0  # index in transcript where the current turn began
+    transcript: list[ChatMessage] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    pending_approvals: list[ApprovalRequest] = Field(default_factory=list)
+    queued_messages: list[QueuedMessage] = Field(default_factory=list)
+    effects: list[Effect] = Field(default_factory=list)
+    audit: list[AuditEntry] = Field(default_factory=list)
+    final_answer: str | None = None
+    error: str | None = None
+    decided_calls: list[str] = Field(default_factory=list)
+    started_at: datetime | None = None
+    spec: AgentSpec | None = None
+
+
+class AgentInput(BaseModel):
+    """How a run starts: an agent's name, who asks, and the first message."""
+
+    agent: str
+    message: str
+    user: str = ""
+    carry: AgentState | None = None  # set only by continue-as-new
+
+
+class AgentResult(BaseModel):
+    status: AgentStatus
+    final_answer: str | None = None
+    error: str | None = None
+    steps: int = 0
+    usage: Usage = Field(default_factory=Usage)
+
+
+# --- signals and updates ----------------------------------------------------------------------
+
+
+class Decision(StrEnum):
+    APPROVE = "approve"
+    REJECT = "reject"
+    EDIT = "edit"
+
+
+class DecideInput(BaseModel):
+    """A person's decision on a pending approval (the `decide` signal / update)."""
+
+    call_id: str
+    decision: Decision
+    approver: str
+    reason: str = ""
+    arguments: dict[str, Any] | None = None  # for "edit": the changed arguments
+
+
+class DecideReceipt(BaseModel):
+    call_id: str
+    decision: Decision
+    approver: str
+    accepted: bool = True
+
+
+class MessageInput(BaseModel):
+    """A user message sent mid-run (the `submit_message` signal / `send_message` update)."""
+
+    text: str
+    policy: MessagePolicy | None = None  # None: the agent's default
+    sender: str = ""
+
+
+class MessageReceipt(BaseModel):
+    status: Literal["queued", "delivered", "rejected"]
+    policy: MessagePolicy
+    reason: str = ""
+
+
+# --- search attributes (registered on the server at worker start) -----------------------------
+
+AGENT_NAME = SearchAttributeKey.for_keyword("AgentName")
+AGENT_STATUS = SearchAttributeKey.for_keyword("AgentStatus")
+AGENT_USER = SearchAttributeKey.for_keyword("AgentUser")
+PENDING_APPROVALS = SearchAttributeKey.for_int("PendingApprovals")
+AGENT_STEPS = SearchAttributeKey.for_int("AgentSteps")
+TOTAL_TOKENS = SearchAttributeKey.for_int("TotalTokens")
+SEARCH_ATTRIBUTES: list[SearchAttributeKey[Any]] = [
+    AGENT_NAME,
+    AGENT_STATUS,
+    AGENT_USER,
+    PENDING_APPROVALS,
+    AGENT_STEPS,
+    TOTAL_TOKENS,
+]

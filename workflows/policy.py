@@ -1,0 +1,147 @@
+"""Pure decisions the workflow makes: no I/O, no clock, unit-tested without a server."""
+
+from __future__ import annotations
+
+import json
+import operator
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import jsonschema
+
+from workflows.models import (
+    AgentSpec,
+    AgentState,
+    ApprovalMode,
+    ApprovalRequest,
+    Condition,
+    DecideInput,
+    Decision,
+    MessagePolicy,
+    ToolSpec,
+)
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+    "in": lambda a, b: a in b,
+    "not in": lambda a, b: a not in b,
+}
+
+
+def parse_arguments(raw: str) -> tuple[dict[str, Any] | None, str]:
+    """Decode a model's argument text into an object, or say what is wrong with it."""
+    try:
+        value = json.loads(raw or "{}")
+    except json.JSONDecodeError as e:
+        return None, f"arguments are not valid JSON ({e.msg} at position {e.pos}): {raw[:200]}"
+    if not isinstance(value, dict):
+        return None, f"arguments must be a JSON object, got {type(value).__name__}"
+    return value, ""
+
+
+def condition_holds(cond: Condition, args: dict[str, Any]) -> bool:
+    """Whether one declared condition holds for these arguments (a type mismatch: no)."""
+    if cond.field not in args:
+        return False
+    try:
+        return bool(_OPS[cond.op](args[cond.field], cond.value))
+    except TypeError:
+        return False
+
+
+def approval_reason(tool: ToolSpec, args: dict[str, Any]) -> str | None:
+    """Why this call needs a person's approval, or None when it may run as is."""
+    policy = tool.approval
+    if policy.mode == ApprovalMode.ALWAYS:
+        return policy.reason or f"{tool.name} always needs approval"
+    if policy.mode == ApprovalMode.WHEN:
+        for cond in policy.when:
+            if condition_holds(cond, args):
+                return policy.reason or f"{tool.name}: {cond.field} {cond.op} {cond.value!r}"
+    return None
+
+
+def validate_arguments(tool: ToolSpec, args: dict[str, Any]) -> str:
+    """Check arguments against the tool's JSON schema: '' when valid, else what is wrong."""
+    if not tool.parameters:
+        return ""
+    try:
+        jsonschema.validate(args, tool.parameters)
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "arguments"
+        return f"{where}: {e.message}"
+    return ""
+
+
+def refuse_decision(
+    spec: AgentSpec,
+    pending: list[ApprovalRequest],
+    decided: set[str],
+    d: DecideInput,
+    now: datetime,
+) -> str:
+    """Why a decision must be refused ('' when it may apply)."""
+    if not d.approver.strip():
+        return "an approver must be named"
+    request = next((r for r in pending if r.call_id == d.call_id), None)
+    if request is None:
+        if d.call_id in decided:
+            return f"call {d.call_id} was already decided"
+        return f"no pending approval with call id {d.call_id!r}"
+    if now >= request.expires_at:
+        return f"approval for {d.call_id} expired at {request.expires_at.isoformat()}"
+    if request.approvers and d.approver not in request.approvers:
+        return f"{d.approver!r} may not decide this call (allowed: {', '.join(request.approvers)})"
+    if d.decision == Decision.EDIT:
+        if d.arguments is None:
+            return "an edit must carry the changed arguments"
+        tool = spec.tool(request.tool)
+        problem = validate_arguments(tool, d.arguments) if tool else ""
+        if problem:
+            return f"edited arguments are invalid: {problem}"
+    return ""
+
+
+def turn_in_flight(state: AgentState) -> bool:
+    """Whether the agent is working on a turn (as opposed to idle or finished)."""
+    return state.status in ("running", "waiting_approval")
+
+
+def effective_policy(spec: AgentSpec, requested: MessagePolicy | None) -> MessagePolicy:
+    """The policy a message gets: its own, or the agent's default."""
+    return requested or spec.message_policy
+
+
+def budget_exhausted(spec: AgentSpec, state: AgentState, now: datetime) -> str:
+    """Which budget is spent before the next model step ('' when none is)."""
+    limits = spec.limits
+    if state.step >= limits.max_steps:
+        return f"step budget spent: {state.step} of {limits.max_steps} model steps"
+    if state.usage.total_tokens >= limits.max_tokens:
+        return f"token budget spent: {state.usage.total_tokens} of {limits.max_tokens} tokens"
+    if state.started_at is not None:
+        elapsed = (now - state.started_at).total_seconds()
+        if elapsed >= limits.max_seconds:
+            return f"time budget spent: {elapsed:.0f}s of {limits.max_seconds:.0f}s"
+    return ""
+
+
+def short_args(raw: str, limit: int = 60) -> str:
+    """Arguments compacted for an activity summary: `order_id=A-1, amount=20.0`."""
+    args, _ = parse_arguments(raw)
+    if args is None:
+        text = raw
+    else:
+        text = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in args.items())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def idempotency_key(run_key: str, step: int, index: int) -> str:
+    """The key of the index-th tool call of a model step; stable across retries and restarts."""
+    return f"{run_key}:{step}:{index}"

@@ -1,0 +1,162 @@
+"""Building blocks any agent loop composes: load the spec, the model step, the tool step,
+status publication. Each activity call names its timeouts, retry policy and summary here."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+from workflows import errors
+from workflows.models import (
+    AGENT_NAME,
+    AGENT_STATUS,
+    AGENT_STEPS,
+    AGENT_USER,
+    PENDING_APPROVALS,
+    TOTAL_TOKENS,
+    AgentSpec,
+    AgentState,
+    AgentStatus,
+    LoadAgentInput,
+    ModelInput,
+    ModelResult,
+    ToolCall,
+    ToolInput,
+    ToolResult,
+    ToolSpec,
+)
+from workflows.policy import short_args
+
+with workflow.unsafe.imports_passed_through():
+    from activities.model import ModelActivities
+    from activities.registry import AgentRegistry
+    from activities.tools import ToolActivities
+
+LOAD_SPEC_TIMEOUT = timedelta(seconds=10)
+MODEL_HEARTBEAT_TIMEOUT = timedelta(seconds=5)
+MODEL_RETRY_INITIAL = timedelta(seconds=1)
+MODEL_RETRY_MAX_INTERVAL = timedelta(seconds=30)
+TOOL_RETRY_MAX_INTERVAL = timedelta(seconds=60)
+NON_RETRYABLE_PROVIDER = [errors.PROVIDER_REJECTED, errors.PAYLOAD_TOO_LARGE]
+
+
+def failure_message(e: BaseException) -> str:
+    """The innermost cause's message: what the provider or the tool actually said."""
+    while isinstance(e, ActivityError) and e.cause is not None:
+        e = e.cause
+    return str(e) or type(e).__name__
+
+
+def failure_type(e: BaseException) -> str:
+    """The ApplicationError type behind an activity failure, if any."""
+    while isinstance(e, ActivityError) and e.cause is not None:
+        e = e.cause
+    return e.type or "" if isinstance(e, ApplicationError) else ""
+
+
+async def load_spec(agent: str) -> AgentSpec:
+    """The agent's spec from the worker's registry, recorded in history as this run's snapshot."""
+    try:
+        return await workflow.execute_local_activity_method(
+            AgentRegistry.load_agent_spec,
+            LoadAgentInput(agent=agent),
+            start_to_close_timeout=LOAD_SPEC_TIMEOUT,
+            retry_policy=RetryPolicy(maximum_attempts=3),
+            summary=f"load agent {agent}",
+        )
+    except ActivityError as e:
+        raise errors.KeelError(failure_message(e), type=errors.AGENT_NOT_FOUND) from e
+
+
+async def model_step(spec: AgentSpec, state: AgentState) -> ModelResult:
+    """Call the model on the run's transcript (raises ActivityError when the provider fails)."""
+    s = spec.model
+    return await workflow.execute_activity_method(
+        ModelActivities.call_model,
+        ModelInput(
+            agent=spec.name,
+            step=state.step,
+            settings=s,
+            messages=state.transcript,
+            tools=spec.tools,
+        ),
+        start_to_close_timeout=timedelta(seconds=s.timeout_seconds + 5),
+        heartbeat_timeout=MODEL_HEARTBEAT_TIMEOUT,
+        retry_policy=RetryPolicy(
+            initial_interval=MODEL_RETRY_INITIAL,
+            maximum_interval=MODEL_RETRY_MAX_INTERVAL,
+            maximum_attempts=s.max_attempts,
+            non_retryable_error_types=NON_RETRYABLE_PROVIDER,
+        ),
+        summary=f"model {s.model or 'default'} · step {state.step}",
+    )
+
+
+async def tool_step(
+    spec: AgentSpec, state: AgentState, call: ToolCall, tool: ToolSpec | None, key: str
+) -> ToolResult:
+    """Run one tool call with that tool's own timeouts and retries; failures become results."""
+    t = tool or ToolSpec(name=call.name, max_attempts=1)
+    heartbeat = timedelta(seconds=t.heartbeat_seconds) if t.heartbeat_seconds else None
+    try:
+        return await workflow.execute_activity_method(
+            ToolActivities.run_tool,
+            ToolInput(
+                agent=spec.name,
+                tool=call.name,
+                arguments=call.arguments,
+                call_id=call.id,
+                idempotency_key=key,
+                run_id=workflow.info().workflow_id,
+                user=state.user,
+            ),
+            start_to_close_timeout=timedelta(seconds=t.start_to_close_seconds),
+            heartbeat_timeout=heartbeat,
+            retry_policy=RetryPolicy(
+                initial_interval=timedelta(seconds=t.initial_retry_seconds),
+                maximum_interval=TOOL_RETRY_MAX_INTERVAL,
+                maximum_attempts=t.max_attempts,
+            ),
+            summary=f"tool {call.name}({short_args(call.arguments)})",
+        )
+    except ActivityError as e:
+        return ToolResult(
+            ok=False,
+            error_type="tool_failed",
+            content=f"Error: tool {call.name} failed: {failure_message(e)}",
+        )
+
+
+class StatusPublisher:
+    """Keeps the run's search attributes current, upserting only what changed."""
+
+    def __init__(self) -> None:
+        self._last: tuple[str, int, int, int] | None = None
+
+    def publish(self, state: AgentState) -> None:
+        """Reflect status, pending approvals, steps and tokens in the run's search attributes."""
+        if state.pending_approvals and state.status == AgentStatus.RUNNING:
+            state.status = AgentStatus.WAITING_APPROVAL
+        elif not state.pending_approvals and state.status == AgentStatus.WAITING_APPROVAL:
+            state.status = AgentStatus.RUNNING
+        now = (
+            state.status.value,
+            len(state.pending_approvals),
+            state.step,
+            state.usage.total_tokens,
+        )
+        if now == self._last:
+            return
+        updates = [
+            AGENT_STATUS.value_set(now[0]),
+            PENDING_APPROVALS.value_set(now[1]),
+            AGENT_STEPS.value_set(now[2]),
+            TOTAL_TOKENS.value_set(now[3]),
+        ]
+        if self._last is None:
+            updates += [AGENT_NAME.value_set(state.agent), AGENT_USER.value_set(state.user)]
+        workflow.upsert_search_attributes(updates)
+        self._last = now
