@@ -12,12 +12,14 @@ Run it in the foreground with ``python -m client.model_server --rules FILE --por
 from __future__ import annotations
 
 import argparse
+import copy
 import errno
 import hashlib
 import json
 import math
 import random
 import re
+import signal
 import socket
 import socketserver
 import sys
@@ -312,8 +314,9 @@ class _Conversation:
         for t in body.get("tools") or []:
             if isinstance(t, Mapping):
                 fn = t.get("function")
-                if isinstance(fn, Mapping) and isinstance(fn.get("name"), str):
-                    names.add(fn["name"])
+                name = fn.get("name") if isinstance(fn, Mapping) else None
+                if isinstance(name, str):
+                    names.add(name)
         return cls(messages=messages, tool_names=frozenset(names))
 
     def _last_user_index(self) -> int | None:
@@ -339,8 +342,9 @@ class _Conversation:
                 for call in m.raw.get("tool_calls") or []:
                     if isinstance(call, Mapping) and call.get("id") == call_id:
                         fn = call.get("function")
-                        if isinstance(fn, Mapping) and isinstance(fn.get("name"), str):
-                            return fn["name"]
+                        name = fn.get("name") if isinstance(fn, Mapping) else None
+                        if isinstance(name, str):
+                            return name
         name = last.raw.get("name")
         return name if isinstance(name, str) else None
 
@@ -592,6 +596,7 @@ class _FaultState:
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
+    allow_reuse_port = False  # a second server on a taken port must fail, not share it
 
     def __init__(self, address: tuple[str, int], owner: ScriptedModelServer) -> None:
         self.owner = owner
@@ -746,6 +751,7 @@ class ScriptedModelServer:
         self._served = 0
         self._faults_count = 0
         self._errors = 0
+        self._generation = 0
         self._log: list[dict[str, Any]] = []
         self._faults: list[_FaultState] = [_FaultState.of(f) for f in rules.faults]
 
@@ -762,7 +768,7 @@ class ScriptedModelServer:
             if e.errno == errno.EADDRINUSE:
                 msg = (
                     f"cannot start the scripted model server: port {self._requested_port} "
-                    f"on {self._host} is already in use (pick another with --port)"
+                    f"on {self._host} is already in use; choose another port"
                 )
             else:
                 msg = (
@@ -858,7 +864,7 @@ class ScriptedModelServer:
     def requests(self) -> list[dict[str, Any]]:
         """Chat requests in arrival order: ``{"seq", "body", "outcome", "rule"}``."""
         with self._lock:
-            return [dict(entry) for entry in self._log]
+            return copy.deepcopy(self._log)
 
     def faults(self) -> list[dict[str, Any]]:
         """The active fault specs, with ``remaining`` counts."""
@@ -880,12 +886,15 @@ class ScriptedModelServer:
             self._requests = self._served = self._faults_count = self._errors = 0
             self._log = []
             self._faults = []
+            self._generation += 1  # requests still in flight no longer count
 
     # ---- the chat endpoint
 
-    def _finish(self, entry: dict[str, Any], outcome: str, counter: str | None) -> None:
+    def _finish(self, entry: dict[str, Any], generation: int, outcome: str, counter: str) -> None:
         with self._lock:
             entry["outcome"] = outcome
+            if generation != self._generation:
+                return
             if counter == "served":
                 self._served += 1
             elif counter == "errors":
@@ -901,6 +910,7 @@ class ScriptedModelServer:
         with self._lock:
             self._requests += 1
             seq = len(self._log)
+            generation = self._generation
             entry: dict[str, Any] = {"seq": seq, "body": body, "outcome": "pending", "rule": None}
             self._log.append(entry)
         headers = {"x-request-id": f"req_scripted_{seq}"}
@@ -920,7 +930,7 @@ class ScriptedModelServer:
         elif body.get("stream"):
             problem = "Invalid request: streaming is not supported by the scripted model server."
         if problem is not None:
-            self._finish(entry, "error:400", "errors")
+            self._finish(entry, generation, "error:400", "errors")
             return _HttpReply.error(400, problem, headers=headers)
 
         conv = _Conversation.from_body(body)
@@ -931,7 +941,8 @@ class ScriptedModelServer:
                     continue
                 if state.fires():
                     fault = state.spec
-                    self._faults_count += 1
+                    if generation == self._generation:
+                        self._faults_count += 1
                     entry["outcome"] = f"fault:{fault.kind}"
                     break
 
@@ -956,13 +967,13 @@ class ScriptedModelServer:
         if reply.error is not None:
             err = reply.error
             if fault is None:
-                self._finish(entry, f"error:{err.status}", "errors")
+                self._finish(entry, generation, f"error:{err.status}", "errors")
             return _HttpReply.error(
                 err.status, _substitute_text(err.message, captures), err.type, err.code, headers
             )
         completion = build_completion(body, reply, captures)
         if fault is None:
-            self._finish(entry, "served", "served")
+            self._finish(entry, generation, "served", "served")
         return _HttpReply.json(200, completion, headers)
 
 
@@ -998,6 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
         while not stop.wait(0.5):
             pass

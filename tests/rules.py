@@ -28,6 +28,19 @@ TEST_RULES: dict[str, Any] = {
             },
         },
         {
+            "name": "crash step 2",
+            "when": {"any_user": "crash test", "last_role": "tool", "last_tool_name": "charge"},
+            "reply": {
+                "delay": 1.5,
+                "tool_calls": [{"name": "add", "arguments": {"a": 20, "b": 22}}],
+            },
+        },
+        {
+            "name": "crash step 1",
+            "when": {"last_role": "user", "last_user": "crash test"},
+            "reply": {"tool_calls": [{"name": "charge", "arguments": {"amount": 10}}]},
+        },
+        {
             "name": "sum",
             "when": {
                 "last_role": "tool",

@@ -32,3 +32,107 @@ async def test_run_completes_with_tool_call(harness: Harness) -> None:
     summaries = await activity_summaries(harness, run)
     assert summaries == ["model scripted · step 1", "tool add(a=2, b=3)", "model scripted · step 2"]
     assert harness.model.stats()["served"] == 2
+
+
+async def test_transient_provider_faults_are_retried(harness: Harness) -> None:
+    # 429 with Retry-After, a 500, a reply slower than the client timeout: each retried.
+    harness.model.set_faults(
+        [
+            {"kind": "429", "count": 1, "retry_after": 1},
+            {"kind": "500", "count": 1},
+            {"kind": "slow", "count": 1, "delay": 5},
+            {"kind": "malformed", "count": 1},
+        ]
+    )
+    async with harness.running():
+        run = await harness.start("calc", "add 4 and 5")
+        result = await harness.agents.result(run, timeout=90)
+    assert result.status == AgentStatus.COMPLETED
+    assert result.final_answer == "The sum is 9."
+    stats = harness.model.stats()
+    assert stats["faults"] == 4 and stats["served"] == 2
+    outcomes = [r["outcome"] for r in harness.model.requests()]
+    assert outcomes[:4] == ["fault:429", "fault:500", "fault:slow", "fault:malformed"]
+
+
+async def test_provider_rejection_fails_run_promptly(harness: Harness) -> None:
+    harness.model.set_faults([{"kind": "401", "count": 100}])
+    async with harness.running():
+        run = await harness.start("calc", "say hello")
+        result = await harness.agents.result(run, timeout=30)
+        state = await harness.agents.get_state(run)
+    assert result.status == AgentStatus.FAILED
+    assert "401" in (result.error or "") and "API key" in (result.error or "")
+    assert state.status == AgentStatus.FAILED
+    assert harness.model.stats()["requests"] == 1  # no retry of a 401
+
+
+async def test_bad_model_output_goes_back_to_the_model(harness: Harness) -> None:
+    async with harness.running():
+        runs = {
+            text: await harness.start("calc", text)
+            for text in ("call unknown tool", "bad args", "broken json")
+        }
+        results = {t: await harness.agents.result(r, timeout=60) for t, r in runs.items()}
+    for text, result in results.items():
+        assert result.status == AgentStatus.COMPLETED, text
+        assert (result.final_answer or "").startswith("The tool reported: Error"), text
+    assert "no tool named 'no_such_tool'" in (results["call unknown tool"].final_answer or "")
+    assert "b: Field required" in (results["bad args"].final_answer or "")
+    assert "not valid JSON" in (results["broken json"].final_answer or "")
+
+
+async def test_compatible_server_quirks_are_tolerated(harness: Harness) -> None:
+    # content beside tool calls, two calls sharing one id
+    async with harness.running():
+        run = await harness.start("calc", "quirky")
+        result = await harness.agents.result(run, timeout=60)
+        state = await harness.agents.get_state(run)
+    assert result.status == AgentStatus.COMPLETED
+    calls = state.transcript[2].tool_calls
+    assert len({c.id for c in calls}) == 2
+    tool_ids = [m.tool_call_id for m in state.transcript if m.role == "tool"]
+    assert tool_ids == [c.id for c in calls]
+
+
+async def test_failing_tool_is_retried_by_its_policy(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("calc", "try the flaky tool")
+        result = await harness.agents.result(run, timeout=60)
+    assert result.final_answer == 'Done: {"result": 3}'
+
+
+async def test_step_budget(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("steps", "loop forever")
+        result = await harness.agents.result(run, timeout=60)
+        state = await harness.agents.get_state(run)
+    assert result.status == AgentStatus.BUDGET_EXHAUSTED
+    assert "step budget" in (result.error or "")
+    assert state.step == 3 and len([m for m in state.transcript if m.role == "tool"]) == 3
+
+
+async def test_token_budget(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("tokens", "loop forever")
+        result = await harness.agents.result(run, timeout=60)
+    assert result.status == AgentStatus.BUDGET_EXHAUSTED
+    assert "token budget" in (result.error or "")
+    assert result.usage.total_tokens >= 150
+
+
+async def test_time_budget(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("clock", "slow loop")
+        result = await harness.agents.result(run, timeout=60)
+    assert result.status == AgentStatus.BUDGET_EXHAUSTED
+    assert "time budget" in (result.error or "")
+    assert result.steps >= 2
+
+
+async def test_unknown_agent_fails_clearly(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("nobody", "hi")
+        result = await harness.agents.result(run, timeout=30)
+    assert result.status == AgentStatus.FAILED
+    assert "unknown agent 'nobody'" in (result.error or "") and "calc" in (result.error or "")

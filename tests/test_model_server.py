@@ -15,6 +15,7 @@ from typing import Any
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
+from openai.types.chat import ChatCompletion, ChatCompletionMessageFunctionToolCall
 
 from client.model_server import (
     SUPPORT_RULES,
@@ -26,7 +27,7 @@ from client.model_server import (
     main,
 )
 
-SUPPORT_TOOLS = [
+SUPPORT_TOOLS: list[Any] = [
     {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
     for n in ("lookup_order", "issue_refund", "send_email")
 ]
@@ -54,8 +55,16 @@ def aclient(server: ScriptedModelServer) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=5)
 
 
-def user(text: str) -> list[dict[str, Any]]:
+def user(text: str) -> list[Any]:
     return [{"role": "user", "content": text}]
+
+
+def calls(r: ChatCompletion) -> list[ChatCompletionMessageFunctionToolCall]:
+    """The reply's tool calls (all function calls)."""
+    raw = r.choices[0].message.tool_calls or []
+    out = [c for c in raw if isinstance(c, ChatCompletionMessageFunctionToolCall)]
+    assert len(out) == len(raw)
+    return out
 
 
 def http(
@@ -70,10 +79,10 @@ def http(
         return e.code, dict(e.headers), json.loads(e.read())
 
 
-def chat_raw(server: ScriptedModelServer, messages: list[dict[str, Any]]) -> dict[str, Any]:
+def chat_raw(server: ScriptedModelServer, messages: list[Any]) -> dict[str, Any]:
     body = json.dumps({"model": "m", "messages": messages}).encode()
     status, _, payload = http(server, "POST", "/v1/chat/completions", body)
-    assert status == 200
+    assert status == 200 and isinstance(payload, dict)
     return payload
 
 
@@ -99,12 +108,12 @@ async def test_tool_call_with_typed_placeholders(aclient: AsyncOpenAI) -> None:
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None
-    calls = choice.message.tool_calls
-    assert calls is not None and len(calls) == 1
-    assert calls[0].id.startswith("call_")
-    assert calls[0].type == "function"
-    assert calls[0].function.name == "add"
-    assert json.loads(calls[0].function.arguments) == {"a": 2, "b": 40}
+    found = calls(r)
+    assert len(found) == 1
+    assert found[0].id.startswith("call_")
+    assert found[0].type == "function"
+    assert found[0].function.name == "add"
+    assert json.loads(found[0].function.arguments) == {"a": 2, "b": 40}
 
 
 def test_content_is_null_beside_tool_calls(server: ScriptedModelServer) -> None:
@@ -116,7 +125,7 @@ def test_content_is_null_beside_tool_calls(server: ScriptedModelServer) -> None:
 def test_tool_call_ids_are_deterministic(client: OpenAI) -> None:
     def ids(text: str) -> list[str]:
         r = client.chat.completions.create(model="m", messages=user(text))
-        return [c.id for c in r.choices[0].message.tool_calls or []]
+        return [c.id for c in calls(r)]
 
     first = ids("give me two sums")
     assert len(first) == 2 and len(set(first)) == 2
@@ -127,7 +136,7 @@ def test_tool_call_ids_are_deterministic(client: OpenAI) -> None:
 def test_tool_result_round_trip(client: OpenAI) -> None:
     messages: list[Any] = user("add 2 and 3")
     r = client.chat.completions.create(model="m", messages=messages)
-    call = r.choices[0].message.tool_calls[0]  # type: ignore[index]
+    call = calls(r)[0]
     messages.append(r.choices[0].message.model_dump(exclude_none=True))
     messages.append({"role": "tool", "tool_call_id": call.id, "content": '{"result": 5}'})
     r = client.chat.completions.create(model="m", messages=messages)
@@ -140,7 +149,7 @@ def test_tool_result_round_trip(client: OpenAI) -> None:
 
 def test_system_condition_and_default(client: OpenAI) -> None:
     pirate = [{"role": "system", "content": "You are a pirate."}, *user("say hello")]
-    r = client.chat.completions.create(model="m", messages=pirate)  # type: ignore[arg-type]
+    r = client.chat.completions.create(model="m", messages=pirate)
     assert r.choices[0].message.content == "Ahoy!"
     r = client.chat.completions.create(model="m", messages=user("what is the meaning of life"))
     assert r.choices[0].message.content == "I have no scripted reply for that."
@@ -148,19 +157,19 @@ def test_system_condition_and_default(client: OpenAI) -> None:
 
 def test_invalid_model_output(client: OpenAI) -> None:
     r = client.chat.completions.create(model="m", messages=user("broken json"))
-    assert r.choices[0].message.tool_calls[0].function.arguments == '{"a": 1,'  # type: ignore[index]
+    assert calls(r)[0].function.arguments == '{"a": 1,'
     r = client.chat.completions.create(model="m", messages=user("bad args"))
-    args = r.choices[0].message.tool_calls[0].function.arguments  # type: ignore[index]
+    args = calls(r)[0].function.arguments
     assert json.loads(args) == {"a": "not a number"}
     r = client.chat.completions.create(model="m", messages=user("call unknown tool"))
-    assert r.choices[0].message.tool_calls[0].function.name == "no_such_tool"  # type: ignore[index]
+    assert calls(r)[0].function.name == "no_such_tool"
 
 
 def test_tool_call_quirks(server: ScriptedModelServer) -> None:
-    calls = chat_raw(server, user("quirk no ids"))["choices"][0]["message"]["tool_calls"]
-    assert "id" not in calls[0]
-    calls = chat_raw(server, user("quirk duplicate ids"))["choices"][0]["message"]["tool_calls"]
-    assert len(calls) == 2 and calls[0]["id"] == calls[1]["id"]
+    raw = chat_raw(server, user("quirk no ids"))["choices"][0]["message"]["tool_calls"]
+    assert "id" not in raw[0]
+    raw = chat_raw(server, user("quirk duplicate ids"))["choices"][0]["message"]["tool_calls"]
+    assert len(raw) == 2 and raw[0]["id"] == raw[1]["id"]
     message = chat_raw(server, user("quirk content with tools"))["choices"][0]["message"]
     assert message["content"] == "Let me add those."
     assert message["tool_calls"][0]["function"]["name"] == "add"
@@ -204,7 +213,7 @@ def test_float_placeholder_and_unknown_placeholder() -> None:
     with ScriptedModelServer(rules) as s:
         c = OpenAI(base_url=s.url, api_key="x", max_retries=0, timeout=5)
         r = c.chat.completions.create(model="m", messages=user("pay 12.5"))
-        args = json.loads(r.choices[0].message.tool_calls[0].function.arguments)  # type: ignore[index]
+        args = json.loads(calls(r)[0].function.arguments)
     assert args == {"amount": 12.5, "note": ["paid 12.5 of {missing}", "{missing:int}"]}
 
 
@@ -401,7 +410,7 @@ def test_support_refund_conversation() -> None:
         "issue_refund": {"refund_id": "R-77", "order_id": "A-1001", "amount": 59.99},
         "send_email": {"status": "sent", "to": "ann@example.com"},
     }
-    calls: list[tuple[str, dict[str, Any]]] = []
+    made: list[tuple[str, dict[str, Any]]] = []
     messages: list[Any] = [
         {"role": "system", "content": "You are a support agent."},
         *user("Hi, my order A-1001 arrived broken. Can I get a refund?"),
@@ -409,21 +418,21 @@ def test_support_refund_conversation() -> None:
     with ScriptedModelServer(RuleSet.load(SUPPORT_RULES)) as s:
         c = OpenAI(base_url=s.url, api_key="x", max_retries=0, timeout=5)
         for _ in range(6):
-            r = c.chat.completions.create(model="m", messages=messages, tools=SUPPORT_TOOLS)  # type: ignore[arg-type]
+            r = c.chat.completions.create(model="m", messages=messages, tools=SUPPORT_TOOLS)
             message = r.choices[0].message
             messages.append(message.model_dump(exclude_none=True))
             if not message.tool_calls:
                 break
-            for call in message.tool_calls:
-                calls.append((call.function.name, json.loads(call.function.arguments)))
+            for call in calls(r):
+                made.append((call.function.name, json.loads(call.function.arguments)))
                 result = json.dumps(results[call.function.name])
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
-    assert [name for name, _ in calls] == ["lookup_order", "issue_refund", "send_email"]
-    assert calls[0][1] == {"order_id": "A-1001"}
-    assert calls[1][1]["order_id"] == "A-1001" and calls[1][1]["amount"] == 59.99
-    assert calls[1][1]["reason"]
-    assert calls[2][1]["to"] == "ann@example.com"
-    assert "R-77" in calls[2][1]["subject"] + calls[2][1]["body"]
+    assert [name for name, _ in made] == ["lookup_order", "issue_refund", "send_email"]
+    assert made[0][1] == {"order_id": "A-1001"}
+    assert made[1][1]["order_id"] == "A-1001" and made[1][1]["amount"] == 59.99
+    assert made[1][1]["reason"]
+    assert made[2][1]["to"] == "ann@example.com"
+    assert "R-77" in made[2][1]["subject"] + made[2][1]["body"]
     final = messages[-1]["content"]
     assert "R-77" in final and "59.99" in final
 
@@ -450,7 +459,7 @@ def test_support_apologizes_for_errors(result: str) -> None:
     ]
     with ScriptedModelServer(RuleSet.load(SUPPORT_RULES)) as s:
         c = OpenAI(base_url=s.url, api_key="x", max_retries=0, timeout=5)
-        r = c.chat.completions.create(model="m", messages=messages, tools=SUPPORT_TOOLS)  # type: ignore[arg-type]
+        r = c.chat.completions.create(model="m", messages=messages, tools=SUPPORT_TOOLS)
     assert not r.choices[0].message.tool_calls
     assert "sorry" in (r.choices[0].message.content or "").lower()
 
@@ -459,14 +468,14 @@ def test_support_status_question() -> None:
     with ScriptedModelServer(RuleSet.load(SUPPORT_RULES)) as s:
         c = OpenAI(base_url=s.url, api_key="x", max_retries=0, timeout=5)
         messages: list[Any] = user("What's the status of order B-2002?")
-        r = c.chat.completions.create(model="m", messages=messages, tools=SUPPORT_TOOLS)  # type: ignore[arg-type]
-        call = r.choices[0].message.tool_calls[0]  # type: ignore[index]
+        r = c.chat.completions.create(model="m", messages=messages, tools=SUPPORT_TOOLS)
+        call = calls(r)[0]
         assert call.function.name == "lookup_order"
         assert json.loads(call.function.arguments) == {"order_id": "B-2002"}
         messages.append(r.choices[0].message.model_dump(exclude_none=True))
         lookup = {"order_id": "B-2002", "status": "shipped", "total": 10, "email": "b@example.com"}
         messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(lookup)})
-        r = c.chat.completions.create(model="m", messages=messages, tools=SUPPORT_TOOLS)  # type: ignore[arg-type]
+        r = c.chat.completions.create(model="m", messages=messages, tools=SUPPORT_TOOLS)
     assert not r.choices[0].message.tool_calls
     assert r.choices[0].message.content is not None
     assert "B-2002" in r.choices[0].message.content and "shipped" in r.choices[0].message.content

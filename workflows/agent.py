@@ -79,7 +79,11 @@ class AgentWorkflow:
     async def run(self, input: AgentInput) -> AgentResult:
         st = self._state
         if input.carry is None:
-            self._spec = st.spec = await load_spec(input.agent)
+            try:
+                self._spec = st.spec = await load_spec(input.agent)
+            except errors.KeelError as e:
+                self._finish(AgentStatus.FAILED, e.message)
+                raise
             st.run_key = str(workflow.uuid4())
             st.started_at = workflow.now()
             st.transcript = [ChatMessage(role="system", content=self._spec.instructions)]
