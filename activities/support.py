@@ -71,7 +71,23 @@ class Ledger:
             refunded = db.execute(
                 "SELECT COALESCE(SUM(amount), 0) FROM refunds WHERE order_id = ?", (order_id,)
             ).fetchone()[0]
-        return {**dict(row), "refunded": round(refunded, 2)}
+        order = {**dict(row), "refunded": round(refunded, 2)}
+        if refunded >= row["total"] - 1e-9:
+            order["status"] = "refunded"
+        return order
+
+    def new_order(self, customer: str, email: str, item: str, total: float) -> str:
+        """Add an order (the demo makes a fresh one each time); returns its id."""
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            n = db.execute("SELECT COUNT(*) FROM orders").fetchone()[0]
+            order_id = f"A-{1001 + n}"
+            db.execute(
+                "INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?)",
+                (order_id, customer, email, item, total, "delivered"),
+            )
+            db.execute("COMMIT")
+        return order_id
 
     def refund(self, order_id: str, amount: float, reason: str, key: str) -> dict[str, Any]:
         """Record a refund once per idempotency key; a repeat returns the first one."""

