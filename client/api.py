@@ -214,6 +214,8 @@ class AgentClient:
             )
         except WorkflowUpdateFailedError as e:
             raise KeelClientError(_cause(e)) from e
+        except RPCError as e:
+            raise KeelClientError(f"run {run_id}: {e.message}") from e
 
     async def send_message(
         self, run_id: str, text: str, policy: MessagePolicy | str | None = None, sender: str = ""
@@ -222,9 +224,10 @@ class AgentClient:
         m = MessageInput(text=text, policy=MessagePolicy(policy) if policy else None, sender=sender)
         try:
             return await self._handle(run_id).execute_update(AgentWorkflow.send_message, m)
-        except WorkflowUpdateFailedError as e:
+        except (WorkflowUpdateFailedError, RPCError) as e:
+            reason = e.message if isinstance(e, RPCError) else _cause(e)
             return MessageReceipt(
-                status="rejected", policy=m.policy or MessagePolicy.QUEUE, reason=_cause(e)
+                status="rejected", policy=m.policy or MessagePolicy.QUEUE, reason=reason
             )
 
     async def cancel(self, run_id: str) -> None:

@@ -44,10 +44,10 @@ async def add(args: AddArgs, ctx: ToolContext) -> str:
 
 @tool(side_effects=True)
 async def charge(args: ChargeArgs, ctx: ToolContext) -> str:
-    """Refund an amount on order A-1003 (a side effect, keyed by the idempotency key)."""
+    """Refund an amount on order A-1002 (a side effect, keyed by the idempotency key)."""
     ledger: Ledger = ctx.resources
     r = await asyncio.to_thread(
-        ledger.refund, "A-1003", args.amount, args.note, ctx.idempotency_key
+        ledger.refund, "A-1002", args.amount, args.note, ctx.idempotency_key
     )
     return json.dumps(r)
 
@@ -84,25 +84,27 @@ CHARGE_APPROVAL = ApprovalPolicy(
     approvers=["alice", "bob"],
     reason="charges above 20 need approval",
 )
+CHARGE = {"charge": CHARGE_APPROVAL}
 FAST = ModelSettings(timeout_seconds=2.0, max_attempts=6)
 TOOLS = [add, charge, slow_lookup, slow_email, flaky]
 INSTRUCTIONS = "You are a test agent."
 
 TEST_AGENTS = [
-    Agent(name="calc", instructions=INSTRUCTIONS, tools=TOOLS, model=FAST),
+    Agent(name="calc", instructions=INSTRUCTIONS, tools=TOOLS),
+    Agent(name="fast", instructions=INSTRUCTIONS, tools=TOOLS, model=FAST),
+    Agent(name="shop", instructions=INSTRUCTIONS, tools=TOOLS, approvals=CHARGE),
     Agent(
-        name="shop",
+        name="shop-open",
         instructions=INSTRUCTIONS,
         tools=TOOLS,
-        model=FAST,
-        approvals={"charge": CHARGE_APPROVAL},
+        approvals=CHARGE,
+        keep_open_seconds=3 * 24 * 3600,
     ),
     Agent(
         name="shop-strict",
         instructions=INSTRUCTIONS,
         tools=TOOLS,
-        model=FAST,
-        approvals={"charge": CHARGE_APPROVAL},
+        approvals=CHARGE,
         approval_timeout_seconds=3600,
         on_approval_timeout=ApprovalTimeoutAction.CANCEL,
     ),

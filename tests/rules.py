@@ -123,6 +123,16 @@ TEST_RULES: dict[str, Any] = {
             "reply": {"delay": 30, "content": "finally"},
         },
         {
+            "name": "a moment",
+            "when": {"last_role": "user", "last_user": "(?i)take a moment"},
+            "reply": {"delay": 2, "content": "Moment taken."},
+        },
+        {
+            "name": "short tool",
+            "when": {"last_role": "user", "last_user": "(?i)wait a bit"},
+            "reply": {"tool_calls": [{"name": "slow_lookup", "arguments": {"seconds": 2}}]},
+        },
+        {
             "name": "slow tools",
             "when": {"last_role": "user", "last_user": "(?i)use slow tools"},
             "reply": {

@@ -45,7 +45,7 @@ async def test_transient_provider_faults_are_retried(harness: Harness) -> None:
         ]
     )
     async with harness.running():
-        run = await harness.start("calc", "add 4 and 5")
+        run = await harness.start("fast", "add 4 and 5")
         result = await harness.agents.result(run, timeout=90)
     assert result.status == AgentStatus.COMPLETED
     assert result.final_answer == "The sum is 9."

@@ -69,8 +69,8 @@ class AgentWorkflow:
         self._state = input.carry or AgentState(agent=input.agent, user=input.user)
         self._spec: AgentSpec | None = self._state.spec
         self._inbox = Inbox(self._state)
-        self._approvals = Approvals(self._state)
         self._publisher = StatusPublisher()
+        self._approvals = Approvals(self._state, lambda: self._publisher.publish(self._state))
         self._abort: str | None = None  # an approval expired under the "cancel" policy
 
     # --- the loop -------------------------------------------------------------------------
@@ -189,7 +189,6 @@ class AgentWorkflow:
                 reason = approval_reason(tool, args)
                 if reason:
                     slot.phase = "approval"
-                    self._publisher.publish(st)
                     try:
                         d = await self._approvals.request(
                             spec, call.id, tool, args, reason, st.step
@@ -199,8 +198,6 @@ class AgentWorkflow:
                             self._abort = f"approval for {call.name} ({call.id}) expired"
                         slot.result = f"Rejected: no approval for {call.name} before it expired."
                         return
-                    finally:
-                        self._publisher.publish(st)
                     if d.decision == Decision.REJECT:
                         why = d.reason or "no reason given"
                         slot.result = f"Rejected by {d.approver}: {why}"
@@ -267,14 +264,11 @@ class AgentWorkflow:
         d = self._decode(raw, DecideInput, "decide")
         if d is not None:
             self._approvals.decide(self._spec, d)
-            self._publisher.publish(self._state)
 
     @workflow.update(name="decide_approval")
     def decide_approval(self, d: DecideInput) -> DecideReceipt:
         """A decision that answers with a receipt (refusals are raised by the validator)."""
-        receipt = self._approvals.decide(self._spec, d)
-        self._publisher.publish(self._state)
-        return receipt
+        return self._approvals.decide(self._spec, d)
 
     @decide_approval.validator
     def _validate_decision(self, d: DecideInput) -> None:

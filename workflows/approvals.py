@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -28,16 +29,16 @@ class ApprovalExpired(Exception):
 class Approvals:
     """Opens approval requests and waits, at no cost, for a decision or the expiry timer."""
 
-    def __init__(self, state: AgentState) -> None:
+    def __init__(self, state: AgentState, on_change: Callable[[], None]) -> None:
         self._state = state
+        self._on_change = on_change  # e.g. publish the status and PendingApprovals
         self._decisions: dict[str, DecideInput] = {}
 
     def refusal(self, spec: AgentSpec | None, d: DecideInput) -> str:
         """Why this decision must be refused ('' when it applies)."""
         if spec is None:
             return f"no pending approval with call id {d.call_id!r}"
-        st = self._state
-        return refuse_decision(spec, st.pending_approvals, set(st.decided_calls), d, workflow.now())
+        return refuse_decision(spec, self._state, d, workflow.now())
 
     def decide(self, spec: AgentSpec | None, d: DecideInput) -> DecideReceipt:
         """Apply a decision, or record its refusal in the audit trail (never raises)."""
@@ -98,9 +99,11 @@ class Approvals:
                 step=step,
             )
         )
+        self._on_change()
         try:
             await workflow.wait_condition(lambda: call_id in self._decisions, timeout=timeout)
         except TimeoutError:
+            self._remove(call_id)
             st.decided_calls.append(call_id)
             st.audit.append(
                 AuditEntry(
@@ -114,11 +117,13 @@ class Approvals:
         except asyncio.CancelledError:
             if any(r.call_id == call_id for r in st.pending_approvals):
                 st.audit.append(AuditEntry(at=workflow.now(), kind="withdrawn", call_id=call_id))
+                self._remove(call_id)
             raise
-        finally:
-            self._remove(call_id)
+        # (no `finally`: on eviction the coroutine is closed outside the workflow's loop)
+        self._remove(call_id)
         return self._decisions.pop(call_id)
 
     def _remove(self, call_id: str) -> None:
         st = self._state
         st.pending_approvals = [r for r in st.pending_approvals if r.call_id != call_id]
+        self._on_change()

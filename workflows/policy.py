@@ -14,7 +14,6 @@ from workflows.models import (
     AgentSpec,
     AgentState,
     ApprovalMode,
-    ApprovalRequest,
     Condition,
     DecideInput,
     Decision,
@@ -79,19 +78,17 @@ def validate_arguments(tool: ToolSpec, args: dict[str, Any]) -> str:
     return ""
 
 
-def refuse_decision(
-    spec: AgentSpec,
-    pending: list[ApprovalRequest],
-    decided: set[str],
-    d: DecideInput,
-    now: datetime,
-) -> str:
+def refuse_decision(spec: AgentSpec, state: AgentState, d: DecideInput, now: datetime) -> str:
     """Why a decision must be refused ('' when it may apply)."""
     if not d.approver.strip():
         return "an approver must be named"
-    request = next((r for r in pending if r.call_id == d.call_id), None)
+    request = next((r for r in state.pending_approvals if r.call_id == d.call_id), None)
     if request is None:
-        if d.call_id in decided:
+        if any(a.kind == "expired" and a.call_id == d.call_id for a in state.audit):
+            return f"the approval for {d.call_id} has expired"
+        if any(a.kind == "withdrawn" and a.call_id == d.call_id for a in state.audit):
+            return f"the approval for {d.call_id} was withdrawn (the turn was interrupted)"
+        if d.call_id in state.decided_calls:
             return f"call {d.call_id} was already decided"
         return f"no pending approval with call id {d.call_id!r}"
     if now >= request.expires_at:

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 from workflows import errors
 from workflows.models import (
@@ -123,6 +123,8 @@ async def tool_step(
             summary=f"tool {call.name}({short_args(call.arguments)})",
         )
     except ActivityError as e:
+        if isinstance(e.cause, CancelledError):
+            raise  # interrupted or cancelled: the caller gives the call its result
         return ToolResult(
             ok=False,
             error_type="tool_failed",

@@ -1,0 +1,234 @@
+"""Messages mid-run: queue, interrupt, rollback, reject; idle conversations; cancel; bursts.
+
+Each test checks what the scripted model received next, which is what DESIGN.md specifies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from client.api import KeelClientError
+from tests.conftest import Harness, wait_for
+from workflows.inbox import INTERRUPTED
+from workflows.models import AgentState, AgentStatus
+
+
+def sent(h: Harness) -> list[list[dict[str, Any]]]:
+    """The conversations the model was asked about, in order."""
+    return [r["body"]["messages"] for r in h.model.requests()]
+
+
+def shape(messages: list[dict[str, Any]]) -> list[str]:
+    """A conversation as `role:content` (tool calls as `assistant->name,name`)."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            out.append("assistant->" + ",".join(c["function"]["name"] for c in m["tool_calls"]))
+        else:
+            out.append(f"{m['role']}:{m['content']}")
+    return out
+
+
+async def in_model_call(h: Harness, n: int) -> bool:
+    return h.model.stats()["requests"] >= n
+
+
+async def tools_running(h: Harness, run: str) -> AgentState | None:
+    s = await h.agents.get_state(run)
+    return s if s.transcript and s.transcript[-1].tool_calls else None
+
+
+async def test_queue_during_model_call(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("calc", "take a moment")
+        await wait_for(lambda: in_model_call(harness, 1))
+        receipt = await harness.agents.send_message(run, "follow up", "queue")
+        assert receipt.status == "queued"
+        result = await harness.agents.result(run, timeout=30)
+    assert result.final_answer == "You said: follow up"
+    assert shape(sent(harness)[1]) == [
+        "system:You are a test agent.",
+        "user:take a moment",
+        "assistant:Moment taken.",
+        "user:follow up",
+    ]
+
+
+async def test_queue_during_tool_call(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("calc", "wait a bit")
+        await wait_for(lambda: tools_running(harness, run))
+        await harness.agents.send_message(run, "and then this", "queue")
+        result = await harness.agents.result(run, timeout=30)
+    assert result.final_answer == "You said: and then this"
+    second = shape(sent(harness)[1])
+    assert second[2:] == [
+        "assistant->slow_lookup",
+        'tool:{"looked_up": true}',
+        "user:and then this",
+    ]
+
+
+async def test_interrupt_during_model_call(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("calc", "think slowly")
+        await wait_for(lambda: in_model_call(harness, 1))
+        receipt = await harness.agents.send_message(run, "say hello", "interrupt")
+        assert receipt.status == "queued"
+        result = await harness.agents.result(run, timeout=30)
+        state = await harness.agents.get_state(run)
+    assert result.final_answer == "Hello!"
+    assert shape(sent(harness)[1]) == [
+        "system:You are a test agent.",
+        "user:think slowly",
+        "user:say hello",
+    ]
+    assert "interrupted" in [a.kind for a in state.audit]
+
+
+async def test_interrupt_during_tools(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("calc", "use slow tools")
+        await wait_for(lambda: tools_running(harness, run))
+        await harness.agents.send_message(run, "say hello", "interrupt")
+        result = await harness.agents.result(run, timeout=30)
+        state = await harness.agents.get_state(run)
+    assert result.final_answer == "Hello!"
+    second = sent(harness)[1]
+    # the interruptible read was cancelled, the side effect finished; no dangling call
+    assert shape(second)[2:] == [
+        "assistant->slow_lookup,slow_email",
+        f"tool:{INTERRUPTED}",
+        'tool:{"email_id": "E-0001", "to": "ops@example.com", "status": "queued"}',
+        "user:say hello",
+    ]
+    assert [e.tool for e in state.effects] == ["slow_email"]
+    assert len(harness.ledger.rows("outbox")) == 1
+
+
+async def test_rollback_during_tools(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("calc", "use slow tools")
+        await wait_for(lambda: tools_running(harness, run))
+        await harness.agents.send_message(run, "say hello", "rollback")
+        result = await harness.agents.result(run, timeout=30)
+        state = await harness.agents.get_state(run)
+    assert result.final_answer == "Hello!"
+    # the rolled-back turn is absent, as if "say hello" had been sent instead
+    assert shape(sent(harness)[1]) == ["system:You are a test agent.", "user:say hello"]
+    # the committed effect stays in the run's record
+    assert [e.tool for e in state.effects] == ["slow_email"]
+    assert "rolled_back" in [a.kind for a in state.audit]
+
+
+async def test_rollback_during_model_call(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("calc", "think slowly")
+        await wait_for(lambda: in_model_call(harness, 1))
+        await harness.agents.send_message(run, "say hello", "rollback")
+        result = await harness.agents.result(run, timeout=30)
+    assert result.final_answer == "Hello!"
+    assert shape(sent(harness)[1]) == ["system:You are a test agent.", "user:say hello"]
+
+
+async def test_interrupt_withdraws_open_approvals(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("shop-open", "charge 30")
+        state = await wait_for(lambda: _pending(harness, run))
+        call_id = state.pending_approvals[0].call_id
+        await harness.agents.send_message(run, "say hello", "interrupt")
+        result = await harness.agents.result(run, timeout=30)
+        state = await harness.agents.get_state(run)
+        with pytest.raises(KeelClientError, match="withdrawn"):
+            await harness.agents.approve(run, call_id, "alice")
+        await harness.agents.cancel(run)
+    assert result.final_answer == "Hello!"
+    assert state.pending_approvals == [] and harness.ledger.rows("refunds") == []
+    assert shape(sent(harness)[1])[2:] == [
+        "assistant->charge",
+        f"tool:{INTERRUPTED}",
+        "user:say hello",
+    ]
+    assert "withdrawn" in [a.kind for a in state.audit]
+
+
+async def _pending(h: Harness, run: str) -> AgentState | None:
+    s = await h.agents.get_state(run)
+    return s if s.pending_approvals else None
+
+
+async def test_reject_policy_refuses_while_in_flight(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("strict-chat", "take a moment")
+        await wait_for(lambda: in_model_call(harness, 1))
+        receipt = await harness.agents.send_message(run, "hurry up")
+        assert receipt.status == "rejected" and "in flight" in receipt.reason
+        await harness.client.get_workflow_handle(run).signal("submit_message", {"text": "hurry!"})
+        result = await harness.agents.result(run, timeout=30)
+        state = await harness.agents.get_state(run)
+    assert result.final_answer == "Moment taken."
+    assert len(sent(harness)) == 1
+    assert [a.detail for a in state.audit if a.kind == "message_rejected"] == [
+        "a turn is in flight and this message's policy is reject"
+    ]
+
+
+async def test_burst_of_messages_none_lost_order_kept(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("calc", "take a moment")
+        await wait_for(lambda: in_model_call(harness, 1))
+        handle = harness.client.get_workflow_handle(run)
+        for i in range(30):
+            if i % 2:
+                await handle.signal("submit_message", {"text": f"msg {i}"})
+            else:
+                await harness.agents.send_message(run, f"msg {i}")
+        result = await harness.agents.result(run, timeout=30)
+    assert result.final_answer == "You said: msg 29"
+    users = [m["content"] for m in sent(harness)[1] if m["role"] == "user"]
+    assert users == ["take a moment"] + [f"msg {i}" for i in range(30)]
+
+
+async def test_idle_conversation_takes_next_turn(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("chat", "say hello")
+        first = await harness.agents.result(run, timeout=30)
+        assert (first.status, first.final_answer) == (AgentStatus.IDLE, "Hello!")
+        receipt = await harness.agents.send_message(run, "echo this", "reject")
+        assert receipt.status == "delivered"  # nothing in flight: even `reject` is taken
+        state = await wait_for(lambda: _idle_with(harness, run, "You said: echo this"))
+        assert state.turn == 2
+        await harness.agents.cancel(run)
+        state = await wait_for(lambda: _status(harness, run, AgentStatus.CANCELLED))
+    assert [m.role for m in state.transcript] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
+
+
+async def _idle_with(h: Harness, run: str, answer: str) -> AgentState | None:
+    s = await h.agents.get_state(run)
+    return s if s.status == AgentStatus.IDLE and s.final_answer == answer else None
+
+
+async def _status(h: Harness, run: str, status: AgentStatus) -> AgentState | None:
+    s = await h.agents.get_state(run)
+    return s if s.status == status else None
+
+
+async def test_cancel_keeps_transcript_and_effects(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("calc", "use slow tools")
+        await wait_for(lambda: len(harness.ledger.rows("outbox")) == 1)
+        await harness.agents.cancel(run)
+        result = await harness.agents.result(run, timeout=30)
+        state = await harness.agents.get_state(run)
+    assert result.status == AgentStatus.CANCELLED
+    assert state.status == AgentStatus.CANCELLED
+    assert [e.tool for e in state.effects] == ["slow_email"]
+    assert state.transcript[-1].tool_calls  # the record shows where it stopped
