@@ -125,12 +125,14 @@ class AgentWorkflow:
         st = self._state
         st.status = AgentStatus.IDLE
         self._publisher.publish(st)
+        since = workflow.now()
         try:
             await workflow.wait_condition(
                 lambda: self._inbox.has_messages, timeout=timedelta(seconds=spec.keep_open_seconds)
             )
         except TimeoutError:
             return False
+        st.paused_seconds += (workflow.now() - since).total_seconds()
         st.status = AgentStatus.RUNNING
         return True
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -33,6 +33,7 @@ class Approvals:
         self._state = state
         self._on_change = on_change  # e.g. publish the status and PendingApprovals
         self._decisions: dict[str, DecideInput] = {}
+        self._waiting_since: datetime | None = None  # while any request is open
 
     def refusal(self, spec: AgentSpec | None, d: DecideInput) -> str:
         """Why this decision must be refused ('' when it applies)."""
@@ -87,6 +88,8 @@ class Approvals:
         st = self._state
         now = workflow.now()
         timeout = timedelta(seconds=spec.approval_timeout_seconds)
+        if not st.pending_approvals:
+            self._waiting_since = now
         st.pending_approvals.append(
             ApprovalRequest(
                 call_id=call_id,
@@ -126,4 +129,7 @@ class Approvals:
     def _remove(self, call_id: str) -> None:
         st = self._state
         st.pending_approvals = [r for r in st.pending_approvals if r.call_id != call_id]
+        if not st.pending_approvals and self._waiting_since is not None:
+            st.paused_seconds += (workflow.now() - self._waiting_since).total_seconds()
+            self._waiting_since = None
         self._on_change()

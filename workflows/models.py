@@ -76,6 +76,8 @@ class ApprovalTimeoutAction(StrEnum):
 
 
 class Limits(BaseModel):
+    """Budgets; max_seconds counts working time, not time spent waiting for people."""
+
     max_steps: int = 20
     max_tokens: int = 200_000
     max_seconds: float = 3600.0
@@ -252,6 +254,7 @@ class AgentState(BaseModel):
     final_answer: str | None = None
     error: str | None = None
     decided_calls: list[str] = Field(default_factory=list)
+    paused_seconds: float = 0.0  # time spent waiting for people (approvals, idle): not work
     started_at: datetime | None = None
     spec: AgentSpec | None = None
 

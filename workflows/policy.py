@@ -123,9 +123,12 @@ def budget_exhausted(spec: AgentSpec, state: AgentState, now: datetime) -> str:
     if state.usage.total_tokens >= limits.max_tokens:
         return f"token budget spent: {state.usage.total_tokens} of {limits.max_tokens} tokens"
     if state.started_at is not None:
-        elapsed = (now - state.started_at).total_seconds()
+        elapsed = (now - state.started_at).total_seconds() - state.paused_seconds
         if elapsed >= limits.max_seconds:
-            return f"time budget spent: {elapsed:.0f}s of {limits.max_seconds:.0f}s"
+            return (
+                f"time budget spent: {elapsed:.0f}s of {limits.max_seconds:.0f}s "
+                "(time waiting for people not counted)"
+            )
     return ""
 
 

@@ -1,0 +1,35 @@
+# One image for everything Keel runs in docker-compose.yml: the worker (default), the
+# scripted model server and the `keel` CLI.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    KEEL_HOME=/data
+
+# A fixed uid, so a volume's ownership means the same thing in every container built from this.
+RUN groupadd --system --gid 10001 keel \
+ && useradd --system --uid 10001 --gid keel --home-dir /data --no-create-home \
+        --shell /usr/sbin/nologin keel \
+ && mkdir -p /data \
+ && chown keel:keel /data
+
+WORKDIR /app
+
+# Dependencies get their own layer, so a code change does not reinstall them.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+
+COPY . .
+RUN pip install --no-deps . && rm -rf build
+
+USER keel
+# Keel's state (the demo ledger, ledger.db). Declared after the chown so a new named volume
+# starts out owned by keel.
+VOLUME ["/data"]
+
+CMD ["python", "worker.py"]

@@ -1,0 +1,156 @@
+"""Pure decisions, without a server."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from workflows.inbox import Inbox, message_refusal
+from workflows.models import (
+    AgentSpec,
+    AgentState,
+    AgentStatus,
+    ApprovalMode,
+    ApprovalPolicy,
+    ApprovalRequest,
+    AuditEntry,
+    ChatMessage,
+    Condition,
+    DecideInput,
+    Decision,
+    Limits,
+    MessageInput,
+    MessagePolicy,
+    ToolSpec,
+    Usage,
+)
+from workflows.policy import (
+    approval_reason,
+    budget_exhausted,
+    idempotency_key,
+    parse_arguments,
+    refuse_decision,
+    short_args,
+)
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+REFUND = ToolSpec(
+    name="refund",
+    parameters={
+        "type": "object",
+        "properties": {"amount": {"type": "number"}},
+        "required": ["amount"],
+    },
+    approval=ApprovalPolicy(
+        mode=ApprovalMode.WHEN,
+        when=[Condition(field="amount", op=">", value=100)],
+        approvers=["ann"],
+    ),
+)
+SPEC = AgentSpec(
+    name="a", tools=[REFUND], limits=Limits(max_steps=3, max_tokens=100, max_seconds=60)
+)
+
+
+def test_approval_reason_by_condition() -> None:
+    assert approval_reason(REFUND, {"amount": 50}) is None
+    assert approval_reason(REFUND, {"amount": 150}) == "refund: amount > 100"
+    assert approval_reason(REFUND, {"amount": "lots"}) is None  # type mismatch: no match
+    always = REFUND.model_copy(update={"approval": ApprovalPolicy(mode=ApprovalMode.ALWAYS)})
+    assert approval_reason(always, {}) == "refund always needs approval"
+
+
+def test_parse_arguments() -> None:
+    assert parse_arguments('{"a": 1}') == ({"a": 1}, "")
+    assert parse_arguments("")[0] == {}
+    assert "not valid JSON" in parse_arguments('{"a":')[1]
+    assert "JSON object" in parse_arguments("[1]")[1]
+
+
+def _state_with_request(**kw: object) -> AgentState:
+    req = ApprovalRequest(
+        call_id="c1",
+        tool="refund",
+        arguments={"amount": 150},
+        approvers=["ann"],
+        requested_at=NOW,
+        expires_at=NOW + timedelta(hours=1),
+    )
+    return AgentState(pending_approvals=[req], **kw)  # type: ignore[arg-type]
+
+
+def test_decision_refusals() -> None:
+    st = _state_with_request()
+    ok = DecideInput(call_id="c1", decision=Decision.APPROVE, approver="ann")
+    assert refuse_decision(SPEC, st, ok, NOW) == ""
+    assert "no pending approval" in refuse_decision(
+        SPEC, st, ok.model_copy(update={"call_id": "x"}), NOW
+    )
+    assert "may not decide" in refuse_decision(
+        SPEC, st, ok.model_copy(update={"approver": "bo"}), NOW
+    )
+    assert "expired" in refuse_decision(SPEC, st, ok, NOW + timedelta(hours=2))
+    edit = ok.model_copy(update={"decision": Decision.EDIT, "arguments": {"amount": "x"}})
+    assert "edited arguments are invalid: amount" in refuse_decision(SPEC, st, edit, NOW)
+    edit_ok = ok.model_copy(update={"decision": Decision.EDIT, "arguments": {"amount": 90}})
+    assert refuse_decision(SPEC, st, edit_ok, NOW) == ""
+    done = AgentState(decided_calls=["c1"])
+    assert "already decided" in refuse_decision(SPEC, done, ok, NOW)
+    expired = AgentState(
+        decided_calls=["c1"], audit=[AuditEntry(at=NOW, kind="expired", call_id="c1")]
+    )
+    assert "expired" in refuse_decision(SPEC, expired, ok, NOW)
+
+
+def test_budgets() -> None:
+    st = AgentState(step=3, started_at=NOW)
+    assert "step budget" in budget_exhausted(SPEC, st, NOW)
+    st = AgentState(step=1, usage=Usage(total_tokens=100), started_at=NOW)
+    assert "token budget" in budget_exhausted(SPEC, st, NOW)
+    st = AgentState(step=1, started_at=NOW)
+    assert budget_exhausted(SPEC, st, NOW + timedelta(seconds=59)) == ""
+    assert "time budget" in budget_exhausted(SPEC, st, NOW + timedelta(seconds=61))
+    st.paused_seconds = 3600  # an hour waiting for an approval is not work
+    assert budget_exhausted(SPEC, st, NOW + timedelta(seconds=3659)) == ""
+
+
+def test_message_policies() -> None:
+    st = AgentState(status=AgentStatus.RUNNING, transcript=[ChatMessage(role="system")])
+    inbox = Inbox(st)
+    strict = SPEC.model_copy(update={"message_policy": MessagePolicy.REJECT})
+    assert "in flight" in message_refusal(strict, st, MessageInput(text="hi"))
+    assert message_refusal(strict, st, MessageInput(text="hi", policy=MessagePolicy.QUEUE)) == ""
+    assert "empty" in message_refusal(SPEC, st, MessageInput(text="  "))
+    assert inbox.accept(SPEC, MessageInput(text="a"), NOW).status == "queued"
+    assert inbox.stop_turn is None
+    inbox.accept(SPEC, MessageInput(text="b", policy=MessagePolicy.ROLLBACK), NOW)
+    inbox.accept(SPEC, MessageInput(text="c", policy=MessagePolicy.INTERRUPT), NOW)
+    assert inbox.stop_turn == MessagePolicy.ROLLBACK  # the stronger request stays
+    assert [q.text for q in st.queued_messages] == ["a", "b", "c"]
+    st.status = AgentStatus.COMPLETED
+    assert "ended" in message_refusal(SPEC, st, MessageInput(text="late"))
+
+
+def test_rollback_drops_the_turn() -> None:
+    st = AgentState(
+        transcript=[
+            ChatMessage(role="system", content="s"),
+            ChatMessage(role="user", content="first"),
+            ChatMessage(role="assistant", content="answer 1"),
+            ChatMessage(role="user", content="second"),
+            ChatMessage(role="assistant", content="working"),
+        ],
+        turn=2,
+        turn_start=3,
+    )
+    inbox = Inbox(st)
+    inbox.accept(SPEC, MessageInput(text="instead", policy=MessagePolicy.ROLLBACK), NOW)
+    inbox.apply_stop(NOW)
+    inbox.deliver()
+    assert [m.content for m in st.transcript] == ["s", "first", "answer 1", "instead"]
+    assert st.turn == 3 and st.turn_start == 3
+
+
+def test_small_helpers() -> None:
+    assert short_args('{"order_id": "A-1", "amount": 20.5}') == 'order_id="A-1", amount=20.5'
+    assert short_args('{"x": "' + "y" * 100 + '"}').endswith("…")
+    assert idempotency_key("k", 3, 1) == "k:3:1"
