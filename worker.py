@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -99,12 +98,10 @@ async def run_worker(settings: Settings, model_base_url: str | None = None) -> N
 
 
 def main() -> None:
-    """`python worker.py`: a worker against TEMPORAL_ADDRESS and the configured model."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        asyncio.run(run_worker(Settings.from_env()))
-    except KeyboardInterrupt:
-        pass
+    """`python worker.py`: the same as `keel worker`."""
+    from client.cli import main as keel
+
+    keel(["worker"])
 
 
 if __name__ == "__main__":

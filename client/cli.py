@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -223,4 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     except RPCError as e:
         print(f"keel: {e.message}", file=sys.stderr)
         code = 1
-    sys.exit(code)
+    # The SDK's native runtime threads can abort the interpreter's finalization
+    # ("PyGILState_Release ... finalizing"); everything is flushed and closed by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
