@@ -93,12 +93,21 @@ def tool(
     return wrap(fn) if fn is not None else wrap
 
 
+# A tool result goes into history and into every later model request: keep it bounded.
+MAX_RESULT_CHARS = 100_000
+
+
 def _render(value: Any) -> str:
     if isinstance(value, str):
-        return value
-    if isinstance(value, BaseModel):
-        return value.model_dump_json()
-    return json.dumps(value, default=str)
+        text = value
+    elif isinstance(value, BaseModel):
+        text = value.model_dump_json()
+    else:
+        text = json.dumps(value, default=str)
+    if len(text) > MAX_RESULT_CHARS:
+        cut = len(text) - MAX_RESULT_CHARS
+        text = text[:MAX_RESULT_CHARS] + f"\n[... {cut} more characters truncated]"
+    return text
 
 
 class ToolActivities:

@@ -78,6 +78,16 @@ async def flaky(args: WaitArgs, ctx: ToolContext) -> str:
     return json.dumps({"result": activity.info().attempt})
 
 
+class BlobArgs(BaseModel):
+    size: int
+
+
+@tool
+async def blob(args: BlobArgs, ctx: ToolContext) -> str:
+    """Return a large result."""
+    return "x" * args.size
+
+
 CHARGE_APPROVAL = ApprovalPolicy(
     mode=ApprovalMode.WHEN,
     when=[Condition(field="amount", op=">", value=20)],
@@ -86,7 +96,7 @@ CHARGE_APPROVAL = ApprovalPolicy(
 )
 CHARGE = {"charge": CHARGE_APPROVAL}
 FAST = ModelSettings(timeout_seconds=2.0, max_attempts=6)
-TOOLS = [add, charge, slow_lookup, slow_email, flaky]
+TOOLS = [add, charge, slow_lookup, slow_email, flaky, blob]
 INSTRUCTIONS = "You are a test agent."
 
 TEST_AGENTS = [
@@ -108,7 +118,7 @@ TEST_AGENTS = [
         approval_timeout_seconds=3600,
         on_approval_timeout=ApprovalTimeoutAction.CANCEL,
     ),
-    Agent(name="long", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_steps=30)),
+    Agent(name="long", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_steps=30, max_tokens=10**9)),
     Agent(name="steps", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_steps=3)),
     Agent(name="tokens", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_tokens=150)),
     Agent(name="clock", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_seconds=2)),

@@ -20,6 +20,11 @@ TEST_RULES: dict[str, Any] = {
             "reply": {"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 1}}]},
         },
         {
+            "name": "grow",
+            "when": {"any_user": "(?i)grow big"},
+            "reply": {"tool_calls": [{"name": "blob", "arguments": {"size": 400000}}]},
+        },
+        {
             "name": "slow loop",
             "when": {"any_user": "(?i)slow loop"},
             "reply": {

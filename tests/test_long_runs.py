@@ -37,3 +37,16 @@ async def test_continue_as_new_carries_everything(harness: Harness) -> None:
     # the same run key across the chain: idempotency keys stay stable and unique
     assert state.run_key and len(state.run_key) == 36
     assert harness.model.stats()["served"] == 30  # no step asked twice across the chain
+
+
+async def test_payload_limit_fails_fast_with_a_clear_error(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("long", "grow big")
+        result = await harness.agents.result(run, timeout=120)
+        state = await harness.agents.get_state(run)
+    # each tool result was cut to a bounded size; the transcript still outgrew the limit
+    tool_results = [m.content or "" for m in state.transcript if m.role == "tool"]
+    assert all("more characters truncated" in c and len(c) < 100_100 for c in tool_results)
+    assert result.status == AgentStatus.FAILED
+    assert "over Keel's 1800000-byte limit" in (result.error or "")
+    assert 15 <= state.step < 30

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import timedelta
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RawValue
@@ -150,7 +150,9 @@ class AgentWorkflow:
         try:
             result = model.result()
         except ActivityError as e:
-            self._fail(e)
+            self._fail(failure_message(e), failure_type(e) or errors.PROVIDER_UNAVAILABLE)
+        except errors.KeelError as e:
+            self._fail(e.message, e.type or "KeelError")
         st.usage = st.usage.add(result.usage)
         st.transcript.append(result.message)
         self._publisher.publish(st)
@@ -242,15 +244,11 @@ class AgentWorkflow:
             usage=st.usage,
         )
 
-    def _fail(self, e: ActivityError) -> None:
-        """A model step failed for good: the run ends `failed`, saying what the provider said."""
-        st = self._state
-        message = failure_message(e)
+    def _fail(self, message: str, type: str) -> NoReturn:
+        """A model step failed for good: the run ends `failed`, saying what went wrong."""
         self._finish(AgentStatus.FAILED, message)
         raise ApplicationError(
-            f"model step {st.step} failed: {message}",
-            type=failure_type(e) or errors.PROVIDER_UNAVAILABLE,
-            non_retryable=True,
+            f"model step {self._state.step} failed: {message}", type=type, non_retryable=True
         )
 
     # --- queries, signals, updates --------------------------------------------------------

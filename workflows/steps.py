@@ -40,6 +40,7 @@ MODEL_HEARTBEAT_TIMEOUT = timedelta(seconds=5)
 MODEL_RETRY_INITIAL = timedelta(seconds=1)
 MODEL_RETRY_MAX_INTERVAL = timedelta(seconds=30)
 TOOL_RETRY_MAX_INTERVAL = timedelta(seconds=60)
+MAX_PAYLOAD_BYTES = 1_800_000
 NON_RETRYABLE_PROVIDER = [errors.PROVIDER_REJECTED, errors.PAYLOAD_TOO_LARGE]
 
 
@@ -72,17 +73,26 @@ async def load_spec(agent: str) -> AgentSpec:
 
 
 async def model_step(spec: AgentSpec, state: AgentState) -> ModelResult:
-    """Call the model on the run's transcript (raises ActivityError when the provider fails)."""
+    """Call the model on the run's transcript (raises ActivityError when the provider fails,
+    KeelError when the request would not fit in a Temporal payload)."""
     s = spec.model
+    request = ModelInput(
+        agent=spec.name,
+        step=state.step,
+        settings=s,
+        messages=state.transcript,
+        tools=spec.tools,
+    )
+    size = len(request.model_dump_json())
+    if size > MAX_PAYLOAD_BYTES:
+        raise errors.KeelError(
+            f"the model request for step {state.step} is {size} bytes, over Keel's "
+            f"{MAX_PAYLOAD_BYTES}-byte limit (Temporal refuses payloads past 2 MB)",
+            type=errors.PAYLOAD_TOO_LARGE,
+        )
     return await workflow.execute_activity_method(
         ModelActivities.call_model,
-        ModelInput(
-            agent=spec.name,
-            step=state.step,
-            settings=s,
-            messages=state.transcript,
-            tools=spec.tools,
-        ),
+        request,
         start_to_close_timeout=timedelta(seconds=s.timeout_seconds + 5),
         heartbeat_timeout=MODEL_HEARTBEAT_TIMEOUT,
         retry_policy=RetryPolicy(

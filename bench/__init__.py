@@ -1,0 +1,1 @@
+"""Benchmarks: what durability costs (`python -m bench.overhead`)."""

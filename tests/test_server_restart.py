@@ -1,0 +1,66 @@
+"""A run waiting for approval survives a restart of the Temporal server itself."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from temporalio.client import WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from activities.support import Ledger
+from client.api import AgentClient
+from client.model_server import ScriptedModelServer
+from tests.conftest import Harness, binary, wait_for
+from workflows.models import SEARCH_ATTRIBUTES, AgentState, AgentStatus
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def start_server(db: Path, port: int) -> WorkflowEnvironment:
+    return await WorkflowEnvironment.start_local(
+        dev_server_existing_path=binary("temporal"),
+        dev_server_database_filename=str(db),
+        port=port,
+        search_attributes=SEARCH_ATTRIBUTES,
+        data_converter=pydantic_data_converter,
+    )
+
+
+async def test_approval_wait_survives_server_restart(
+    tmp_path: Path, model: ScriptedModelServer, ledger: Ledger
+) -> None:
+    db, port = tmp_path / "temporal.db", free_port()
+    env = await start_server(db, port)
+    try:
+        h = Harness(env, model, ledger)
+        async with h.running():
+            run = await h.start("shop", "charge 30")
+            state: AgentState = await wait_for(lambda: _pending(h.agents, run))
+    finally:
+        await env.shutdown()
+
+    env = await start_server(db, port)  # same file: the history is still there
+    try:
+        agents = AgentClient(env.client, h.settings)
+        h2 = Harness(env, model, ledger)
+        h2.settings, h2.agents = h.settings, agents
+        async with h2.running():
+            await agents.approve(run, state.pending_approvals[0].call_id, "alice")
+            result = await agents.result(run, timeout=60)
+        handle: WorkflowHandle = env.client.get_workflow_handle(run)
+        assert (await handle.describe()).status is not None
+    finally:
+        await env.shutdown()
+    assert result.status == AgentStatus.COMPLETED
+    assert [r["amount"] for r in ledger.rows("refunds")] == [30]
+
+
+async def _pending(agents: AgentClient, run: str) -> AgentState | None:
+    s = await agents.get_state(run)
+    return s if s.pending_approvals else None
