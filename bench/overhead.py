@@ -46,9 +46,8 @@ from client.config import Settings
 from client.model_server import MODEL_ID, RuleSet, ScriptedModelServer
 from worker import build_worker
 from workflows.agent import AgentWorkflow
-from workflows.models import AgentStatus, Limits
+from workflows.models import SEARCH_ATTRIBUTES, AgentStatus, Limits
 from workflows.models import ModelSettings as KeelModelSettings
-from workflows.models import SEARCH_ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.md"
@@ -460,13 +459,19 @@ def temporal_binary() -> str:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n")[0])
-    p.add_argument("--runs", type=int, default=20, help="interleaved rounds at K=--steps (%(default)s)")
+    p.add_argument(
+        "--runs", type=int, default=20, help="interleaved rounds at K=--steps (%(default)s)"
+    )
     p.add_argument(
         "--long-runs", type=int, default=None, help="rounds at K=--long-steps (default: runs/2)"
     )
-    p.add_argument("--steps", type=int, default=5, help="K tool steps, short conversation (%(default)s)")
+    p.add_argument(
+        "--steps", type=int, default=5, help="K tool steps, short conversation (%(default)s)"
+    )
     p.add_argument("--long-steps", type=int, default=20, help="K, long conversation (%(default)s)")
-    p.add_argument("--concurrency", type=int, default=20, help="concurrent conversations (%(default)s)")
+    p.add_argument(
+        "--concurrency", type=int, default=20, help="concurrent conversations (%(default)s)"
+    )
     p.add_argument("--rounds", type=int, default=3, help="throughput rounds (%(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured rounds first (%(default)s)")
     p.add_argument("--out", default=str(RESULTS), help="report file (%(default)s)")

@@ -118,7 +118,12 @@ TEST_AGENTS = [
         approval_timeout_seconds=3600,
         on_approval_timeout=ApprovalTimeoutAction.CANCEL,
     ),
-    Agent(name="long", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_steps=30, max_tokens=10**9)),
+    Agent(
+        name="long",
+        instructions=INSTRUCTIONS,
+        tools=TOOLS,
+        limits=Limits(max_steps=30, max_tokens=10**9),
+    ),
     Agent(name="steps", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_steps=3)),
     Agent(name="tokens", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_tokens=150)),
     Agent(name="clock", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_seconds=2)),
