@@ -181,14 +181,14 @@ class Bench:
     client: Client
     agents: AgentClient
     openai: AsyncOpenAI
-    run_ids: dict[int, list[str]] = field(default_factory=dict)  # Keel runs by K
+    run_ids: dict[tuple[str, int], list[str]] = field(default_factory=dict)  # (variant, K)
 
     async def plain(self, k: int) -> None:
         got = await plain_run(self.openai, k)
         if got != answer(k):
             raise RuntimeError(f"plain loop answered {got!r}, expected {answer(k)!r}")
 
-    async def _start(self, k: int) -> str:
+    async def _start(self, k: int, variant: str) -> str:
         run_id = await self.agents.start(
             AGENT,
             prompt(k),
@@ -196,18 +196,18 @@ class Bench:
             run_id=f"bench-k{k}-{uuid.uuid4().hex[:10]}",
             execution_timeout=timedelta(minutes=5),
         )
-        self.run_ids.setdefault(k, []).append(run_id)
+        self.run_ids.setdefault((variant, k), []).append(run_id)
         return run_id
 
     async def keel(self, k: int) -> None:
         """Start + wait for the workflow result (a long poll: no polling interval)."""
-        run_id = await self._start(k)
+        run_id = await self._start(k, "keel")
         result = await self.client.get_workflow_handle_for(AgentWorkflow.run, run_id).result()
         _check(result.status, result.final_answer, k)
 
     async def keel_api(self, k: int) -> None:
         """Start + `AgentClient.result` (polls describe/get_state every POLL_EVERY seconds)."""
-        run_id = await self._start(k)
+        run_id = await self._start(k, "keel_api")
         result = await self.agents.result(run_id, timeout=300)
         _check(result.status, result.final_answer, k)
 
@@ -261,6 +261,8 @@ def ms(x: float) -> str:
 
 @dataclass
 class HistoryCost:
+    """One Keel run's history: its size, and where its wall time went (from event times)."""
+
     k: int
     events: int
     workflow_tasks: int
@@ -270,8 +272,12 @@ class HistoryCost:
     model_input_first: int
     model_input_last: int
     model_input_total: int
-    span_seconds: float
     kinds: Counter[str]
+    span: float  # WorkflowExecutionStarted → the closing event
+    wft_wait: float  # Σ workflow task scheduled → started (waiting to reach the worker)
+    wft_run: float  # Σ workflow task started → completed (the worker running workflow code)
+    activity: float  # Σ activity scheduled → completed (dispatch + model/tool call + reply)
+    wft_waits: list[float]  # each workflow task's wait
 
 
 async def history_cost(client: Client, run_id: str, k: int) -> HistoryCost:
@@ -280,16 +286,32 @@ async def history_cost(client: Client, run_id: str, k: int) -> HistoryCost:
     kinds: Counter[str] = Counter()
     model_inputs: list[int] = []
     workflow_tasks = activities = 0
+    wft_waits: list[float] = []
+    wft_run = activity = 0.0
+    scheduled = started = None
+    activity_at: dict[int, Any] = {}
     for e in events:
         kind = e.WhichOneof("attributes") or "unknown"
         kinds[kind.removesuffix("_event_attributes")] += 1
-        if e.HasField("workflow_task_completed_event_attributes"):
+        at = e.event_time.ToDatetime()
+        if e.HasField("workflow_task_scheduled_event_attributes"):
+            scheduled = at
+        elif e.HasField("workflow_task_started_event_attributes") and scheduled is not None:
+            wft_waits.append((at - scheduled).total_seconds())
+            started = at
+        elif e.HasField("workflow_task_completed_event_attributes") and started is not None:
             workflow_tasks += 1
-        if e.HasField("activity_task_scheduled_event_attributes"):
+            wft_run += (at - started).total_seconds()
+        elif e.HasField("activity_task_scheduled_event_attributes"):
             activities += 1
+            activity_at[e.event_id] = at
             a = e.activity_task_scheduled_event_attributes
             if a.activity_type.name == "call_model":
                 model_inputs.append(a.input.ByteSize())
+        elif e.HasField("activity_task_completed_event_attributes"):
+            sched = activity_at.get(e.activity_task_completed_event_attributes.scheduled_event_id)
+            if sched is not None:
+                activity += (at - sched).total_seconds()
     span = (events[-1].event_time.ToDatetime() - events[0].event_time.ToDatetime()).total_seconds()
     return HistoryCost(
         k=k,
@@ -301,8 +323,12 @@ async def history_cost(client: Client, run_id: str, k: int) -> HistoryCost:
         model_input_first=model_inputs[0] if model_inputs else 0,
         model_input_last=model_inputs[-1] if model_inputs else 0,
         model_input_total=sum(model_inputs),
-        span_seconds=span,
         kinds=kinds,
+        span=span,
+        wft_wait=sum(wft_waits),
+        wft_run=wft_run,
+        activity=activity,
+        wft_waits=wft_waits,
     )
 
 
@@ -314,7 +340,7 @@ class Latency:
     k: int
     runs: int
     samples: dict[str, list[float]]
-    spans: list[float]  # workflow start → close, from the Keel runs' histories
+    histories: list[HistoryCost] = field(default_factory=list)  # of the B runs
 
 
 @dataclass
@@ -356,11 +382,59 @@ def latency_table(lat: Latency) -> list[str]:
                 f"{statistics.median(pr):.2f}× ({quantile(pr, 0.1):.2f}–{quantile(pr, 0.9):.2f}) |"
             )
         lines.append(f"| {LABELS[name]} | {ms(med)} | {ms(quantile(xs, 0.9))} | {extra}")
-    if lat.spans:
-        lines.append(
-            f"| inside the workflow (history: started → completed) | {ms(statistics.median(lat.spans))} "
-            f"| {ms(quantile(lat.spans, 0.9))} | — | — | — |"
-        )
+    lines.append("")
+    return lines
+
+
+def breakdown_table(lats: list[Latency]) -> list[str]:
+    """Where a Keel run's time goes, from its history's event times (median per run)."""
+    lats = [lat for lat in lats if lat.histories]
+    if not lats:
+        return []
+
+    def med(lat: Latency, attr: str) -> float:
+        return statistics.median(getattr(h, attr) for h in lat.histories)
+
+    head = " | ".join(f"K={lat.k}" for lat in lats)
+    lines = [
+        "### Where a Keel run's time goes (B runs; event times from their histories; "
+        "median per run)",
+        "",
+        f"| part | {head} |",
+        "|---|" + "---:|" * len(lats),
+    ]
+
+    def row(label: str, cell: Callable[[Latency], str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(cell(lat) for lat in lats) + " |")
+
+    row("A: plain loop, whole run", lambda lat: ms(statistics.median(lat.samples["plain"])))
+    row(
+        "B: Keel run, whole run (client side)",
+        lambda lat: ms(statistics.median(lat.samples["keel"])),
+    )
+    row("workflow span (first → last history event)", lambda lat: ms(med(lat, "span")))
+    row(
+        "workflow tasks waiting to reach the worker (scheduled → started)",
+        lambda lat: (
+            f"{ms(med(lat, 'wft_wait'))} "
+            f"({lat.histories[0].workflow_tasks} × "
+            f"{ms(statistics.median(w for h in lat.histories for w in h.wft_waits))})"
+        ),
+    )
+    row(
+        "workflow tasks running on the worker (started → completed)",
+        lambda lat: f"{ms(med(lat, 'wft_run'))} ({lat.histories[0].workflow_tasks} tasks)",
+    )
+    row(
+        "activities, scheduled → completed (model + tool calls, incl. dispatch)",
+        lambda lat: f"{ms(med(lat, 'activity'))} ({lat.histories[0].activities} activities)",
+    )
+    row(
+        "rest of the span",
+        lambda lat: ms(
+            statistics.median(h.span - h.wft_wait - h.wft_run - h.activity for h in lat.histories)
+        ),
+    )
     lines.append("")
     return lines
 
@@ -442,6 +516,7 @@ def report(
     ]
     for lat in lats:
         lines += latency_table(lat)
+    lines += breakdown_table(lats)
     lines += throughput_table(tp)
     lines += history_table(costs)
     return "\n".join(lines).rstrip() + "\n"
@@ -526,14 +601,14 @@ async def amain(args: argparse.Namespace) -> str:
                         },
                         runs,
                     )
-                    lats.append(Latency(kk, runs, samples, []))
+                    lats.append(Latency(kk, runs, samples))
 
-                log("history cost")
+                log("fetching the histories of the B runs")
                 costs: list[HistoryCost] = []
                 for lat in lats:
-                    per_run = [await history_cost(b.client, r, lat.k) for r in b.run_ids[lat.k]]
-                    lat.spans = [c.span_seconds for c in per_run]
-                    costs.append(per_run[0])
+                    ids = b.run_ids[("keel", lat.k)]
+                    lat.histories = [await history_cost(b.client, r, lat.k) for r in ids]
+                    costs.append(lat.histories[0])
 
                 c = args.concurrency
                 log(f"throughput: {c} concurrent conversations, {args.rounds} rounds")

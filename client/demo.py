@@ -85,10 +85,16 @@ async def run_demo(settings: Settings | None = None, *, yes: bool = False) -> in
         print("\nTranscript:")
         print_transcript(state)
         print("\nLedger, new rows:")
-        for table in ("refunds", "outbox"):
-            for row in stack.ledger.rows(table)[before[table] :]:
-                shown = {k: v for k, v in row.items() if k != "body"}
-                print(f"  {table}: {shown}")
+        new = [
+            (table, row)
+            for table in ("refunds", "outbox")
+            for row in stack.ledger.rows(table)[before[table] :]
+        ]
+        for table, row in new:
+            shown = {k: v for k, v in row.items() if k != "body"}
+            print(f"  {table}: {shown}")
+        if not new:
+            print("  (none: nothing was refunded or sent)")
         print(
             f"\nStatus: {state.status.value}, {state.step} model steps, "
             f"{state.usage.total_tokens} tokens"

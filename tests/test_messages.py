@@ -159,17 +159,26 @@ async def _pending(h: Harness, run: str) -> AgentState | None:
     return s if s.pending_approvals else None
 
 
-async def test_reject_policy_refuses_while_in_flight(harness: Harness) -> None:
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [("take a moment", "Moment taken."), ("wait a bit", 'Done: {"looked_up": true}')],
+    ids=["during-model-call", "during-tool-call"],
+)
+async def test_reject_policy_refuses_while_in_flight(
+    harness: Harness, text: str, answer: str
+) -> None:
     async with harness.running():
-        run = await harness.start("strict-chat", "take a moment")
+        run = await harness.start("strict-chat", text)
         await wait_for(lambda: in_model_call(harness, 1))
+        if text == "wait a bit":
+            await wait_for(lambda: tools_running(harness, run))
         receipt = await harness.agents.send_message(run, "hurry up")
         assert receipt.status == "rejected" and "in flight" in receipt.reason
         await harness.client.get_workflow_handle(run).signal("submit_message", {"text": "hurry!"})
         result = await harness.agents.result(run, timeout=30)
         state = await harness.agents.get_state(run)
-    assert result.final_answer == "Moment taken."
-    assert len(sent(harness)) == 1
+    assert result.final_answer == answer
+    assert all("hurry" not in str(conversation) for conversation in sent(harness))
     assert [a.detail for a in state.audit if a.kind == "message_rejected"] == [
         "a turn is in flight and this message's policy is reject"
     ]
