@@ -49,7 +49,6 @@ from workflows.agent import AgentWorkflow
 from workflows.models import SEARCH_ATTRIBUTES, AgentStatus, Limits
 from workflows.models import ModelSettings as KeelModelSettings
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.md"
 AGENT = "bench"
 INSTRUCTIONS = "You are a benchmark agent. Count with the add tool, then say you are done."
@@ -479,6 +478,19 @@ def history_table(costs: list[HistoryCost]) -> list[str]:
             f"| {c.model_input_total / c.bytes_proto:.0%} |"
         )
     lines.append("")
+    if len(costs) >= 2:
+        c0, c1 = costs[0], costs[-1]
+        extra_steps = model_steps(c1.k) - model_steps(c0.k)
+        marginal = (c1.bytes_proto - c0.bytes_proto) / extra_steps
+        growth = (c1.model_input_last - c1.model_input_first) / max(1, c1.k)
+        lines += [
+            f"Each model step past K={c0.k} added {marginal:,.0f} bytes on average "
+            f"(K={c0.k} → K={c1.k}: {(c1.events - c0.events) / extra_steps:.0f} events per step), "
+            f"against {c0.bytes_proto / model_steps(c0.k):,.0f} per step for the whole K={c0.k} "
+            f"run. The model activity's input (the transcript so far) grows by {growth:,.0f} "
+            "bytes per step, so the history grows quadratically with the conversation.",
+            "",
+        ]
     if costs:
         c = costs[0]
         top = ", ".join(f"{k} {n}" for k, n in c.kinds.most_common())
@@ -508,7 +520,7 @@ def report(
         "",
         f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {host}",
-        f"- command: `python -m bench.overhead {' '.join(sys.argv[1:])}`".replace("  ", " "),
+        f"- command: `{' '.join(['python -m bench.overhead', *sys.argv[1:]])}`",
         "- setup: one process runs the scripted model server (thread), the Keel worker and the "
         "client; the Temporal dev server (in-memory) is a second process on the same machine",
         f"- wall time of the whole benchmark: {elapsed:.0f} s",
@@ -547,7 +559,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--concurrency", type=int, default=20, help="concurrent conversations (%(default)s)"
     )
-    p.add_argument("--rounds", type=int, default=3, help="throughput rounds (%(default)s)")
+    p.add_argument("--rounds", type=int, default=5, help="throughput rounds (%(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured rounds first (%(default)s)")
     p.add_argument("--out", default=str(RESULTS), help="report file (%(default)s)")
     return p.parse_args(argv)

@@ -37,6 +37,7 @@ from workflows.models import (
     MessageInput,
     MessagePolicy,
     MessageReceipt,
+    Usage,
 )
 
 POLL_EVERY = 0.25
@@ -130,24 +131,24 @@ class AgentClient:
         """Wait for the run's latest answer: when it ends, or goes idle after a turn."""
         handle = self._handle(run_id)
 
-        async def wait() -> AgentResult:
+        async def ended() -> AgentResult:
+            try:
+                return await handle.result()
+            except WorkflowFailureError as e:
+                state = await self._state_or_none(run_id)
+                status = state.status if state else AgentStatus.FAILED
+                if status not in TERMINAL_STATUSES:
+                    status = AgentStatus.FAILED
+                return AgentResult(
+                    status=status,
+                    final_answer=state.final_answer if state else None,
+                    error=_cause(e),
+                    steps=state.step if state else 0,
+                    usage=state.usage if state else Usage(),
+                )
+
+        async def idle() -> AgentResult:
             while True:
-                desc = await handle.describe()
-                if desc.status is not None and desc.status.name != "RUNNING":
-                    try:
-                        return await handle.result()
-                    except WorkflowFailureError as e:
-                        state = await self._state_or_none(run_id)
-                        status = state.status if state else AgentStatus.FAILED
-                        if status not in TERMINAL_STATUSES:
-                            status = AgentStatus.FAILED
-                        return AgentResult(
-                            status=status,
-                            final_answer=state.final_answer if state else None,
-                            error=_cause(e),
-                            steps=state.step if state else 0,
-                            usage=state.usage if state else AgentResult(status=status).usage,
-                        )
                 state = await self._state_or_none(run_id)
                 if state is not None and state.status == AgentStatus.IDLE:
                     return AgentResult(
@@ -158,7 +159,16 @@ class AgentClient:
                     )
                 await asyncio.sleep(POLL_EVERY)
 
-        return await asyncio.wait_for(wait(), timeout)
+        waits = [asyncio.create_task(ended()), asyncio.create_task(idle())]
+        try:
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when="FIRST_COMPLETED")
+            if not done:
+                raise TimeoutError(f"run {run_id} gave no answer within {timeout} s")
+            return done.pop().result()
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def _state_or_none(self, run_id: str) -> AgentState | None:
         try:

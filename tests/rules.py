@@ -87,6 +87,17 @@ TEST_RULES: dict[str, Any] = {
             "reply": {"tool_calls": [{"name": "add", "raw_arguments": '{"a": 1,'}]},
         },
         {
+            "name": "quirks without ids",
+            "when": {"last_role": "user", "last_user": "(?i)quirky without ids"},
+            "reply": {
+                "tool_calls": [
+                    {"name": "add", "arguments": {"a": 1, "b": 1}},
+                    {"name": "add", "arguments": {"a": 2, "b": 2}},
+                ],
+                "omit_tool_call_ids": True,
+            },
+        },
+        {
             "name": "quirks",
             "when": {"last_role": "user", "last_user": "(?i)quirky"},
             "reply": {

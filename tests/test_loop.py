@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from temporalio.api.enums.v1 import EventType
 
 from tests.conftest import Harness
@@ -82,10 +83,11 @@ async def test_bad_model_output_goes_back_to_the_model(harness: Harness) -> None
     assert "not valid JSON" in (results["broken json"].final_answer or "")
 
 
-async def test_compatible_server_quirks_are_tolerated(harness: Harness) -> None:
-    # content beside tool calls, two calls sharing one id
+@pytest.mark.parametrize("text", ["quirky", "quirky without ids"])
+async def test_compatible_server_quirks_are_tolerated(harness: Harness, text: str) -> None:
+    # content beside tool calls and two calls sharing one id; or calls with no id at all
     async with harness.running():
-        run = await harness.start("calc", "quirky")
+        run = await harness.start("calc", text)
         result = await harness.agents.result(run, timeout=60)
         state = await harness.agents.get_state(run)
     assert result.status == AgentStatus.COMPLETED

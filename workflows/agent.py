@@ -128,7 +128,9 @@ class AgentWorkflow:
         since = workflow.now()
         try:
             await workflow.wait_condition(
-                lambda: self._inbox.has_messages, timeout=timedelta(seconds=spec.keep_open_seconds)
+                lambda: self._inbox.has_messages,
+                timeout=timedelta(seconds=spec.keep_open_seconds),
+                timeout_summary="idle: the conversation closes",
             )
         except TimeoutError:
             return False

@@ -104,7 +104,11 @@ class Approvals:
         )
         self._on_change()
         try:
-            await workflow.wait_condition(lambda: call_id in self._decisions, timeout=timeout)
+            await workflow.wait_condition(
+                lambda: call_id in self._decisions,
+                timeout=timeout,
+                timeout_summary=f"approval of {tool.name} ({call_id}) expires",
+            )
         except TimeoutError:
             self._remove(call_id)
             st.decided_calls.append(call_id)

@@ -142,6 +142,22 @@ async def tool_step(
         )
 
 
+def current_details(state: AgentState) -> str:
+    """What the Web UI shows as the run's current details (markdown)."""
+    lines = [
+        f"**{state.status.value}** · step {state.step} · {state.usage.total_tokens} tokens",
+    ]
+    for r in state.pending_approvals:
+        who = ", ".join(r.approvers) or "anyone"
+        lines.append(
+            f"- approval needed: `{r.tool}` (`{r.call_id}`) — {r.reason}; "
+            f"decided by {who}; expires {r.expires_at:%Y-%m-%d %H:%M} UTC"
+        )
+    if state.queued_messages:
+        lines.append(f"- {len(state.queued_messages)} message(s) queued")
+    return "\n".join(lines)
+
+
 class StatusPublisher:
     """Keeps the run's search attributes current, upserting only what changed."""
 
@@ -154,6 +170,7 @@ class StatusPublisher:
             state.status = AgentStatus.WAITING_APPROVAL
         elif not state.pending_approvals and state.status == AgentStatus.WAITING_APPROVAL:
             state.status = AgentStatus.RUNNING
+        workflow.set_current_details(current_details(state))
         now = (
             state.status.value,
             len(state.pending_approvals),
