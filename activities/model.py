@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import timedelta
 from typing import Any
 
@@ -18,24 +19,24 @@ from workflows.models import ChatMessage, ModelInput, ModelResult, ToolCall, Usa
 # Temporal refuses payloads past 2 MB; fail fast below that instead of retrying forever.
 MAX_RESULT_BYTES = 1_500_000
 RETRYABLE_STATUS = {408, 409, 429}
+MAX_RETRY_AFTER_SECONDS = 300.0  # a provider cannot park a run for longer than this
 
 
 def retry_after(response: Any) -> timedelta | None:
-    """The provider's Retry-After (seconds, or retry-after-ms), if it sent one."""
-    if response is None:
+    """The provider's Retry-After (seconds, or retry-after-ms), if it sent a sane one."""
+    headers = getattr(response, "headers", None)
+    if headers is None:
         return None
-    ms = response.headers.get("retry-after-ms")
-    if ms:
+    for name, unit in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if not value:
+            continue
         try:
-            return timedelta(milliseconds=float(ms))
+            seconds = float(value) * unit
         except ValueError:
-            pass
-    value = response.headers.get("retry-after")
-    if value:
-        try:
-            return timedelta(seconds=float(value))
-        except ValueError:
-            return None
+            continue  # an HTTP date, or garbage: let the retry policy decide
+        if math.isfinite(seconds):
+            return timedelta(seconds=min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS))
     return None
 
 
@@ -101,10 +102,15 @@ def to_openai_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def normalise_tool_calls(raw: list[Any] | None, step: int) -> list[ToolCall]:
-    """Tolerate compatible servers' quirks: missing or repeated ids, non-string arguments."""
+def normalise_tool_calls(
+    raw: list[Any] | None, step: int, used: set[str] | None = None
+) -> list[ToolCall]:
+    """Tolerate compatible servers' quirks: missing ids, ids repeated within a reply or
+    across the run (approvals are keyed by them), non-string arguments."""
+    if raw is not None and not isinstance(raw, list):
+        raise TypeError(f"tool_calls must be a list, got {type(raw).__name__}")
     calls: list[ToolCall] = []
-    seen: set[str] = set()
+    seen: set[str] = set(used or ())
     for i, c in enumerate(raw or []):
         fn = getattr(c, "function", None)
         name = getattr(fn, "name", None) or ""
@@ -115,7 +121,7 @@ def normalise_tool_calls(raw: list[Any] | None, step: int) -> list[ToolCall]:
             args = json.dumps(args)
         call_id = getattr(c, "id", None) or f"call_{step}_{i}"
         if call_id in seen:
-            call_id = f"{call_id}_{i}"
+            call_id = f"{call_id}_s{step}_{i}"
         seen.add(call_id)
         calls.append(ToolCall(id=call_id, name=name, arguments=args))
     return calls
@@ -167,24 +173,26 @@ class ModelActivities:
             completion = await heartbeat_while(client.chat.completions.create(**kwargs))
             choice = completion.choices[0]
             msg = choice.message
+            usage = completion.usage
+            used = {t.id for m in input.messages for t in m.tool_calls}
+            result = ModelResult(
+                message=ChatMessage(
+                    role="assistant",
+                    content=msg.content,
+                    tool_calls=normalise_tool_calls(msg.tool_calls, input.step, used),
+                ),
+                usage=Usage(
+                    prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                    completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+                    total_tokens=getattr(usage, "total_tokens", 0) or 0,
+                ),
+                finish_reason=choice.finish_reason or "",
+                model=completion.model or model,
+            )
         except (openai.APIError, ValueError, AttributeError, IndexError, TypeError) as e:
+            # pydantic's ValidationError is a ValueError: a body of the wrong shape lands here
             raise classify(e) from e
-        usage = completion.usage
-        result = ModelResult(
-            message=ChatMessage(
-                role="assistant",
-                content=msg.content,
-                tool_calls=normalise_tool_calls(msg.tool_calls, input.step),
-            ),
-            usage=Usage(
-                prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-                total_tokens=getattr(usage, "total_tokens", 0) or 0,
-            ),
-            finish_reason=choice.finish_reason or "",
-            model=completion.model or model,
-        )
-        size = len(result.model_dump_json())
+        size = len(result.model_dump_json().encode())
         if size > MAX_RESULT_BYTES:
             raise ApplicationError(
                 f"model reply is {size} bytes, over the {MAX_RESULT_BYTES}-byte payload limit",

@@ -16,7 +16,7 @@ from temporalio.client import (
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from client.config import Settings
 from workflows.agent import AgentWorkflow
@@ -234,10 +234,17 @@ class AgentClient:
         m = MessageInput(text=text, policy=MessagePolicy(policy) if policy else None, sender=sender)
         try:
             return await self._handle(run_id).execute_update(AgentWorkflow.send_message, m)
-        except (WorkflowUpdateFailedError, RPCError) as e:
-            reason = e.message if isinstance(e, RPCError) else _cause(e)
+        except WorkflowUpdateFailedError as e:
             return MessageReceipt(
-                status="rejected", policy=m.policy or MessagePolicy.QUEUE, reason=reason
+                status="rejected", policy=m.policy or MessagePolicy.QUEUE, reason=_cause(e)
+            )
+        except RPCError as e:
+            if e.status != RPCStatusCode.NOT_FOUND:
+                raise  # the outcome is unknown (e.g. a timeout): do not report a refusal
+            return MessageReceipt(
+                status="rejected",
+                policy=m.policy or MessagePolicy.QUEUE,
+                reason=f"run {run_id}: {e.message}",
             )
 
     async def cancel(self, run_id: str) -> None:

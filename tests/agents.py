@@ -101,6 +101,7 @@ INSTRUCTIONS = "You are a test agent."
 
 TEST_AGENTS = [
     Agent(name="calc", instructions=INSTRUCTIONS, tools=TOOLS),
+    Agent(name="adder", instructions=INSTRUCTIONS, tools=[add]),
     Agent(name="fast", instructions=INSTRUCTIONS, tools=TOOLS, model=FAST),
     Agent(name="shop", instructions=INSTRUCTIONS, tools=TOOLS, approvals=CHARGE),
     Agent(

@@ -115,6 +115,11 @@ TEST_RULES: dict[str, Any] = {
             "reply": {"tool_calls": [{"name": "flaky", "arguments": {}}]},
         },
         {
+            "name": "charge as text",
+            "when": {"last_role": "user", "last_user": "(?i)charge as text"},
+            "reply": {"tool_calls": [{"name": "charge", "arguments": {"amount": "100"}}]},
+        },
+        {
             "name": "charge two",
             "when": {"last_role": "user", "last_user": "(?i)charge twice"},
             "reply": {

@@ -104,13 +104,13 @@ async def test_refusals_leave_the_run_unharmed(harness: Harness) -> None:
         )
         await handle.signal("decide", "not even an object")
         await handle.signal("decide", RawValue(_raw_payload(b"{broken json")))
-        state = await wait_for(lambda: _audit_kinds(harness, run, 4))
-        assert [k for k in state if k.endswith("refused")] == [
-            "decision_refused",
-            "signal_refused",
-            "signal_refused",
-            "signal_refused",
-        ]
+        await handle.signal("decide")  # no payload at all
+        await handle.signal("decide", RawValue(_raw_payload(b"approve", b"text/plain")))
+        await handle.signal("decide", args=[{"call_id": req.call_id}, {"extra": "arg"}])
+        await handle.signal("approve_it", {"call_id": req.call_id})  # no such signal
+        state = await wait_for(lambda: _audit_kinds(harness, run, 8))
+        refused = [k for k in state if k.endswith("refused")]
+        assert refused == ["decision_refused"] + ["signal_refused"] * 7
         await a.approve(run, req.call_id, "bob")
         with pytest.raises(KeelClientError, match="already decided"):
             await a.approve(run, req.call_id, "alice")
@@ -119,10 +119,10 @@ async def test_refusals_leave_the_run_unharmed(harness: Harness) -> None:
     assert len(harness.ledger.rows("refunds")) == 1
 
 
-def _raw_payload(data: bytes):  # type: ignore[no-untyped-def]
+def _raw_payload(data: bytes, encoding: bytes = b"json/plain"):  # type: ignore[no-untyped-def]
     from temporalio.api.common.v1 import Payload
 
-    return Payload(metadata={"encoding": b"json/plain"}, data=data)
+    return Payload(metadata={"encoding": encoding}, data=data)
 
 
 async def _audit_kinds(h: Harness, run: str, refused: int) -> list[str] | None:

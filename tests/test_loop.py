@@ -79,7 +79,7 @@ async def test_bad_model_output_goes_back_to_the_model(harness: Harness) -> None
         assert result.status == AgentStatus.COMPLETED, text
         assert (result.final_answer or "").startswith("The tool reported: Error"), text
     assert "no tool named 'no_such_tool'" in (results["call unknown tool"].final_answer or "")
-    assert "b: Field required" in (results["bad args"].final_answer or "")
+    assert "'b' is a required property" in (results["bad args"].final_answer or "")
     assert "not valid JSON" in (results["broken json"].final_answer or "")
 
 
@@ -138,3 +138,18 @@ async def test_unknown_agent_fails_clearly(harness: Harness) -> None:
         result = await harness.agents.result(run, timeout=30)
     assert result.status == AgentStatus.FAILED
     assert "unknown agent 'nobody'" in (result.error or "") and "calc" in (result.error or "")
+
+
+async def test_arguments_are_checked_before_policy_and_tools_are_the_agents_own(
+    harness: Harness,
+) -> None:
+    async with harness.running():
+        # "100" as a string would pass pydantic's lax mode but slip past `amount > 20`
+        sneaky = await harness.start("shop", "charge as text")
+        # a tool the worker has, but this agent does not
+        foreign = await harness.start("adder", "charge 50")
+        sneaky_result = await harness.agents.result(sneaky, timeout=30)
+        foreign_result = await harness.agents.result(foreign, timeout=30)
+    assert "invalid arguments for charge: amount" in (sneaky_result.final_answer or "")
+    assert "no tool named 'charge'. Available tools: add." in (foreign_result.final_answer or "")
+    assert harness.ledger.rows("refunds") == []

@@ -230,14 +230,45 @@ async def _status(h: Harness, run: str, status: AgentStatus) -> AgentState | Non
     return s if s.status == status else None
 
 
-async def test_cancel_keeps_transcript_and_effects(harness: Harness) -> None:
+async def test_cancel_lets_side_effects_finish_and_records_them(harness: Harness) -> None:
     async with harness.running():
         run = await harness.start("calc", "use slow tools")
-        await wait_for(lambda: len(harness.ledger.rows("outbox")) == 1)
-        await harness.agents.cancel(run)
+        await wait_for(lambda: tools_running(harness, run))
+        await harness.agents.cancel(run)  # slow_email (a side effect) is still running
         result = await harness.agents.result(run, timeout=30)
         state = await harness.agents.get_state(run)
     assert result.status == AgentStatus.CANCELLED
     assert state.status == AgentStatus.CANCELLED
+    assert len(harness.ledger.rows("outbox")) == 1
     assert [e.tool for e in state.effects] == ["slow_email"]
-    assert state.transcript[-1].tool_calls  # the record shows where it stopped
+    results = [m.content for m in state.transcript if m.role == "tool"]
+    assert results[0] == INTERRUPTED and "E-0001" in (results[1] or "")
+
+
+async def test_cancel_before_the_run_started(harness: Harness) -> None:
+    run = await harness.start("calc", "say hello")  # no worker yet
+    await harness.agents.cancel(run)
+    async with harness.running():
+        result = await harness.agents.result(run, timeout=30)
+        state = await harness.agents.get_state(run)
+    assert result.status == state.status == AgentStatus.CANCELLED
+
+
+async def test_rollback_before_the_spec_is_loaded_keeps_instructions(harness: Harness) -> None:
+    from workflows.agent import AgentWorkflow
+    from workflows.models import AgentInput
+
+    run = f"test-{harness.settings.task_queue}"
+    await harness.client.start_workflow(
+        AgentWorkflow.run,
+        AgentInput(agent="calc", message="take a moment", user="t"),
+        id=run,
+        task_queue=harness.settings.task_queue,
+        start_signal="submit_message",
+        start_signal_args=[{"text": "say hello", "policy": "rollback"}],
+    )
+    async with harness.running():
+        await harness.agents.result(run, timeout=30)
+    first = shape(sent(harness)[0])
+    assert first[0] == "system:You are a test agent."
+    assert "user:say hello" in first

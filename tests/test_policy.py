@@ -54,7 +54,9 @@ SPEC = AgentSpec(
 def test_approval_reason_by_condition() -> None:
     assert approval_reason(REFUND, {"amount": 50}) is None
     assert approval_reason(REFUND, {"amount": 150}) == "refund: amount > 100"
-    assert approval_reason(REFUND, {"amount": "lots"}) is None  # type mismatch: no match
+    # cannot be judged (type mismatch, field absent): fails closed, a person decides
+    assert approval_reason(REFUND, {"amount": "lots"}) == "refund: amount > 100"
+    assert approval_reason(REFUND, {}) == "refund: amount > 100"
     always = REFUND.model_copy(update={"approval": ApprovalPolicy(mode=ApprovalMode.ALWAYS)})
     assert approval_reason(always, {}) == "refund always needs approval"
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import NoReturn, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RawValue
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import BaseModel, ValidationError
+    from pydantic import BaseModel
 
     from workflows import errors
     from workflows.approvals import ApprovalExpired, Approvals
@@ -36,17 +37,26 @@ with workflow.unsafe.imports_passed_through():
         QueuedMessage,
         ToolCall,
     )
-    from workflows.policy import approval_reason, budget_exhausted, idempotency_key, parse_arguments
+    from workflows.policy import (
+        approval_reason,
+        budget_exhausted,
+        idempotency_key,
+        parse_arguments,
+        validate_arguments,
+    )
     from workflows.steps import (
+        MAX_PAYLOAD_BYTES,
         StatusPublisher,
         failure_message,
         failure_type,
         load_spec,
         model_step,
+        payload_bytes,
         tool_step,
     )
 
 M = TypeVar("M", bound=BaseModel)
+EFFECT_RESULT_CHARS = 2000  # the run's record keeps a bounded copy of each effect's result
 
 
 class _CallSlot:
@@ -78,17 +88,19 @@ class AgentWorkflow:
     @workflow.run
     async def run(self, input: AgentInput) -> AgentResult:
         st = self._state
-        if input.carry is None:
-            try:
-                self._spec = st.spec = await load_spec(input.agent)
-            except errors.KeelError as e:
-                self._finish(AgentStatus.FAILED, e.message)
-                raise
-            st.run_key = str(workflow.uuid4())
-            st.started_at = workflow.now()
-            st.transcript = [ChatMessage(role="system", content=self._spec.instructions)]
-            st.queued_messages.insert(0, _first_message(input))
         try:
+            if input.carry is None:
+                try:
+                    self._spec = st.spec = await load_spec(input.agent)
+                except errors.KeelError as e:
+                    self._finish(AgentStatus.FAILED, e.message)
+                    raise
+                st.run_key = str(workflow.uuid4())
+                st.started_at = workflow.now()
+                st.transcript = [ChatMessage(role="system", content=self._spec.instructions)]
+                st.turn_start = 1
+                st.queued_messages.insert(0, _first_message(input))
+            assert self._spec is not None
             return await self._loop(self._spec)
         except asyncio.CancelledError:
             st.status = AgentStatus.CANCELLED
@@ -115,8 +127,7 @@ class AgentWorkflow:
             if spent:
                 return self._finish(AgentStatus.BUDGET_EXHAUSTED, spent)
             if workflow.info().is_continue_as_new_suggested():
-                await workflow.wait_condition(workflow.all_handlers_finished)
-                workflow.continue_as_new(AgentInput(agent=st.agent, message="", carry=st))
+                await self._continue_as_new()
             st.status = AgentStatus.RUNNING
             await self._step(spec)
 
@@ -128,12 +139,15 @@ class AgentWorkflow:
         since = workflow.now()
         try:
             await workflow.wait_condition(
-                lambda: self._inbox.has_messages,
+                lambda: self._inbox.has_messages or workflow.info().is_continue_as_new_suggested(),
                 timeout=timedelta(seconds=spec.keep_open_seconds),
                 timeout_summary="idle: the conversation closes",
             )
         except TimeoutError:
             return False
+        if not self._inbox.has_messages:  # refused input filled the history: start afresh
+            st.paused_seconds += (workflow.now() - since).total_seconds()
+            await self._continue_as_new()
         st.paused_seconds += (workflow.now() - since).total_seconds()
         st.status = AgentStatus.RUNNING
         return True
@@ -144,7 +158,11 @@ class AgentWorkflow:
         st.step += 1
         self._publisher.publish(st)
         model = asyncio.create_task(model_step(spec, st))
-        await workflow.wait_condition(lambda: model.done() or self._inbox.stop_turn is not None)
+        try:
+            await workflow.wait_condition(lambda: model.done() or self._inbox.stop_turn is not None)
+        except asyncio.CancelledError:
+            model.cancel()
+            raise
         if not model.done():
             model.cancel()
             await asyncio.gather(model, return_exceptions=True)
@@ -164,22 +182,35 @@ class AgentWorkflow:
         slots = [_CallSlot(c) for c in calls]
         for i, slot in enumerate(slots):
             slot.task = asyncio.create_task(self._call(spec, slot, i))
-        await workflow.wait_condition(
-            lambda: all(s.phase == "done" for s in slots) or self._inbox.stop_turn is not None
-        )
+        try:
+            await workflow.wait_condition(
+                lambda: all(s.phase == "done" for s in slots) or self._inbox.stop_turn is not None
+            )
+        except asyncio.CancelledError:
+            # the run is cancelled: stop what may stop, let side effects finish and record them
+            await self._settle(slots)
+            raise
+        await self._settle(slots)
+
+    async def _settle(self, slots: list[_CallSlot]) -> None:
+        """Stop the calls still open (withdraw approvals, cancel interruptible tools), wait for
+        side-effecting ones to finish, then give every call its result, in call order."""
+        st = self._state
         for slot in slots:
-            # interrupted: withdraw approvals, cancel what may be cancelled, let effects finish
             if slot.phase != "done" and (slot.phase != "running" or slot.interruptible):
                 assert slot.task is not None
                 slot.task.cancel()
-        await asyncio.gather(*(s.task for s in slots if s.task), return_exceptions=True)
-        for slot in slots:
+        outcomes = await asyncio.gather(*(s.task for s in slots if s.task), return_exceptions=True)
+        for slot, outcome in zip(slots, outcomes, strict=True):
+            content = slot.result
+            if content is None:
+                content = INTERRUPTED
+                if isinstance(outcome, BaseException) and not _is_cancellation(outcome):
+                    workflow.logger.exception("tool call %s failed inside Keel", slot.call.id)
+                    content = f"Error: Keel could not run this call: {outcome}"
             st.transcript.append(
                 ChatMessage(
-                    role="tool",
-                    tool_call_id=slot.call.id,
-                    name=slot.call.name,
-                    content=slot.result if slot.result is not None else INTERRUPTED,
+                    role="tool", tool_call_id=slot.call.id, name=slot.call.name, content=content
                 )
             )
         self._publisher.publish(st)
@@ -189,47 +220,73 @@ class AgentWorkflow:
         st = self._state
         call = slot.call
         tool = spec.tool(call.name)
-        args, _ = parse_arguments(call.arguments)
+        args, problem = parse_arguments(call.arguments)
         try:
-            if tool is not None and args is not None:
-                reason = approval_reason(tool, args)
-                if reason:
-                    slot.phase = "approval"
-                    try:
-                        d = await self._approvals.request(
-                            spec, call.id, tool, args, reason, st.step
-                        )
-                    except ApprovalExpired:
-                        if spec.on_approval_timeout == ApprovalTimeoutAction.CANCEL:
-                            self._abort = f"approval for {call.name} ({call.id}) expired"
-                        slot.result = f"Rejected: no approval for {call.name} before it expired."
-                        return
-                    if d.decision == Decision.REJECT:
-                        why = d.reason or "no reason given"
-                        slot.result = f"Rejected by {d.approver}: {why}"
-                        return
-                    if d.decision == Decision.EDIT and d.arguments is not None:
-                        args = d.arguments
-                        call = call.model_copy(update={"arguments": json.dumps(args)})
+            if tool is None:
+                known = ", ".join(t.name for t in spec.tools) or "none"
+                slot.result = (
+                    f"Error: there is no tool named {call.name!r}. Available tools: {known}."
+                )
+                return
+            if args is None:
+                slot.result = f"Error: {problem}"
+                return
+            problem = validate_arguments(tool, args)
+            if problem:
+                slot.result = f"Error: invalid arguments for {tool.name}: {problem}"
+                return
+            edited = ""
+            reason = approval_reason(tool, args)
+            if reason:
+                slot.phase = "approval"
+                try:
+                    d = await self._approvals.request(spec, call.id, tool, args, reason, st.step)
+                except ApprovalExpired:
+                    if spec.on_approval_timeout == ApprovalTimeoutAction.CANCEL:
+                        self._abort = f"approval for {call.name} ({call.id}) expired"
+                    slot.result = f"Rejected: no approval for {call.name} before it expired."
+                    return
+                if d.decision == Decision.REJECT:
+                    why = d.reason or "no reason given"
+                    slot.result = f"Rejected by {d.approver}: {why}"
+                    return
+                if d.decision == Decision.EDIT and d.arguments is not None:
+                    args = d.arguments
+                    call = call.model_copy(update={"arguments": json.dumps(args)})
+                    # the model must know what actually ran
+                    edited = f"Approved by {d.approver} with changed arguments {call.arguments}. "
             slot.phase = "running"
-            slot.interruptible = tool.interruptible if tool else True
+            slot.interruptible = tool.interruptible
             key = idempotency_key(st.run_key, st.step, index)
             result = await tool_step(spec, st, call, tool, key)
-            slot.result = result.content
-            if result.ok and tool is not None and tool.side_effects:
+            slot.result = edited + result.content
+            if result.ok and tool.side_effects:
                 st.effects.append(
                     Effect(
                         call_id=call.id,
                         tool=call.name,
                         arguments=args or {},
                         idempotency_key=key,
-                        result=result.content,
+                        result=result.content[:EFFECT_RESULT_CHARS],
                         step=st.step,
                         at=workflow.now(),
                     )
                 )
         finally:
             slot.phase = "done"
+
+    async def _continue_as_new(self) -> NoReturn:
+        """Start a fresh history at this step boundary, carrying the whole state."""
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        st = self._state
+        carry = AgentInput(agent=st.agent, message="", user=st.user, carry=st)
+        size = payload_bytes(carry)
+        if size > MAX_PAYLOAD_BYTES:
+            self._fail(
+                f"the run's state is {size} bytes, too large to carry into a new history",
+                errors.PAYLOAD_TOO_LARGE,
+            )
+        workflow.continue_as_new(carry)
 
     def _finish(self, status: AgentStatus, error: str | None = None) -> AgentResult:
         st = self._state
@@ -247,11 +304,9 @@ class AgentWorkflow:
         )
 
     def _fail(self, message: str, type: str) -> NoReturn:
-        """A model step failed for good: the run ends `failed`, saying what went wrong."""
+        """The run cannot go on: it ends `failed`, saying what went wrong."""
         self._finish(AgentStatus.FAILED, message)
-        raise ApplicationError(
-            f"model step {self._state.step} failed: {message}", type=type, non_retryable=True
-        )
+        raise ApplicationError(f"step {self._state.step}: {message}", type=type, non_retryable=True)
 
     # --- queries, signals, updates --------------------------------------------------------
 
@@ -260,12 +315,21 @@ class AgentWorkflow:
         """Status, step, pending approvals, queued messages, transcript, usage, effects, audit."""
         return self._state
 
-    @workflow.signal(name="decide")
-    def decide(self, raw: RawValue) -> None:
-        """A decision as plain JSON; bad input is recorded as refused, never raised."""
-        d = self._decode(raw, DecideInput, "decide")
-        if d is not None:
-            self._approvals.decide(self._spec, d)
+    @workflow.signal(dynamic=True)
+    def on_signal(self, name: str, args: Sequence[RawValue]) -> None:
+        """`decide` and `submit_message`, as plain JSON a person can type. Every payload is
+        taken raw, so a malformed, missing, extra or unknown one is recorded as refused in
+        the audit trail, never raised and never dropped silently."""
+        if name == "decide":
+            d = self._decode(args, DecideInput, name)
+            if d is not None:
+                self._approvals.decide(self._spec, d)
+        elif name == "submit_message":
+            m = self._decode(args, MessageInput, name)
+            if m is not None:
+                self._inbox.accept(self._spec, m, workflow.now())
+        else:
+            self._refuse_signal(f"unknown signal {name!r} (known: decide, submit_message)")
 
     @workflow.update(name="decide_approval")
     def decide_approval(self, d: DecideInput) -> DecideReceipt:
@@ -278,13 +342,6 @@ class AgentWorkflow:
         if refusal:
             raise ValueError(refusal)
 
-    @workflow.signal(name="submit_message")
-    def submit_message(self, raw: RawValue) -> None:
-        """A user message as plain JSON ({"text": ..., "policy": ...}) or a bare string."""
-        m = self._decode(raw, MessageInput, "submit_message")
-        if m is not None:
-            self._inbox.accept(self._spec, m, workflow.now())
-
     @workflow.update(name="send_message")
     def send_message(self, m: MessageInput) -> MessageReceipt:
         """A user message that answers with a receipt: queued, delivered, or refused."""
@@ -296,22 +353,31 @@ class AgentWorkflow:
         if refusal:
             raise ValueError(refusal)
 
-    def _decode(self, raw: RawValue, model: type[M], signal: str) -> M | None:
-        """Decode a signal's payload, or record why it was refused."""
+    def _decode(self, args: Sequence[RawValue], model: type[M], signal: str) -> M | None:
+        """Decode a signal's one payload, or record why it was refused (never raises)."""
         try:
-            value = workflow.payload_converter().from_payload(raw.payload)
+            if len(args) != 1:
+                raise ValueError(f"expected one JSON payload, got {len(args)}")
+            value = workflow.payload_converter().from_payload(args[0].payload)
             if isinstance(value, str) and model is MessageInput:
                 value = {"text": value}
             return model.model_validate(value)
-        except (ValidationError, ValueError, TypeError) as e:
-            self._state.audit.append(
-                AuditEntry(
-                    at=workflow.now(),
-                    kind="signal_refused",
-                    detail=f"{signal}: malformed payload: {e}".replace("\n", " ")[:500],
-                )
-            )
+        except Exception as e:
+            self._refuse_signal(f"{signal}: malformed payload: {e}")
             return None
+
+    def _refuse_signal(self, why: str) -> None:
+        self._state.audit.append(
+            AuditEntry(
+                at=workflow.now(), kind="signal_refused", detail=why.replace("\n", " ")[:500]
+            )
+        )
+
+
+def _is_cancellation(e: BaseException) -> bool:
+    return isinstance(e, asyncio.CancelledError) or (
+        isinstance(e, ActivityError) and isinstance(e.cause, CancelledError)
+    )
 
 
 def _first_message(input: AgentInput) -> QueuedMessage:

@@ -90,6 +90,7 @@ class Approvals:
         timeout = timedelta(seconds=spec.approval_timeout_seconds)
         if not st.pending_approvals:
             self._waiting_since = now
+        self._decisions.pop(call_id, None)  # nothing stale may answer this request
         st.pending_approvals.append(
             ApprovalRequest(
                 call_id=call_id,
@@ -110,6 +111,7 @@ class Approvals:
                 timeout_summary=f"approval of {tool.name} ({call_id}) expires",
             )
         except TimeoutError:
+            self._decisions.pop(call_id, None)
             self._remove(call_id)
             st.decided_calls.append(call_id)
             st.audit.append(
@@ -125,6 +127,7 @@ class Approvals:
             if any(r.call_id == call_id for r in st.pending_approvals):
                 st.audit.append(AuditEntry(at=workflow.now(), kind="withdrawn", call_id=call_id))
                 self._remove(call_id)
+            self._decisions.pop(call_id, None)
             raise
         # (no `finally`: on eviction the coroutine is closed outside the workflow's loop)
         self._remove(call_id)

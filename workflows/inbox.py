@@ -19,12 +19,16 @@ from workflows.policy import effective_policy, turn_in_flight
 
 INTERRUPTED = "Interrupted by user: this tool call was not run to completion."
 ROLLBACK_KINDS = (MessagePolicy.INTERRUPT, MessagePolicy.ROLLBACK)
+MAX_MESSAGE_CHARS = 100_000  # a message lives in history and in every later model request
+AUDIT_TEXT_CHARS = 500
 
 
 def message_refusal(spec: AgentSpec | None, state: AgentState, m: MessageInput) -> str:
     """Why a message must be refused now ('' when it is accepted)."""
     if not m.text.strip():
         return "the message is empty"
+    if len(m.text) > MAX_MESSAGE_CHARS:
+        return f"the message is {len(m.text)} characters, over the {MAX_MESSAGE_CHARS} limit"
     if state.status in TERMINAL_STATUSES:
         return f"the run has ended ({state.status.value})"
     policy = effective_policy(spec, m.policy) if spec else (m.policy or MessagePolicy.QUEUE)
@@ -55,10 +59,17 @@ class Inbox:
             QueuedMessage(text=m.text, policy=policy, sender=m.sender, received_at=now)
         )
         st.audit.append(
-            AuditEntry(at=now, kind="message", detail=f"{policy.value}: {m.text}", actor=m.sender)
+            AuditEntry(
+                at=now,
+                kind="message",
+                detail=f"{policy.value}: {m.text[:AUDIT_TEXT_CHARS]}",
+                actor=m.sender,
+            )
         )
         if not in_flight:
             return MessageReceipt(status="delivered", policy=policy, reason="starts the next turn")
+        if spec is None:  # the run is still starting: there is no turn to stop yet
+            return MessageReceipt(status="queued", policy=policy, reason="joins the first turn")
         if policy in ROLLBACK_KINDS:
             # rollback is the stronger request: it wins over an interrupt already asked for
             if self.stop_turn != MessagePolicy.ROLLBACK:
@@ -76,8 +87,9 @@ class Inbox:
         """After the turn stopped: drop it from the model's context if a rollback was asked."""
         st = self._state
         if self.stop_turn == MessagePolicy.ROLLBACK:
-            dropped = len(st.transcript) - st.turn_start
-            del st.transcript[st.turn_start :]
+            start = max(st.turn_start, 1)  # the instructions are never rolled back
+            dropped = len(st.transcript) - start
+            del st.transcript[start:]
             st.audit.append(
                 AuditEntry(
                     at=now,

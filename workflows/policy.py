@@ -45,13 +45,17 @@ def parse_arguments(raw: str) -> tuple[dict[str, Any] | None, str]:
 
 
 def condition_holds(cond: Condition, args: dict[str, Any]) -> bool:
-    """Whether one declared condition holds for these arguments (a type mismatch: no)."""
+    """Whether one declared condition holds for these arguments.
+
+    Fails closed: a condition that cannot be evaluated (field absent, type mismatch) holds,
+    so a call the policy cannot judge goes to a person.
+    """
     if cond.field not in args:
-        return False
+        return True
     try:
         return bool(_OPS[cond.op](args[cond.field], cond.value))
     except TypeError:
-        return False
+        return True
 
 
 def approval_reason(tool: ToolSpec, args: dict[str, Any]) -> str | None:

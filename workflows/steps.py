@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from pydantic import BaseModel
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
@@ -44,6 +45,11 @@ MAX_PAYLOAD_BYTES = 1_800_000
 NON_RETRYABLE_PROVIDER = [errors.PROVIDER_REJECTED, errors.PAYLOAD_TOO_LARGE]
 
 
+def payload_bytes(value: BaseModel) -> int:
+    """The size of `value` as Temporal will see it (encoded bytes, not characters)."""
+    return workflow.payload_converter().to_payloads([value])[0].ByteSize()
+
+
 def failure_message(e: BaseException) -> str:
     """The innermost cause's message: what the provider or the tool actually said."""
     while isinstance(e, ActivityError) and e.cause is not None:
@@ -69,6 +75,8 @@ async def load_spec(agent: str) -> AgentSpec:
             summary=f"load agent {agent}",
         )
     except ActivityError as e:
+        if isinstance(e.cause, CancelledError):
+            raise
         raise errors.KeelError(failure_message(e), type=errors.AGENT_NOT_FOUND) from e
 
 
@@ -83,7 +91,7 @@ async def model_step(spec: AgentSpec, state: AgentState) -> ModelResult:
         messages=state.transcript,
         tools=spec.tools,
     )
-    size = len(request.model_dump_json())
+    size = payload_bytes(request)
     if size > MAX_PAYLOAD_BYTES:
         raise errors.KeelError(
             f"the model request for step {state.step} is {size} bytes, over Keel's "
