@@ -15,7 +15,6 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError, RPCStatusCode
 
 from client.config import Settings
@@ -76,7 +75,7 @@ async def connect(settings: Settings | None = None) -> Client:
         namespace=s.namespace,
         api_key=s.api_key,
         tls=s.tls,
-        data_converter=pydantic_data_converter,
+        data_converter=s.data_converter(),
     )
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter, ExternalStorage
 
 TASK_QUEUE = "keel-agents"
 DEFAULT_ADDRESS = "localhost:7233"
@@ -27,7 +31,8 @@ class Settings:
     openai_base_url: str | None = None
     openai_api_key: str | None = None
     model: str = "scripted"
-    extra: dict[str, str] = field(default_factory=dict)
+    payload_dir: str | None = None  # set: large payloads (transcripts) leave the history
+    payload_threshold: int = 16 * 1024
 
     @property
     def uses_scripted_model(self) -> bool:
@@ -49,4 +54,21 @@ class Settings:
             openai_base_url=env.get("OPENAI_BASE_URL") or None,
             openai_api_key=env.get("OPENAI_API_KEY") or None,
             model=env.get("KEEL_MODEL", env.get("OPENAI_MODEL", "")) or "scripted",
+            payload_dir=env.get("KEEL_PAYLOAD_DIR") or None,
+            payload_threshold=int(env.get("KEEL_PAYLOAD_THRESHOLD", 16 * 1024)),
+        )
+
+    def data_converter(self) -> DataConverter:
+        """Keel's converter: pydantic JSON, and with KEEL_PAYLOAD_DIR set, payloads above
+        the threshold stored in that directory, the history keeping only a reference."""
+        if not self.payload_dir:
+            return pydantic_data_converter
+        from client.storage import LocalDirectoryDriver
+
+        return dataclasses.replace(
+            pydantic_data_converter,
+            external_storage=ExternalStorage(
+                drivers=[LocalDirectoryDriver(self.payload_dir)],
+                payload_size_threshold=self.payload_threshold,
+            ),
         )

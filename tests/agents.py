@@ -125,6 +125,7 @@ TEST_AGENTS = [
         tools=TOOLS,
         limits=Limits(max_steps=30, max_tokens=10**9),
     ),
+    Agent(name="six", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_steps=6)),
     Agent(name="steps", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_steps=3)),
     Agent(name="tokens", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_tokens=150)),
     Agent(name="clock", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_seconds=2)),

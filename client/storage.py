@@ -1,0 +1,82 @@
+"""Payloads headed out of the history: a content-addressed directory for Temporal's
+ExternalStorage. Every worker and client of a namespace must share the directory (one
+machine, or a shared volume); past that, use an object store driver instead."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from temporalio.api.common.v1 import Payload
+from temporalio.converter import (
+    StorageDriver,
+    StorageDriverClaim,
+    StorageDriverRetrieveContext,
+    StorageDriverStoreContext,
+)
+
+
+class PayloadNotFound(LookupError):
+    """A history refers to a payload the directory does not hold."""
+
+
+class LocalDirectoryDriver(StorageDriver):
+    """Stores each large payload once, under its SHA-256, in a directory."""
+
+    def __init__(self, root: Path | str, name: str = "keel.local-directory") -> None:
+        self.root = Path(root).resolve()
+        self._name = name
+
+    def name(self) -> str:
+        return self._name
+
+    def type(self) -> str:
+        return "keel.local-directory"
+
+    def _path(self, digest: str) -> Path:
+        return self.root / digest[:2] / digest
+
+    async def store(
+        self, context: StorageDriverStoreContext, payloads: Sequence[Payload]
+    ) -> list[StorageDriverClaim]:
+        """Write each payload (once per content) and return its claim."""
+        return await asyncio.to_thread(self._store, payloads)
+
+    def _store(self, payloads: Sequence[Payload]) -> list[StorageDriverClaim]:
+        claims = []
+        for p in payloads:
+            data = p.SerializeToString(deterministic=True)
+            digest = hashlib.sha256(data).hexdigest()
+            path = self._path(digest)
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)  # atomic: a reader never sees half a payload
+            claims.append(StorageDriverClaim(claim_data={"sha256": digest}))
+        return claims
+
+    async def retrieve(
+        self, context: StorageDriverRetrieveContext, claims: Sequence[StorageDriverClaim]
+    ) -> list[Payload]:
+        """Read each claimed payload back, checking its digest."""
+        return await asyncio.to_thread(self._retrieve, claims)
+
+    def _retrieve(self, claims: Sequence[StorageDriverClaim]) -> list[Payload]:
+        out = []
+        for claim in claims:
+            digest = claim.claim_data["sha256"]
+            try:
+                data = self._path(digest).read_bytes()
+            except FileNotFoundError:
+                raise PayloadNotFound(
+                    f"payload {digest} is not in {self.root}: every worker and client must "
+                    "share the KEEL_PAYLOAD_DIR directory"
+                ) from None
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise PayloadNotFound(f"payload {digest} in {self.root} is corrupt")
+            out.append(Payload.FromString(data))
+        return out

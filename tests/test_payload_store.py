@@ -1,0 +1,61 @@
+"""With KEEL_PAYLOAD_DIR, transcripts leave the history: the bytes each step adds stay flat."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+
+from activities.support import Ledger
+from client.api import AgentClient
+from client.config import Settings
+from client.model_server import ScriptedModelServer
+from tests.conftest import Harness
+from workflows.models import AgentStatus
+
+
+async def model_input_sizes(client: Client, run: str) -> list[int]:
+    """The bytes each model step's input put into the history, in step order."""
+    history = await client.get_workflow_handle(run).fetch_history()
+    return [
+        e.activity_task_scheduled_event_attributes.input.ByteSize()
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "call_model"
+    ]
+
+
+async def test_transcript_leaves_the_history(
+    env: WorkflowEnvironment, model: ScriptedModelServer, ledger: Ledger, tmp_path: Path
+) -> None:
+    inline = Harness(env, model, ledger)
+    stored = Harness(env, model, ledger)
+    stored.settings = Settings(
+        task_queue=stored.settings.task_queue,
+        payload_dir=str(tmp_path / "payloads"),
+        payload_threshold=1024,
+    )
+    stored.client = await Client.connect(
+        env.client.service_client.config.target_host,
+        data_converter=stored.settings.data_converter(),
+    )
+    stored.agents = AgentClient(stored.client, stored.settings)
+
+    sizes = {}
+    for name, h in (("inline", inline), ("stored", stored)):
+        async with h.running():
+            run = await h.start("six", "loop forever")
+            result = await h.agents.result(run, timeout=60)
+            state = await h.agents.get_state(run)
+        assert result.status == AgentStatus.BUDGET_EXHAUSTED and state.step == 6
+        assert len(state.transcript) == 2 + 2 * 6  # the full transcript, read back
+        sizes[name] = await model_input_sizes(h.client, run)
+
+    inline_sizes, stored_sizes = sizes["inline"], sizes["stored"]
+    print(f"model input bytes per step: inline {inline_sizes}, stored {stored_sizes}")
+    assert inline_sizes[-1] > inline_sizes[0] + 500  # inline: grows with the conversation
+    assert max(stored_sizes) < 1024  # stored: a reference per step, whatever the length
+    assert max(stored_sizes[2:]) - min(stored_sizes[2:]) < 64  # flat
+    assert any((tmp_path / "payloads").rglob("*"))
