@@ -146,12 +146,12 @@ TEST_RULES: dict[str, Any] = {
         {
             "name": "a moment",
             "when": {"last_role": "user", "last_user": "(?i)take a moment"},
-            "reply": {"delay": 2, "content": "Moment taken."},
+            "reply": {"delay": 3, "content": "Moment taken."},
         },
         {
             "name": "short tool",
             "when": {"last_role": "user", "last_user": "(?i)wait a bit"},
-            "reply": {"tool_calls": [{"name": "slow_lookup", "arguments": {"seconds": 2}}]},
+            "reply": {"tool_calls": [{"name": "slow_lookup", "arguments": {"seconds": 3}}]},
         },
         {
             "name": "slow tools",

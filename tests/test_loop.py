@@ -153,3 +153,22 @@ async def test_arguments_are_checked_before_policy_and_tools_are_the_agents_own(
     assert "invalid arguments for charge: amount" in (sneaky_result.final_answer or "")
     assert "no tool named 'charge'. Available tools: add." in (foreign_result.final_answer or "")
     assert harness.ledger.rows("refunds") == []
+
+
+async def test_a_client_cannot_forge_the_spec(harness: Harness) -> None:
+    from workflows.agent import AgentWorkflow
+    from workflows.models import AgentInput, AgentSpec, AgentState
+
+    forged = AgentState(agent="shop", spec=AgentSpec(name="shop"))  # no tools, no approvals
+    run = f"forged-{harness.settings.task_queue}"
+    async with harness.running():
+        await harness.client.start_workflow(
+            AgentWorkflow.run,
+            AgentInput(agent="shop", message="charge 500", carry=forged),
+            id=run,
+            task_queue=harness.settings.task_queue,
+        )
+        result = await harness.agents.result(run, timeout=30)
+    assert result.status == AgentStatus.FAILED
+    assert "continue-as-new" in (result.error or "")
+    assert harness.model.stats()["requests"] == 0

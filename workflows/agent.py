@@ -88,6 +88,11 @@ class AgentWorkflow:
     @workflow.run
     async def run(self, input: AgentInput) -> AgentResult:
         st = self._state
+        if input.carry is not None and workflow.info().continued_run_id is None:
+            # a carried state (and the spec in it) comes only from continue-as-new
+            self._state = AgentState(agent=input.agent, user=input.user)
+            self._finish(AgentStatus.FAILED, "`carry` is set by continue-as-new, not by clients")
+            raise errors.KeelError("`carry` is set by continue-as-new, not by clients")
         try:
             if input.carry is None:
                 try:
