@@ -5,10 +5,14 @@ in-process worker, then measures, interleaved round by round so both sides share
 
 1. latency: per-run wall time of a K-step conversation, (A) a plain loop (the same
    ``AsyncOpenAI(max_retries=0)`` calls to the same scripted server, the same tool function
-   called directly) and (B) the same conversation as a Keel run;
+   called directly), (B) the same conversation as a Keel run, (B') the same through
+   ``AgentClient.result``, and (P) a Keel run whose client and worker use
+   ``Settings(payload_dir=..., payload_threshold=...).data_converter()`` (KEEL_PAYLOAD_DIR:
+   large payloads go to a temporary content-addressed directory, the history keeps a
+   reference);
 2. throughput: C conversations at once, plain loops vs Keel runs on one worker;
 3. history cost: events and bytes a Keel run's history holds, per step, for short and long
-   conversations.
+   conversations, without (B) and with (P) the payload directory.
 
 Run it with ``.venv/bin/python -m bench.overhead [--runs N] [--concurrency C]``. It prints a
 markdown report and writes it to ``bench/results/latest.md``.
@@ -23,6 +27,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -33,8 +38,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import Message
 from openai import AsyncOpenAI
 from pydantic import BaseModel
+from temporalio.api.common.v1 import Payload
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
@@ -180,6 +187,8 @@ class Bench:
     client: Client
     agents: AgentClient
     openai: AsyncOpenAI
+    dir_client: Client  # P: the payload-directory converter, its own task queue and worker
+    dir_agents: AgentClient
     run_ids: dict[tuple[str, int], list[str]] = field(default_factory=dict)  # (variant, K)
 
     async def plain(self, k: int) -> None:
@@ -187,8 +196,8 @@ class Bench:
         if got != answer(k):
             raise RuntimeError(f"plain loop answered {got!r}, expected {answer(k)!r}")
 
-    async def _start(self, k: int, variant: str) -> str:
-        run_id = await self.agents.start(
+    async def _start(self, k: int, variant: str, agents: AgentClient | None = None) -> str:
+        run_id = await (agents or self.agents).start(
             AGENT,
             prompt(k),
             user="bench",
@@ -205,9 +214,16 @@ class Bench:
         _check(result.status, result.final_answer, k)
 
     async def keel_api(self, k: int) -> None:
-        """Start + `AgentClient.result` (polls describe/get_state every POLL_EVERY seconds)."""
+        """Start + `AgentClient.result` (races the workflow result against an idle poll)."""
         run_id = await self._start(k, "keel_api")
         result = await self.agents.result(run_id, timeout=300)
+        _check(result.status, result.final_answer, k)
+
+    async def keel_dir(self, k: int) -> None:
+        """As `keel`, through a client (and worker) with the payload-directory converter."""
+        run_id = await self._start(k, "keel_dir", self.dir_agents)
+        handle = self.dir_client.get_workflow_handle_for(AgentWorkflow.run, run_id)
+        result = await handle.result()
         _check(result.status, result.final_answer, k)
 
 
@@ -271,12 +287,36 @@ class HistoryCost:
     model_input_first: int
     model_input_last: int
     model_input_total: int
+    model_inputs: list[int]  # each model step's input bytes in the history, in step order
+    offloaded: int  # payloads the history holds only a reference to
+    offloaded_bytes: int  # their size, as the references record it
+    offloaded_where: Counter[str]  # which events held those references
     kinds: Counter[str]
     span: float  # WorkflowExecutionStarted → the closing event
     wft_wait: float  # Σ workflow task scheduled → started (waiting to reach the worker)
     wft_run: float  # Σ workflow task started → completed (the worker running workflow code)
     activity: float  # Σ activity scheduled → completed (dispatch + model/tool call + reply)
     wft_waits: list[float]  # each workflow task's wait
+
+
+def external_payloads(msg: Message) -> tuple[int, int]:
+    """(count, bytes) of the payloads under `msg` kept outside the history (references)."""
+    if isinstance(msg, Payload):
+        return len(msg.external_payloads), sum(x.size_bytes for x in msg.external_payloads)
+    count = size = 0
+    for fd, value in msg.ListFields():
+        if fd.message_type is None:
+            continue
+        if isinstance(value, Message):
+            items = [value]
+        elif fd.message_type.GetOptions().map_entry:
+            items = [v for v in value.values() if isinstance(v, Message)]
+        else:
+            items = list(value)  # a repeated message field
+        for item in items:
+            c, b = external_payloads(item)
+            count, size = count + c, size + b
+    return count, size
 
 
 async def history_cost(client: Client, run_id: str, k: int) -> HistoryCost:
@@ -312,6 +352,14 @@ async def history_cost(client: Client, run_id: str, k: int) -> HistoryCost:
             if sched is not None:
                 activity += (at - sched).total_seconds()
     span = (events[-1].event_time.ToDatetime() - events[0].event_time.ToDatetime()).total_seconds()
+    offloaded = [external_payloads(e) for e in events]
+    where: Counter[str] = Counter()
+    for e, (n, _) in zip(events, offloaded, strict=True):
+        if n:
+            kind = (e.WhichOneof("attributes") or "unknown").removesuffix("_event_attributes")
+            if e.HasField("activity_task_scheduled_event_attributes"):
+                kind = f"{e.activity_task_scheduled_event_attributes.activity_type.name} input"
+            where[kind] += n
     return HistoryCost(
         k=k,
         events=len(events),
@@ -322,6 +370,10 @@ async def history_cost(client: Client, run_id: str, k: int) -> HistoryCost:
         model_input_first=model_inputs[0] if model_inputs else 0,
         model_input_last=model_inputs[-1] if model_inputs else 0,
         model_input_total=sum(model_inputs),
+        model_inputs=model_inputs,
+        offloaded=sum(c for c, _ in offloaded),
+        offloaded_bytes=sum(b for _, b in offloaded),
+        offloaded_where=where,
         kinds=kinds,
         span=span,
         wft_wait=sum(wft_waits),
@@ -339,7 +391,7 @@ class Latency:
     k: int
     runs: int
     samples: dict[str, list[float]]
-    histories: list[HistoryCost] = field(default_factory=list)  # of the B runs
+    histories: dict[str, list[HistoryCost]] = field(default_factory=dict)  # B and P runs
 
 
 @dataclass
@@ -351,11 +403,26 @@ class Throughput:
     keel: list[float]
 
 
+@dataclass
+class PayloadDir:
+    """The P runs' payload directory over the measured rounds."""
+
+    threshold: int
+    files: int  # files in the directory after all P runs (warm-up included)
+    bytes: int  # their bytes on disk
+    runs: int  # P runs, warm-up included
+    references: int  # references in those runs' histories
+    referenced: int  # bytes the references point to (before deduplication)
+
+
 LABELS = {
     "plain": "A: plain loop (no Temporal)",
     "keel": "B: Keel run, start + workflow result",
     "keel_api": "B': Keel run, `AgentClient.start` + `result`",
+    "keel_dir": "P: Keel run with a payload directory, start + workflow result",
 }
+SHORT = {"keel": "B", "keel_dir": "P"}
+HISTORY_VARIANTS = ("keel", "keel_dir")
 
 
 def latency_table(lat: Latency) -> list[str]:
@@ -385,53 +452,73 @@ def latency_table(lat: Latency) -> list[str]:
     return lines
 
 
+def api_note(lats: list[Latency]) -> list[str]:
+    """B' against B, measured in the same rounds."""
+    parts = []
+    for lat in lats:
+        b, api = lat.samples["keel"], lat.samples["keel_api"]
+        pr = paired_ratios(api, b)
+        parts.append(
+            f"K={lat.k}: {ms(statistics.median(api) - statistics.median(b))} "
+            f"(paired B'/B {statistics.median(pr):.3f}×, "
+            f"p10–p90 {quantile(pr, 0.1):.3f}–{quantile(pr, 0.9):.3f})"
+        )
+    return [
+        "B' − B, difference of medians: " + "; ".join(parts) + ". `AgentClient.result` races "
+        "the workflow result against a 0.25 s `get_state` poll for `idle`, so a run that ends "
+        "returns when its result arrives.",
+        "",
+    ]
+
+
 def breakdown_table(lats: list[Latency]) -> list[str]:
     """Where a Keel run's time goes, from its history's event times (median per run)."""
-    lats = [lat for lat in lats if lat.histories]
-    if not lats:
+    cols = [(lat, v) for lat in lats for v in HISTORY_VARIANTS if lat.histories.get(v)]
+    if not cols:
         return []
 
-    def med(lat: Latency, attr: str) -> float:
-        return statistics.median(getattr(h, attr) for h in lat.histories)
+    def med(lat: Latency, v: str, attr: str) -> float:
+        return statistics.median(getattr(h, attr) for h in lat.histories[v])
 
-    head = " | ".join(f"K={lat.k}" for lat in lats)
+    head = " | ".join(f"K={lat.k}, {SHORT[v]}" for lat, v in cols)
     lines = [
-        "### Where a Keel run's time goes (B runs; event times from their histories; "
+        "### Where a Keel run's time goes (B and P runs; event times from their histories; "
         "median per run)",
         "",
         f"| part | {head} |",
-        "|---|" + "---:|" * len(lats),
+        "|---|" + "---:|" * len(cols),
     ]
 
-    def row(label: str, cell: Callable[[Latency], str]) -> None:
-        lines.append(f"| {label} | " + " | ".join(cell(lat) for lat in lats) + " |")
+    def row(label: str, cell: Callable[[Latency, str], str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(cell(lat, v) for lat, v in cols) + " |")
 
-    row("A: plain loop, whole run", lambda lat: ms(statistics.median(lat.samples["plain"])))
-    row(
-        "B: Keel run, whole run (client side)",
-        lambda lat: ms(statistics.median(lat.samples["keel"])),
-    )
-    row("workflow span (first → last history event)", lambda lat: ms(med(lat, "span")))
+    row("A: plain loop, whole run", lambda lat, v: ms(statistics.median(lat.samples["plain"])))
+    row("Keel run, whole run (client side)", lambda lat, v: ms(statistics.median(lat.samples[v])))
+    row("workflow span (first → last history event)", lambda lat, v: ms(med(lat, v, "span")))
     row(
         "workflow tasks waiting to reach the worker (scheduled → started)",
-        lambda lat: (
-            f"{ms(med(lat, 'wft_wait'))} "
-            f"({lat.histories[0].workflow_tasks} × "
-            f"{ms(statistics.median(w for h in lat.histories for w in h.wft_waits))})"
+        lambda lat, v: (
+            f"{ms(med(lat, v, 'wft_wait'))} "
+            f"({lat.histories[v][0].workflow_tasks} × "
+            f"{ms(statistics.median(w for h in lat.histories[v] for w in h.wft_waits))})"
         ),
     )
     row(
         "workflow tasks running on the worker (started → completed)",
-        lambda lat: f"{ms(med(lat, 'wft_run'))} ({lat.histories[0].workflow_tasks} tasks)",
+        lambda lat, v: f"{ms(med(lat, v, 'wft_run'))} ({lat.histories[v][0].workflow_tasks} tasks)",
     )
     row(
         "activities, scheduled → completed (model + tool calls, incl. dispatch)",
-        lambda lat: f"{ms(med(lat, 'activity'))} ({lat.histories[0].activities} activities)",
+        lambda lat, v: (
+            f"{ms(med(lat, v, 'activity'))} ({lat.histories[v][0].activities} activities)"
+        ),
     )
     row(
         "rest of the span",
-        lambda lat: ms(
-            statistics.median(h.span - h.wft_wait - h.wft_run - h.activity for h in lat.histories)
+        lambda lat, v: ms(
+            statistics.median(
+                h.span - h.wft_wait - h.wft_run - h.activity for h in lat.histories[v]
+            )
         ),
     )
     lines.append("")
@@ -460,42 +547,105 @@ def throughput_table(tp: Throughput) -> list[str]:
     return lines
 
 
-def history_table(costs: list[HistoryCost]) -> list[str]:
+def history_table(lats: list[Latency], pdir: PayloadDir) -> list[str]:
+    costs = {
+        v: [lat.histories[v][0] for lat in lats if lat.histories.get(v)] for v in HISTORY_VARIANTS
+    }
     lines = [
-        "### History cost of one Keel run",
+        "### History cost of one Keel run: B (payloads inline) and P (payload directory, "
+        f"threshold {pdir.threshold:,} bytes)",
         "",
-        "| K tool steps | model calls | events | workflow tasks | activities | history bytes "
-        "(proto) | JSON chars | bytes / model step | model input, first → last step "
-        "| model inputs, share of history |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | K tool steps | model calls | events | workflow tasks | activities "
+        "| history bytes (proto) | JSON chars | bytes / model step "
+        "| model input, first → last step | model inputs, share of history "
+        "| payloads in the directory (bytes) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for c in costs:
-        steps = model_steps(c.k)
-        lines.append(
-            f"| {c.k} | {steps} | {c.events} | {c.workflow_tasks} | {c.activities} "
-            f"| {c.bytes_proto:,} | {c.bytes_json:,} | {c.bytes_proto / steps:,.0f} "
-            f"| {c.model_input_first:,} → {c.model_input_last:,} B "
-            f"| {c.model_input_total / c.bytes_proto:.0%} |"
-        )
+    for lat in lats:
+        for v in HISTORY_VARIANTS:
+            if not lat.histories.get(v):
+                continue
+            c = lat.histories[v][0]
+            steps = model_steps(c.k)
+            lines.append(
+                f"| {SHORT[v]} | {c.k} | {steps} | {c.events} | {c.workflow_tasks} "
+                f"| {c.activities} | {c.bytes_proto:,} | {c.bytes_json:,} "
+                f"| {c.bytes_proto / steps:,.0f} "
+                f"| {c.model_input_first:,} → {c.model_input_last:,} B "
+                f"| {c.model_input_total / c.bytes_proto:.0%} "
+                f"| {c.offloaded} ({c.offloaded_bytes:,}) |"
+            )
     lines.append("")
-    if len(costs) >= 2:
-        c0, c1 = costs[0], costs[-1]
+    for v in HISTORY_VARIANTS:
+        cs = costs[v]
+        if len(cs) < 2:
+            continue
+        c0, c1 = cs[0], cs[-1]
         extra_steps = model_steps(c1.k) - model_steps(c0.k)
         marginal = (c1.bytes_proto - c0.bytes_proto) / extra_steps
         growth = (c1.model_input_last - c1.model_input_first) / max(1, c1.k)
-        lines += [
-            f"Each model step past K={c0.k} added {marginal:,.0f} bytes on average "
+        later = c1.model_inputs[1:] or c1.model_inputs
+        lines.append(
+            f"{SHORT[v]}: each model step past K={c0.k} added {marginal:,.0f} bytes on average "
             f"(K={c0.k} → K={c1.k}: {(c1.events - c0.events) / extra_steps:.0f} events per step), "
-            f"against {c0.bytes_proto / model_steps(c0.k):,.0f} per step for the whole K={c0.k} "
-            f"run. The model activity's input (the transcript so far) grows by {growth:,.0f} "
-            "bytes per step, so the history grows quadratically with the conversation.",
+            f"against {c0.bytes_proto / model_steps(c0.k):,.0f} per step for the whole "
+            f"K={c0.k} run. The model activity's input in the history grows by {growth:,.1f} "
+            f"bytes per step (K={c1.k}: {min(c1.model_inputs):,}–{max(c1.model_inputs):,} B over "
+            f"{len(c1.model_inputs)} steps; steps 2 on span {max(later) - min(later):,} B); it "
+            f"held {c1.offloaded} payloads ({c1.offloaded_bytes:,} bytes) as references"
+            + (
+                ": " + ", ".join(f"{n} in {w}" for w, n in c1.offloaded_where.most_common()) + "."
+                if c1.offloaded
+                else "."
+            )
+        )
+        lines.append("")
+    if pdir.runs:
+        lines += [
+            f"Payload directory after all {pdir.runs} P runs (warm-up included): "
+            f"{pdir.files:,} files, {pdir.bytes:,} bytes on disk. Their histories hold "
+            f"{pdir.references:,} references to {pdir.referenced:,} bytes "
+            f"({pdir.referenced / pdir.runs:,.0f} per run); the directory is content-addressed, "
+            "and the scripted conversations repeat word for word, so most of them share files.",
             "",
         ]
-    if costs:
-        c = costs[0]
+    if costs["keel"]:
+        c = costs["keel"][0]
         top = ", ".join(f"{k} {n}" for k, n in c.kinds.most_common())
-        lines += [f"Events for K={c.k}: {top}.", ""]
+        lines += [f"Events for K={c.k} (B): {top}.", ""]
     return lines
+
+
+def payload_latency_table(lats: list[Latency], pdir: PayloadDir) -> list[str]:
+    """P against B, measured in the same rounds: what the payload directory costs in time."""
+    lines = [
+        f"### Latency with the payload directory (P) vs without (B), same rounds, threshold "
+        f"{pdir.threshold:,} bytes",
+        "",
+        "| K tool steps | rounds | B median | P median | B per model step | P per model step "
+        "| P − B per model step | P/B, ratio of medians | P/B, paired median (p10–p90) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for lat in lats:
+        if "keel_dir" not in lat.samples:
+            continue
+        steps = model_steps(lat.k)
+        b, p = lat.samples["keel"], lat.samples["keel_dir"]
+        mb, mp = statistics.median(b), statistics.median(p)
+        pr = paired_ratios(p, b)
+        lines.append(
+            f"| {lat.k} | {lat.runs} | {ms(mb)} | {ms(mp)} | {ms(mb / steps)} | {ms(mp / steps)} "
+            f"| {ms((mp - mb) / steps)} | {mp / mb:.3f}× | {statistics.median(pr):.3f}× "
+            f"({quantile(pr, 0.1):.3f}–{quantile(pr, 0.9):.3f}) |"
+        )
+    lines.append("")
+    return lines
+
+
+def dir_usage(root: Path) -> tuple[int, int]:
+    """(files, bytes) under the payload directory."""
+    files = [p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp")]
+    return len(files), sum(p.stat().st_size for p in files)
 
 
 def machine() -> str:
@@ -511,7 +661,7 @@ def report(
     args: argparse.Namespace,
     lats: list[Latency],
     tp: Throughput,
-    costs: list[HistoryCost],
+    pdir: PayloadDir,
     elapsed: float,
     host: str,
 ) -> str:
@@ -521,16 +671,22 @@ def report(
         f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {host}",
         f"- command: `{' '.join(['python -m bench.overhead', *sys.argv[1:]])}`",
-        "- setup: one process runs the scripted model server (thread), the Keel worker and the "
-        "client; the Temporal dev server (in-memory) is a second process on the same machine",
+        "- setup: one process runs the scripted model server (thread), two Keel workers and "
+        "their clients; the Temporal dev server (in-memory) is a second process on the same "
+        "machine. B and B' use the default converter (payloads inline in the history); P uses "
+        "`Settings(payload_dir=<temporary directory>, "
+        f"payload_threshold={pdir.threshold}).data_converter()` for its client and worker "
+        "(KEEL_PAYLOAD_DIR / KEEL_PAYLOAD_THRESHOLD), on a task queue of its own",
         f"- wall time of the whole benchmark: {elapsed:.0f} s",
         "",
     ]
     for lat in lats:
         lines += latency_table(lat)
+    lines += api_note(lats)
+    lines += payload_latency_table(lats, pdir)
     lines += breakdown_table(lats)
     lines += throughput_table(tp)
-    lines += history_table(costs)
+    lines += history_table(lats, pdir)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -561,6 +717,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--rounds", type=int, default=5, help="throughput rounds (%(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured rounds first (%(default)s)")
+    p.add_argument(
+        "--payload-threshold",
+        type=int,
+        default=512,
+        help="P's payload_threshold in bytes: larger payloads go to the directory (%(default)s)",
+    )
     p.add_argument("--out", default=str(RESULTS), help="report file (%(default)s)")
     return p.parse_args(argv)
 
@@ -581,46 +743,76 @@ async def amain(args: argparse.Namespace) -> str:
         data_converter=pydantic_data_converter,
         dev_server_log_level="error",
     ) as env:
-        with ScriptedModelServer(bench_rules([k, long_k])) as model:
+        with (
+            ScriptedModelServer(bench_rules([k, long_k])) as model,
+            tempfile.TemporaryDirectory(prefix="keel-bench-payloads-") as tmp,
+        ):
+            payload_dir = Path(tmp) / "payloads"
             settings = Settings(task_queue=f"bench-{uuid.uuid4().hex[:8]}")
+            dir_settings = Settings(
+                task_queue=f"bench-dir-{uuid.uuid4().hex[:8]}",
+                payload_dir=str(payload_dir),
+                payload_threshold=args.payload_threshold,
+            )
+            # P: a client with the payload-directory converter; its worker inherits it.
+            dir_client = await Client.connect(
+                env.client.service_client.config.target_host,
+                namespace=env.client.namespace,
+                data_converter=dir_settings.data_converter(),
+            )
             worker = build_worker(
                 env.client, settings=settings, agents=[BENCH_AGENT], model_base_url=model.url
+            )
+            dir_worker = build_worker(
+                dir_client, settings=dir_settings, agents=[BENCH_AGENT], model_base_url=model.url
             )
             openai = AsyncOpenAI(
                 base_url=model.url, api_key="not-needed", max_retries=0, timeout=MODEL_TIMEOUT
             )
-            b = Bench(env.client, AgentClient(env.client, settings), openai)
-            async with worker:
+            b = Bench(
+                env.client,
+                AgentClient(env.client, settings),
+                openai,
+                dir_client,
+                AgentClient(dir_client, dir_settings),
+            )
+
+            def variants(kk: int) -> dict[str, Callable[[], Awaitable[None]]]:
+                return {
+                    "plain": lambda: b.plain(kk),
+                    "keel": lambda: b.keel(kk),
+                    "keel_api": lambda: b.keel_api(kk),
+                    "keel_dir": lambda: b.keel_dir(kk),
+                }
+
+            async with worker, dir_worker:
                 log(f"warming up ({args.warmup} rounds)")
-                await interleaved(
-                    {
-                        "plain": lambda: b.plain(k),
-                        "keel": lambda: b.keel(k),
-                        "keel_api": lambda: b.keel_api(k),
-                    },
-                    args.warmup,
-                )
+                await interleaved(variants(k), args.warmup)
+                warm_dir = b.run_ids.get(("keel_dir", k), [])
                 b.run_ids.clear()
 
                 lats: list[Latency] = []
                 for kk, runs in ((k, args.runs), (long_k, long_runs)):
                     log(f"latency: K={kk}, {runs} interleaved rounds")
-                    samples = await interleaved(
-                        {
-                            "plain": lambda kk=kk: b.plain(kk),
-                            "keel": lambda kk=kk: b.keel(kk),
-                            "keel_api": lambda kk=kk: b.keel_api(kk),
-                        },
-                        runs,
-                    )
+                    samples = await interleaved(variants(kk), runs)
                     lats.append(Latency(kk, runs, samples))
+                files, size = dir_usage(payload_dir)
 
-                log("fetching the histories of the B runs")
-                costs: list[HistoryCost] = []
+                log("fetching the histories of the B and P runs")
                 for lat in lats:
-                    ids = b.run_ids[("keel", lat.k)]
-                    lat.histories = [await history_cost(b.client, r, lat.k) for r in ids]
-                    costs.append(lat.histories[0])
+                    for v in HISTORY_VARIANTS:
+                        ids = b.run_ids[(v, lat.k)]
+                        lat.histories[v] = [await history_cost(b.client, r, lat.k) for r in ids]
+                p_runs = [h for lat in lats for h in lat.histories["keel_dir"]]
+                p_runs += [await history_cost(b.client, r, k) for r in warm_dir]
+                pdir = PayloadDir(
+                    threshold=args.payload_threshold,
+                    files=files,
+                    bytes=size,
+                    runs=len(p_runs),
+                    references=sum(h.offloaded for h in p_runs),
+                    referenced=sum(h.offloaded_bytes for h in p_runs),
+                )
 
                 c = args.concurrency
                 log(f"throughput: {c} concurrent conversations, {args.rounds} rounds")
@@ -634,7 +826,7 @@ async def amain(args: argparse.Namespace) -> str:
                         t = await timed(fn)
                         (tp.plain if name == "plain" else tp.keel).append(t)
             await openai.close()
-    return report(args, lats, tp, costs, time.perf_counter() - t_start, host)
+    return report(args, lats, tp, pdir, time.perf_counter() - t_start, host)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,55 @@
+"""A scripted model server speaking the OpenAI Chat Completions API over HTTP.
+
+It is Keel's offline default model and the model used in tests. Replies come from a rules
+file: each rule has conditions on the conversation in the request (stateless, so many concurrent
+runs can share one server) and a reply (text, tool calls, an error, optionally delayed). Faults
+(429/500/503/400/401, slow replies, malformed bodies) can be injected by count or by a seeded
+rate, from the rules file, over HTTP (``POST /admin/faults``) or from Python (``set_faults``).
+
+Run it in the foreground with ``python -m client.model_server --rules FILE --port 8765``.
+
+Modules: ``rules`` (the rules file schema and ``RuleSet``), ``matching`` (conditions against a
+conversation, placeholder substitution), ``completions`` (response and error bodies),
+``handler`` (HTTP routing), ``server`` (``ScriptedModelServer``), ``cli`` (``main``).
+"""
+
+from .cli import main
+from .completions import MODEL_ID
+from .completions import build_completion as build_completion
+from .completions import error_body as error_body
+from .rules import (
+    RULES_DIR,
+    SUPPORT_RULES,
+    TEST_RULES,
+    Conditions,
+    ErrorSpec,
+    FaultSpec,
+    Reply,
+    Rule,
+    RulesError,
+    RuleSet,
+    ToolCallSpec,
+)
+from .rules import FaultKind as FaultKind
+from .rules import Role as Role
+from .rules import parse_faults as parse_faults
+from .server import PortInUseError, ScriptedModelServer, ServerBindError
+
+__all__ = [
+    "RULES_DIR",
+    "SUPPORT_RULES",
+    "TEST_RULES",
+    "MODEL_ID",
+    "Conditions",
+    "ErrorSpec",
+    "FaultSpec",
+    "PortInUseError",
+    "Reply",
+    "Rule",
+    "RuleSet",
+    "RulesError",
+    "ScriptedModelServer",
+    "ServerBindError",
+    "ToolCallSpec",
+    "main",
+]
