@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from temporalio.api.enums.v1 import EventType
 
@@ -172,3 +174,21 @@ async def test_a_client_cannot_forge_the_spec(harness: Harness) -> None:
     assert result.status == AgentStatus.FAILED
     assert "continue-as-new" in (result.error or "")
     assert harness.model.stats()["requests"] == 0
+
+
+async def test_many_runs_through_a_flaky_provider(harness: Harness) -> None:
+    # a third of all requests fail (500s and 429s), at random but seeded: every run completes
+    harness.model.set_faults(
+        [
+            {"kind": "500", "rate": 0.2, "seed": 7},
+            {"kind": "429", "rate": 0.15, "seed": 11, "retry_after": 0.2},
+        ]
+    )
+    async with harness.running():
+        runs = {n: await harness.start("calc", f"add {n} and {n}") for n in range(8)}
+        results = await asyncio.gather(
+            *(harness.agents.result(r, timeout=120) for r in runs.values())
+        )
+    assert [r.final_answer for r in results] == [f"The sum is {2 * n}." for n in runs]
+    stats = harness.model.stats()
+    assert stats["faults"] > 0 and stats["served"] == 2 * len(runs)
