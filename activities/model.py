@@ -175,6 +175,7 @@ class ModelActivities:
             msg = choice.message
             usage = completion.usage
             used = {t.id for m in input.messages for t in m.tool_calls}
+            used.update(input.reserved_call_ids)
             result = ModelResult(
                 message=ChatMessage(
                     role="assistant",

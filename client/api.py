@@ -12,6 +12,8 @@ from temporalio.client import (
     Client,
     WorkflowFailureError,
     WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
     WorkflowUpdateFailedError,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
@@ -172,7 +174,7 @@ class AgentClient:
     async def _state_or_none(self, run_id: str) -> AgentState | None:
         try:
             return await self.get_state(run_id)
-        except RPCError:
+        except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError):
             return None
 
     async def list(self, status: str | None = None, limit: int = 100) -> list[RunSummary]:

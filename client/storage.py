@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +19,9 @@ from temporalio.converter import (
     StorageDriverRetrieveContext,
     StorageDriverStoreContext,
 )
+
+DIGEST = re.compile(r"[0-9a-f]{64}")
+MAX_PAYLOAD_FILE_BYTES = 256 * 1024 * 1024
 
 
 class PayloadNotFound(LookupError):
@@ -51,11 +56,17 @@ class LocalDirectoryDriver(StorageDriver):
             data = p.SerializeToString(deterministic=True)
             digest = hashlib.sha256(data).hexdigest()
             path = self._path(digest)
-            if not path.exists():
+            if not (path.is_file() and path.stat().st_size == len(data)):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_bytes(data)
-                os.replace(tmp, path)  # atomic: a reader never sees half a payload
+                tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")  # unique per writer
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, path)  # atomic: a reader never sees half a payload
+                finally:
+                    tmp.unlink(missing_ok=True)
             claims.append(StorageDriverClaim(claim_data={"sha256": digest}))
         return claims
 
@@ -68,9 +79,17 @@ class LocalDirectoryDriver(StorageDriver):
     def _retrieve(self, claims: Sequence[StorageDriverClaim]) -> list[Payload]:
         out = []
         for claim in claims:
-            digest = claim.claim_data["sha256"]
+            digest = claim.claim_data.get("sha256", "")
+            if not DIGEST.fullmatch(digest):
+                # not a claim this driver made (e.g. a hand-made reference in a signal):
+                # decode it as null, which whoever reads it refuses as malformed input
+                out.append(Payload(metadata={"encoding": b"json/plain"}, data=b"null"))
+                continue
+            path = self._path(digest)
             try:
-                data = self._path(digest).read_bytes()
+                if not path.is_file() or path.stat().st_size > MAX_PAYLOAD_FILE_BYTES:
+                    raise FileNotFoundError(path)
+                data = path.read_bytes()
             except FileNotFoundError:
                 raise PayloadNotFound(
                     f"payload {digest} is not in {self.root}: every worker and client must "

@@ -272,3 +272,17 @@ async def test_rollback_before_the_spec_is_loaded_keeps_instructions(harness: Ha
     first = shape(sent(harness)[0])
     assert first[0] == "system:You are a test agent."
     assert "user:say hello" in first
+
+
+async def test_cancel_during_an_interrupt_still_lets_side_effects_finish(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("calc", "use slow tools")
+        await wait_for(lambda: tools_running(harness, run))
+        await harness.agents.send_message(run, "say hello", "interrupt")
+        await harness.agents.cancel(run)
+        result = await harness.agents.result(run, timeout=30)
+        state = await harness.agents.get_state(run)
+    assert result.status == AgentStatus.CANCELLED
+    assert [e.tool for e in state.effects] == ["slow_email"]
+    assert len(harness.ledger.rows("outbox")) == 1
+    assert [m.role for m in state.transcript[-2:]] == ["tool", "tool"]  # no dangling call

@@ -59,3 +59,25 @@ async def test_transcript_leaves_the_history(
     assert max(stored_sizes) < 1024  # stored: a reference per step, whatever the length
     assert max(stored_sizes[2:]) - min(stored_sizes[2:]) < 64  # flat
     assert any((tmp_path / "payloads").rglob("*"))
+
+
+async def test_driver_refuses_claims_it_did_not_make(tmp_path: Path) -> None:
+    from temporalio.api.common.v1 import Payload
+    from temporalio.converter import StorageDriverClaim, StorageDriverRetrieveContext
+
+    from client.storage import LocalDirectoryDriver, PayloadNotFound
+
+    driver = LocalDirectoryDriver(tmp_path)
+    ctx = StorageDriverRetrieveContext()
+    (claim,) = await driver.store(None, [Payload(data=b"x" * 100)])  # type: ignore[arg-type]
+    (back,) = await driver.retrieve(ctx, [claim])
+    assert back.data == b"x" * 100
+    for bad in ("/etc/hostname", "../../etc/passwd", "", "ab"):
+        (null,) = await driver.retrieve(ctx, [StorageDriverClaim(claim_data={"sha256": bad})])
+        assert null.data == b"null"
+    missing = StorageDriverClaim(claim_data={"sha256": "0" * 64})
+    try:
+        await driver.retrieve(ctx, [missing])
+        raise AssertionError("a missing payload must raise")
+    except PayloadNotFound as e:
+        assert "KEEL_PAYLOAD_DIR" in str(e)

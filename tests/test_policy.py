@@ -156,3 +156,18 @@ def test_small_helpers() -> None:
     assert short_args('{"order_id": "A-1", "amount": 20.5}') == 'order_id="A-1", amount=20.5'
     assert short_args('{"x": "' + "y" * 100 + '"}').endswith("…")
     assert idempotency_key("k", 3, 1) == "k:3:1"
+
+
+def test_bad_input_cannot_grow_the_audit_without_bound() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    st = AgentState()
+    st.record(AuditEntry(at=NOW, kind="approved", actor="ann", call_id="c1"))
+    for _ in range(1500):
+        st.record(AuditEntry(at=NOW, kind="signal_refused", detail="x" * 10_000))
+    assert len(st.audit) == 1000 and st.audit_dropped == 501
+    assert st.audit[0].kind == "approved"  # decisions stay; the oldest refusals make room
+    assert max(len(e.detail) for e in st.audit) == 500
+    with pytest.raises(ValidationError):
+        DecideInput(call_id="c" * 10_000, decision=Decision.APPROVE, approver="ann")

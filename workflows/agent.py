@@ -141,19 +141,24 @@ class AgentWorkflow:
         st = self._state
         st.status = AgentStatus.IDLE
         self._publisher.publish(st)
-        since = workflow.now()
+        now = workflow.now()
+        if st.idle_since is None:
+            st.idle_since = now
+        left = spec.keep_open_seconds - (now - st.idle_since).total_seconds()
         try:
             await workflow.wait_condition(
                 lambda: self._inbox.has_messages or workflow.info().is_continue_as_new_suggested(),
-                timeout=timedelta(seconds=spec.keep_open_seconds),
+                timeout=timedelta(seconds=max(left, 0.001)),
                 timeout_summary="idle: the conversation closes",
             )
         except TimeoutError:
-            return False
+            # a message that came with the timer in the same task is still delivered
+            if not self._inbox.has_messages:
+                return False
         if not self._inbox.has_messages:  # refused input filled the history: start afresh
-            st.paused_seconds += (workflow.now() - since).total_seconds()
-            await self._continue_as_new()
-        st.paused_seconds += (workflow.now() - since).total_seconds()
+            await self._continue_as_new()  # (idle_since is carried: the window goes on)
+        st.paused_seconds += (workflow.now() - st.idle_since).total_seconds()
+        st.idle_since = None
         st.status = AgentStatus.RUNNING
         return True
 
@@ -199,26 +204,42 @@ class AgentWorkflow:
 
     async def _settle(self, slots: list[_CallSlot]) -> None:
         """Stop the calls still open (withdraw approvals, cancel interruptible tools), wait for
-        side-effecting ones to finish, then give every call its result, in call order."""
+        side-effecting ones to finish, then give every call its result, in call order.
+
+        A cancellation arriving meanwhile is held until every call has its result, so a
+        side effect is never cut short and never missing from the record."""
         st = self._state
+        tasks = [s.task for s in slots if s.task is not None]
+        cancelled = False
+        while True:
+            for slot in slots:
+                if slot.phase != "done" and (slot.phase != "running" or slot.interruptible):
+                    assert slot.task is not None
+                    slot.task.cancel()
+            try:
+                await workflow.wait_condition(lambda: all(t.done() for t in tasks))
+                break
+            except asyncio.CancelledError:
+                cancelled = True
         for slot in slots:
-            if slot.phase != "done" and (slot.phase != "running" or slot.interruptible):
-                assert slot.task is not None
-                slot.task.cancel()
-        outcomes = await asyncio.gather(*(s.task for s in slots if s.task), return_exceptions=True)
-        for slot, outcome in zip(slots, outcomes, strict=True):
             content = slot.result
             if content is None:
                 content = INTERRUPTED
-                if isinstance(outcome, BaseException) and not _is_cancellation(outcome):
-                    workflow.logger.exception("tool call %s failed inside Keel", slot.call.id)
-                    content = f"Error: Keel could not run this call: {outcome}"
+                task = slot.task
+                error = None if task is None or task.cancelled() else task.exception()
+                if error is not None and not _is_cancellation(error):
+                    workflow.logger.error(
+                        "tool call %s failed inside Keel: %r", slot.call.id, error
+                    )
+                    content = f"Error: Keel could not run this call: {error}"
             st.transcript.append(
                 ChatMessage(
                     role="tool", tool_call_id=slot.call.id, name=slot.call.name, content=content
                 )
             )
         self._publisher.publish(st)
+        if cancelled:
+            raise asyncio.CancelledError()
 
     async def _call(self, spec: AgentSpec, slot: _CallSlot, index: int) -> None:
         """Policy check → approval gate → the tool activity → the run's record of effects."""
@@ -298,7 +319,7 @@ class AgentWorkflow:
         st.status = status
         st.error = error
         if error:
-            st.audit.append(AuditEntry(at=workflow.now(), kind=status.value, detail=error))
+            st.record(AuditEntry(at=workflow.now(), kind=status.value, detail=error))
         self._publisher.publish(st)
         return AgentResult(
             status=status,
@@ -372,7 +393,7 @@ class AgentWorkflow:
             return None
 
     def _refuse_signal(self, why: str) -> None:
-        self._state.audit.append(
+        self._state.record(
             AuditEntry(
                 at=workflow.now(), kind="signal_refused", detail=why.replace("\n", " ")[:500]
             )

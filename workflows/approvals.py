@@ -46,7 +46,7 @@ class Approvals:
         st = self._state
         refusal = self.refusal(spec, d)
         if refusal:
-            st.audit.append(
+            st.record(
                 AuditEntry(
                     at=workflow.now(),
                     kind="decision_refused",
@@ -64,7 +64,7 @@ class Approvals:
         detail = d.reason
         if d.decision == Decision.EDIT:
             detail = f"arguments changed to {d.arguments}"
-        st.audit.append(
+        st.record(
             AuditEntry(
                 at=workflow.now(),
                 kind={"approve": "approved", "reject": "rejected", "edit": "edited"}[d.decision],
@@ -114,7 +114,7 @@ class Approvals:
             self._decisions.pop(call_id, None)
             self._remove(call_id)
             st.decided_calls.append(call_id)
-            st.audit.append(
+            st.record(
                 AuditEntry(
                     at=workflow.now(),
                     kind="expired",
@@ -125,7 +125,7 @@ class Approvals:
             raise ApprovalExpired(call_id) from None
         except asyncio.CancelledError:
             if any(r.call_id == call_id for r in st.pending_approvals):
-                st.audit.append(AuditEntry(at=workflow.now(), kind="withdrawn", call_id=call_id))
+                st.record(AuditEntry(at=workflow.now(), kind="withdrawn", call_id=call_id))
                 self._remove(call_id)
             self._decisions.pop(call_id, None)
             raise

@@ -50,15 +50,13 @@ class Inbox:
         policy = effective_policy(spec, m.policy) if spec else (m.policy or MessagePolicy.QUEUE)
         refusal = message_refusal(spec, st, m)
         if refusal:
-            st.audit.append(
-                AuditEntry(at=now, kind="message_rejected", detail=refusal, actor=m.sender)
-            )
+            st.record(AuditEntry(at=now, kind="message_rejected", detail=refusal, actor=m.sender))
             return MessageReceipt(status="rejected", policy=policy, reason=refusal)
         in_flight = turn_in_flight(st)
         st.queued_messages.append(
             QueuedMessage(text=m.text, policy=policy, sender=m.sender, received_at=now)
         )
-        st.audit.append(
+        st.record(
             AuditEntry(
                 at=now,
                 kind="message",
@@ -90,7 +88,7 @@ class Inbox:
             start = max(st.turn_start, 1)  # the instructions are never rolled back
             dropped = len(st.transcript) - start
             del st.transcript[start:]
-            st.audit.append(
+            st.record(
                 AuditEntry(
                     at=now,
                     kind="rolled_back",
@@ -98,7 +96,7 @@ class Inbox:
                 )
             )
         elif self.stop_turn == MessagePolicy.INTERRUPT:
-            st.audit.append(AuditEntry(at=now, kind="interrupted", detail=f"turn {st.turn}"))
+            st.record(AuditEntry(at=now, kind="interrupted", detail=f"turn {st.turn}"))
         self.stop_turn = None
 
     def deliver(self) -> int:

@@ -9,8 +9,11 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from temporalio.common import SearchAttributeKey
+
+AUDIT_FIELD_CHARS = 500
+MAX_AUDIT_ENTRIES = 1000
 
 # --- the agent spec (a snapshot of it is recorded in each run's history) -------------------
 
@@ -147,6 +150,8 @@ class ModelInput(BaseModel):
     settings: ModelSettings
     messages: list[ChatMessage]
     tools: list[ToolSpec] = Field(default_factory=list)
+    # ids the run used outside `messages` (e.g. in a rolled-back turn): never handed out again
+    reserved_call_ids: list[str] = Field(default_factory=list)
 
 
 class ModelResult(BaseModel):
@@ -227,6 +232,12 @@ class AuditEntry(BaseModel):
     actor: str = ""
     call_id: str = ""
 
+    @field_validator("detail", "actor", "call_id")
+    @classmethod
+    def _bounded(cls, v: str) -> str:
+        # the audit lives in the run's state: bad input must not make it grow without bound
+        return v if len(v) <= AUDIT_FIELD_CHARS else v[: AUDIT_FIELD_CHARS - 1] + "…"
+
 
 class QueuedMessage(BaseModel):
     text: str
@@ -255,8 +266,21 @@ class AgentState(BaseModel):
     error: str | None = None
     decided_calls: list[str] = Field(default_factory=list)
     paused_seconds: float = 0.0  # time spent waiting for people (approvals, idle): not work
+    idle_since: datetime | None = None  # while idle, across continue-as-new
+    audit_dropped: int = 0  # refusals dropped from a full audit trail (the count is kept)
     started_at: datetime | None = None
     spec: AgentSpec | None = None
+
+    def record(self, entry: AuditEntry) -> None:
+        """Append to the audit trail; past the cap, the oldest refusal makes room."""
+        self.audit.append(entry)
+        if len(self.audit) > MAX_AUDIT_ENTRIES:
+            drop = next(
+                (i for i, e in enumerate(self.audit) if e.kind.endswith(("refused", "rejected"))),
+                0,
+            )
+            del self.audit[drop]
+            self.audit_dropped += 1
 
 
 class AgentInput(BaseModel):
@@ -288,10 +312,10 @@ class Decision(StrEnum):
 class DecideInput(BaseModel):
     """A person's decision on a pending approval (the `decide` signal / update)."""
 
-    call_id: str
+    call_id: str = Field(max_length=200)
     decision: Decision
-    approver: str
-    reason: str = ""
+    approver: str = Field(max_length=200)
+    reason: str = Field(default="", max_length=2000)
     arguments: dict[str, Any] | None = None  # for "edit": the changed arguments
 
 
@@ -307,7 +331,7 @@ class MessageInput(BaseModel):
 
     text: str
     policy: MessagePolicy | None = None  # None: the agent's default
-    sender: str = ""
+    sender: str = Field(default="", max_length=200)
 
 
 class MessageReceipt(BaseModel):

@@ -90,6 +90,7 @@ async def model_step(spec: AgentSpec, state: AgentState) -> ModelResult:
         settings=s,
         messages=state.transcript,
         tools=spec.tools,
+        reserved_call_ids=sorted({e.call_id for e in state.audit if e.call_id}),
     )
     size = payload_bytes(request)
     if size > MAX_PAYLOAD_BYTES:
