@@ -21,18 +21,24 @@ from workflows.models import SEARCH_ATTRIBUTES
 HERE = Path(__file__).parent / "histories"
 
 
-async def scenario(h: Harness, name: str, agent: str, text: str) -> None:
+async def scenario(h: Harness, name: str, agent: str, text: str, tag: str) -> None:
     async with h.running():
         run = await h.start(agent, text)
         if name == "approve":
             state = await wait_for(lambda: _pending(h, run))
             await h.agents.approve(run, state.pending_approvals[0].call_id, "alice")
+        if name == "idle":
+            await h.agents.result(run, timeout=60)
+            await h.client.get_workflow_handle(run).signal("submit_message", {"text": "echo"})
+            await h.client.get_workflow_handle(run).signal("submit_message", "not json {")
+            await wait_for(lambda: _turns(h, run, 2))
+            await h.agents.cancel(run)
         if name in ("interrupt", "rollback"):
             await wait_for(lambda: _tools_running(h, run))
             await h.agents.send_message(run, "say hello", name)
         await h.agents.result(run, timeout=120)
     history = await h.client.get_workflow_handle(run).fetch_history()
-    (HERE / f"{name}.json").write_text(history.to_json())
+    (HERE / f"{name}{tag}.json").write_text(history.to_json())
     print(f"recorded {name}: {len(history.events)} events")
 
 
@@ -41,13 +47,25 @@ async def _pending(h: Harness, run: str) -> object:
     return s if s.pending_approvals else None
 
 
+async def _turns(h: Harness, run: str, n: int) -> object:
+    s = await h.agents.get_state(run)
+    return s if s.turn >= n and s.status.value == "idle" else None
+
+
 async def _tools_running(h: Harness, run: str) -> object:
     s = await h.agents.get_state(run)
     return s if s.transcript and s.transcript[-1].tool_calls else None
 
 
 async def main() -> None:
+    """Record; `--tag X` writes `NAME-X.json` beside the older recordings instead of over them."""
+    import argparse
+
     from tests.rules import TEST_RULES
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--tag", default="")
+    tag = f"-{t}" if (t := p.parse_args().tag) else ""
 
     HERE.mkdir(exist_ok=True)
     async with await WorkflowEnvironment.start_local(
@@ -61,10 +79,11 @@ async def main() -> None:
             ("interrupt", "calc", "use slow tools"),
             ("rollback", "calc", "use slow tools"),
             ("budget", "steps", "loop forever"),
+            ("idle", "chat", "say hello"),
         ]:
             with ScriptedModelServer(RuleSet.from_dict(TEST_RULES)) as model:
                 ledger = Ledger(Path(tempfile.mkdtemp()) / "ledger.db")
-                await scenario(Harness(env, model, ledger), name, agent, text)
+                await scenario(Harness(env, model, ledger), name, agent, text, tag)
 
 
 if __name__ == "__main__":
