@@ -192,3 +192,28 @@ async def test_many_runs_through_a_flaky_provider(harness: Harness) -> None:
     assert [r.final_answer for r in results] == [f"The sum is {2 * n}." for n in runs]
     stats = harness.model.stats()
     assert stats["faults"] > 0 and stats["served"] == 2 * len(runs)
+
+
+async def test_any_openai_compatible_server_from_the_environment(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OPENAI_BASE_URL / OPENAI_API_KEY / KEEL_MODEL route every agent to that server."""
+    from client.config import Settings
+    from worker import build_worker
+
+    monkeypatch.setenv("OPENAI_BASE_URL", harness.model.url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("KEEL_MODEL", "llama3.1")
+    monkeypatch.setenv("KEEL_TASK_QUEUE", harness.settings.task_queue)
+    settings = Settings.from_env()
+    assert not settings.uses_scripted_model
+    from tests.agents import TEST_AGENTS
+
+    async with build_worker(harness.client, settings=settings, agents=TEST_AGENTS):
+        run = await harness.start("calc", "say hello")
+        result = await harness.agents.result(run, timeout=30)
+    assert result.final_answer == "Hello!"
+    (request,) = harness.model.requests()
+    assert request["body"]["model"] == "llama3.1"
+    summaries = await activity_summaries(harness, run)
+    assert summaries == ["model llama3.1 · step 1"]
