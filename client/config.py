@@ -32,6 +32,7 @@ class Settings:
     openai_api_key: str | None = None
     model: str = "scripted"
     payload_dir: str | None = None  # set: large payloads (transcripts) leave the history
+    payload_s3_bucket: str | None = None  # the same, into an S3 (or S3-compatible) bucket
     payload_threshold: int = 16 * 1024
 
     @property
@@ -55,20 +56,24 @@ class Settings:
             openai_api_key=env.get("OPENAI_API_KEY") or None,
             model=env.get("KEEL_MODEL", env.get("OPENAI_MODEL", "")) or "scripted",
             payload_dir=env.get("KEEL_PAYLOAD_DIR") or None,
+            payload_s3_bucket=env.get("KEEL_PAYLOAD_S3_BUCKET") or None,
             payload_threshold=int(env.get("KEEL_PAYLOAD_THRESHOLD", 16 * 1024)),
         )
 
     def data_converter(self) -> DataConverter:
-        """Keel's converter: pydantic JSON, and with KEEL_PAYLOAD_DIR set, payloads above
-        the threshold stored in that directory, the history keeping only a reference."""
-        if not self.payload_dir:
-            return pydantic_data_converter
-        from client.storage import LocalDirectoryDriver
+        """Keel's converter: pydantic JSON; with KEEL_PAYLOAD_S3_BUCKET or KEEL_PAYLOAD_DIR
+        set, payloads above the threshold are stored there and the history keeps a reference."""
+        from client.storage import LocalDirectoryDriver, s3_driver
 
+        if self.payload_s3_bucket:
+            driver = s3_driver(self.payload_s3_bucket)
+        elif self.payload_dir:
+            driver = LocalDirectoryDriver(self.payload_dir)
+        else:
+            return pydantic_data_converter
         return dataclasses.replace(
             pydantic_data_converter,
             external_storage=ExternalStorage(
-                drivers=[LocalDirectoryDriver(self.payload_dir)],
-                payload_size_threshold=self.payload_threshold,
+                drivers=[driver], payload_size_threshold=self.payload_threshold
             ),
         )

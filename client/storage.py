@@ -1,10 +1,10 @@
-"""Payloads headed out of the history: a content-addressed directory for Temporal's
-ExternalStorage. Every worker and client of a namespace must share the directory (one
-machine, or a shared volume); past that, use an object store driver instead."""
+"""Payloads headed out of the history, for Temporal's ExternalStorage: a content-addressed
+directory (one machine, or a shared volume), or an S3 bucket (any number of machines)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from temporalio.api.common.v1 import Payload
+from temporalio.contrib.aws.s3driver import S3StorageDriverClient
 from temporalio.converter import (
     StorageDriver,
     StorageDriverClaim,
@@ -99,3 +100,44 @@ class LocalDirectoryDriver(StorageDriver):
                 raise PayloadNotFound(f"payload {digest} in {self.root} is corrupt")
             out.append(Payload.FromString(data))
         return out
+
+
+class LazyS3Client(S3StorageDriverClient):
+    """An aioboto3 S3 client opened on first use, in the loop that uses it, and kept.
+
+    Credentials, region and endpoint come from the usual AWS environment
+    (AWS_ACCESS_KEY_ID, AWS_REGION, AWS_ENDPOINT_URL for S3-compatible stores, ...)."""
+
+    def __init__(self) -> None:
+        self._inner: S3StorageDriverClient | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._lock: asyncio.Lock | None = None
+
+    async def _client(self) -> S3StorageDriverClient:
+        if self._inner is None:
+            self._lock = self._lock or asyncio.Lock()
+            async with self._lock:
+                if self._inner is None:
+                    import aioboto3  # the `s3` extra: pip install 'keel[s3]'
+                    from temporalio.contrib.aws.s3driver.aioboto3 import new_aioboto3_client
+
+                    raw = await self._stack.enter_async_context(aioboto3.Session().client("s3"))
+                    self._inner = new_aioboto3_client(raw)
+        return self._inner
+
+    async def put_object(self, *, bucket: str, key: str, data: bytes) -> None:
+        await (await self._client()).put_object(bucket=bucket, key=key, data=data)
+
+    async def object_exists(self, *, bucket: str, key: str) -> bool:
+        return await (await self._client()).object_exists(bucket=bucket, key=key)
+
+    async def get_object(self, *, bucket: str, key: str) -> bytes:
+        return await (await self._client()).get_object(bucket=bucket, key=key)
+
+
+def s3_driver(bucket: str) -> StorageDriver:
+    """Temporal's S3 driver over a lazily opened client: payloads shared by any number of
+    machines, keyed by namespace, workflow and content hash."""
+    from temporalio.contrib.aws.s3driver import S3StorageDriver
+
+    return S3StorageDriver(client=LazyS3Client(), bucket=bucket)

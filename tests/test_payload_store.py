@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
@@ -27,14 +29,50 @@ async def model_input_sizes(client: Client, run: str) -> list[int]:
     ]
 
 
+@pytest.fixture
+def s3_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A local S3-compatible server (moto) with one bucket, through the AWS environment."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "keel")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "keel")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    boto3.client("s3").create_bucket(Bucket="keel-payloads")
+    try:
+        yield "keel-payloads"
+    finally:
+        server.stop()
+
+
+def stored_objects(store: str, tmp_path: Path) -> int:
+    if store == "s3":
+        import boto3
+
+        listing = boto3.client("s3").list_objects_v2(Bucket="keel-payloads")
+        return int(listing.get("KeyCount", 0))
+    return sum(1 for p in (tmp_path / "payloads").rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("store", ["directory", "s3"])
 async def test_transcript_leaves_the_history(
-    env: WorkflowEnvironment, model: ScriptedModelServer, ledger: Ledger, tmp_path: Path
+    env: WorkflowEnvironment,
+    model: ScriptedModelServer,
+    ledger: Ledger,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    store: str,
 ) -> None:
     inline = Harness(env, model, ledger)
     stored = Harness(env, model, ledger)
     stored.settings = Settings(
         task_queue=stored.settings.task_queue,
-        payload_dir=str(tmp_path / "payloads"),
+        payload_dir=str(tmp_path / "payloads") if store == "directory" else None,
+        payload_s3_bucket=request.getfixturevalue("s3_bucket") if store == "s3" else None,
         payload_threshold=1024,
     )
     stored.client = await Client.connect(
@@ -54,11 +92,10 @@ async def test_transcript_leaves_the_history(
         sizes[name] = await model_input_sizes(h.client, run)
 
     inline_sizes, stored_sizes = sizes["inline"], sizes["stored"]
-    print(f"model input bytes per step: inline {inline_sizes}, stored {stored_sizes}")
     assert inline_sizes[-1] > inline_sizes[0] + 500  # inline: grows with the conversation
     assert max(stored_sizes) < 1024  # stored: a reference per step, whatever the length
     assert max(stored_sizes[2:]) - min(stored_sizes[2:]) < 64  # flat
-    assert any((tmp_path / "payloads").rglob("*"))
+    assert stored_objects(store, tmp_path) >= 6
 
 
 async def test_driver_refuses_claims_it_did_not_make(tmp_path: Path) -> None:
