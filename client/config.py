@@ -14,7 +14,7 @@ TASK_QUEUE = "keel-agents"
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "default"
 UI_PORT = 8233
-MODEL_PORT = 8765
+MODEL_PORT = int(os.environ.get("KEEL_MODEL_PORT", "8765"))  # the scripted model
 STATE_DIR = Path(os.environ.get("KEEL_HOME", ".keel"))
 
 

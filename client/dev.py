@@ -176,7 +176,7 @@ class DevStack:
             self._model.start()
         except OSError as e:
             self._model = None
-            raise DevStackError(str(e)) from e
+            raise DevStackError(f"{e} (set KEEL_MODEL_PORT to use another port)") from e
         self.say(f"Model:    scripted model (no OPENAI_API_KEY) at {self.model_url}")
 
     async def _start_worker(self) -> None:
