@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
     ListSearchAttributesRequest,
@@ -23,11 +22,6 @@ from workflows.errors import WORKFLOW_FAILURE_TYPES
 from workflows.models import SEARCH_ATTRIBUTES
 
 log = logging.getLogger("keel.worker")
-
-_INDEXED = {
-    "KEYWORD": IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD,
-    "INT": IndexedValueType.INDEXED_VALUE_TYPE_INT,
-}
 
 
 def build_worker(
@@ -74,7 +68,7 @@ async def ensure_search_attributes(client: Client) -> None:
             await client.operator_service.add_search_attributes(
                 AddSearchAttributesRequest(
                     namespace=client.namespace,
-                    search_attributes={key.name: _INDEXED[key.indexed_value_type.name]},
+                    search_attributes={key.name: int(key.indexed_value_type)},
                 )
             )
         except RPCError as e:

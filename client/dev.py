@@ -25,7 +25,6 @@ from workflows.models import SEARCH_ATTRIBUTES
 
 SUPPORT_RULES = Path(__file__).parent / "rules" / "support.json"
 SERVER_START_TIMEOUT = 60.0
-_SA_TYPES = {"KEYWORD": "Keyword", "INT": "Int"}
 
 
 class DevStackError(Exception):
@@ -143,7 +142,7 @@ class DevStack:
             "error",
         ]
         for key in SEARCH_ATTRIBUTES:
-            args += ["--search-attribute", f"{key.name}={_SA_TYPES[key.indexed_value_type.name]}"]
+            args += ["--search-attribute", f"{key.name}={key.indexed_value_type.name.capitalize()}"]
         log = open(STATE_DIR / "temporal.log", "ab")  # noqa: SIM115 - closed with the process
         self._server = await asyncio.create_subprocess_exec(
             temporal_binary(), *args, stdout=log, stderr=log, start_new_session=True

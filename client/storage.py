@@ -123,7 +123,13 @@ class LazyS3Client(S3StorageDriverClient):
 
                     raw = await self._stack.enter_async_context(aioboto3.Session().client("s3"))
                     self._inner = new_aioboto3_client(raw)
+                    _OPEN_S3_CLIENTS.append(self)
         return self._inner
+
+    async def aclose(self) -> None:
+        """Close the underlying client (a process that ends need not bother)."""
+        self._inner = None
+        await self._stack.aclose()
 
     async def put_object(self, *, bucket: str, key: str, data: bytes) -> None:
         await (await self._client()).put_object(bucket=bucket, key=key, data=data)
@@ -133,6 +139,15 @@ class LazyS3Client(S3StorageDriverClient):
 
     async def get_object(self, *, bucket: str, key: str) -> bytes:
         return await (await self._client()).get_object(bucket=bucket, key=key)
+
+
+_OPEN_S3_CLIENTS: list[LazyS3Client] = []
+
+
+async def close_s3_clients() -> None:
+    """Close every S3 client this process opened (for tests and embedding programs)."""
+    while _OPEN_S3_CLIENTS:
+        await _OPEN_S3_CLIENTS.pop().aclose()
 
 
 def s3_driver(bucket: str) -> StorageDriver:

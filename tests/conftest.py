@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import shutil
 import sys
 import uuid
@@ -110,9 +112,6 @@ def harness(env: WorkflowEnvironment, model: ScriptedModelServer, ledger: Ledger
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, every: float = 0.1) -> Any:
     """Poll an async or sync predicate until it returns something truthy."""
-    import asyncio
-    import inspect
-
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         value = predicate()

@@ -14,6 +14,7 @@ from activities.support import Ledger
 from client.api import AgentClient
 from client.config import Settings
 from client.model_server import ScriptedModelServer
+from client.storage import close_s3_clients
 from tests.conftest import Harness
 from workflows.models import AgentStatus
 
@@ -96,6 +97,7 @@ async def test_transcript_leaves_the_history(
     assert max(stored_sizes) < 1024  # stored: a reference per step, whatever the length
     assert max(stored_sizes[2:]) - min(stored_sizes[2:]) < 64  # flat
     assert stored_objects(store, tmp_path) >= 6
+    await close_s3_clients()
 
 
 async def test_driver_refuses_claims_it_did_not_make(tmp_path: Path) -> None:

@@ -37,8 +37,6 @@ class Approvals:
 
     def refusal(self, spec: AgentSpec | None, d: DecideInput) -> str:
         """Why this decision must be refused ('' when it applies)."""
-        if spec is None:
-            return f"no pending approval with call id {d.call_id!r}"
         return refuse_decision(spec, self._state, d, workflow.now())
 
     def decide(self, spec: AgentSpec | None, d: DecideInput) -> DecideReceipt:

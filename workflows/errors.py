@@ -10,8 +10,6 @@ PROVIDER_REJECTED = "ProviderRejected"  # 4xx other than 408/409/429: retrying c
 PROVIDER_UNAVAILABLE = "ProviderUnavailable"  # 408/409/429/5xx, connection errors: retried
 PROVIDER_BAD_RESPONSE = "ProviderBadResponse"  # a body that is not a completion: retried
 PAYLOAD_TOO_LARGE = "PayloadTooLarge"
-TOOL_FAILED = "ToolFailed"
-APPROVAL_TIMED_OUT = "ApprovalTimedOut"
 
 
 class KeelError(ApplicationError):

@@ -31,7 +31,7 @@ def message_refusal(spec: AgentSpec | None, state: AgentState, m: MessageInput) 
         return f"the message is {len(m.text)} characters, over the {MAX_MESSAGE_CHARS} limit"
     if state.status in TERMINAL_STATUSES:
         return f"the run has ended ({state.status.value})"
-    policy = effective_policy(spec, m.policy) if spec else (m.policy or MessagePolicy.QUEUE)
+    policy = effective_policy(spec, m.policy)
     if policy == MessagePolicy.REJECT and turn_in_flight(state):
         return "a turn is in flight and this message's policy is reject"
     return ""
@@ -47,7 +47,7 @@ class Inbox:
     def accept(self, spec: AgentSpec | None, m: MessageInput, now: datetime) -> MessageReceipt:
         """Queue a message (or refuse it), recording either in the audit trail."""
         st = self._state
-        policy = effective_policy(spec, m.policy) if spec else (m.policy or MessagePolicy.QUEUE)
+        policy = effective_policy(spec, m.policy)
         refusal = message_refusal(spec, st, m)
         if refusal:
             st.record(AuditEntry(at=now, kind="message_rejected", detail=refusal, actor=m.sender))

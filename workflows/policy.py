@@ -82,7 +82,9 @@ def validate_arguments(tool: ToolSpec, args: dict[str, Any]) -> str:
     return ""
 
 
-def refuse_decision(spec: AgentSpec, state: AgentState, d: DecideInput, now: datetime) -> str:
+def refuse_decision(
+    spec: AgentSpec | None, state: AgentState, d: DecideInput, now: datetime
+) -> str:
     """Why a decision must be refused ('' when it may apply)."""
     if not d.approver.strip():
         return "an approver must be named"
@@ -102,7 +104,7 @@ def refuse_decision(spec: AgentSpec, state: AgentState, d: DecideInput, now: dat
     if d.decision == Decision.EDIT:
         if d.arguments is None:
             return "an edit must carry the changed arguments"
-        tool = spec.tool(request.tool)
+        tool = spec.tool(request.tool) if spec else None
         problem = validate_arguments(tool, d.arguments) if tool else ""
         if problem:
             return f"edited arguments are invalid: {problem}"
@@ -114,9 +116,10 @@ def turn_in_flight(state: AgentState) -> bool:
     return state.status in ("running", "waiting_approval")
 
 
-def effective_policy(spec: AgentSpec, requested: MessagePolicy | None) -> MessagePolicy:
-    """The policy a message gets: its own, or the agent's default."""
-    return requested or spec.message_policy
+def effective_policy(spec: AgentSpec | None, requested: MessagePolicy | None) -> MessagePolicy:
+    """The policy a message gets: its own, or the agent's default (queue before the spec is
+    loaded)."""
+    return requested or (spec.message_policy if spec else MessagePolicy.QUEUE)
 
 
 def budget_exhausted(spec: AgentSpec, state: AgentState, now: datetime) -> str:

@@ -50,18 +50,22 @@ def payload_bytes(value: BaseModel) -> int:
     return workflow.payload_converter().to_payloads([value])[0].ByteSize()
 
 
-def failure_message(e: BaseException) -> str:
-    """The innermost cause's message: what the provider or the tool actually said."""
+def _root_cause(e: BaseException) -> BaseException:
     while isinstance(e, ActivityError) and e.cause is not None:
         e = e.cause
-    return str(e) or type(e).__name__
+    return e
+
+
+def failure_message(e: BaseException) -> str:
+    """The innermost cause's message: what the provider or the tool actually said."""
+    root = _root_cause(e)
+    return str(root) or type(root).__name__
 
 
 def failure_type(e: BaseException) -> str:
     """The ApplicationError type behind an activity failure, if any."""
-    while isinstance(e, ActivityError) and e.cause is not None:
-        e = e.cause
-    return e.type or "" if isinstance(e, ApplicationError) else ""
+    root = _root_cause(e)
+    return root.type or "" if isinstance(root, ApplicationError) else ""
 
 
 async def load_spec(agent: str) -> AgentSpec:
