@@ -5,25 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from activities.model import ModelActivities
-from activities.registry import Agent, AgentRegistry
-from activities.support import SUPPORT_AGENT
-from activities.tools import Tool, ToolActivities, ToolContext, tool
-
-# The agents the default worker serves.
-AGENTS: list[Agent] = [SUPPORT_AGENT]
+from keel.activities.model import ModelActivities
+from keel.activities.registry import Agent, AgentRegistry
+from keel.activities.tools import Tool, ToolActivities, ToolContext, tool
 
 
 def build_activities(
     registry: AgentRegistry, model: ModelActivities, resources: Any = None
 ) -> list[Callable[..., Any]]:
-    """The activities a worker registers for these agents (ACTIVITIES, bound to their config)."""
+    """The activities a worker registers for these agents, bound to their config."""
     tools = ToolActivities(registry.tools(), resources)
     return [registry.load_agent_spec, model.call_model, tools.run_tool]
 
 
 __all__ = [
-    "AGENTS",
     "Agent",
     "AgentRegistry",
     "ModelActivities",

@@ -8,13 +8,12 @@ from datetime import timedelta
 from typing import Any
 
 import openai
+from keel.activities.heartbeat import heartbeat_while
+from keel.workflows import errors
+from keel.workflows.models import CALL_MODEL, ChatMessage, ModelInput, ModelResult, ToolCall, Usage
 from openai import AsyncOpenAI
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
-
-from activities.heartbeat import heartbeat_while
-from workflows import errors
-from workflows.models import ChatMessage, ModelInput, ModelResult, ToolCall, Usage
 
 # Temporal refuses payloads past 2 MB; fail fast below that instead of retrying forever.
 MAX_RESULT_BYTES = 1_500_000
@@ -145,7 +144,7 @@ class ModelActivities:
             )
         return self._clients[key]
 
-    @activity.defn(name="call_model")
+    @activity.defn(name=CALL_MODEL)
     async def call_model(self, input: ModelInput) -> ModelResult:
         """One chat completion with the agent's tools; usage recorded."""
         s = input.settings

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from temporalio import activity
-from temporalio.exceptions import ApplicationError
-
-from activities.tools import Tool
-from workflows import errors
-from workflows.models import (
+from keel.activities.tools import Tool, ToolContext
+from keel.workflows import errors
+from keel.workflows.models import (
+    LOAD_AGENT_SPEC,
     AgentSpec,
     ApprovalPolicy,
     ApprovalTimeoutAction,
@@ -17,7 +15,11 @@ from workflows.models import (
     LoadAgentInput,
     MessagePolicy,
     ModelSettings,
+    SubAgentArgs,
+    ToolSpec,
 )
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 
 @dataclass
@@ -34,6 +36,30 @@ class Agent:
     approval_timeout_seconds: float = 24 * 3600.0
     on_approval_timeout: ApprovalTimeoutAction = ApprovalTimeoutAction.REJECT
     approvals: dict[str, ApprovalPolicy] = field(default_factory=dict)  # per-tool overrides
+
+    def as_tool(
+        self,
+        name: str | None = None,
+        description: str | None = None,
+        *,
+        side_effects: bool = False,
+        interruptible: bool | None = None,
+        approval: ApprovalPolicy | None = None,
+    ) -> Tool:
+        """This agent as another agent's tool. Each call runs it as a child workflow with its
+        own history, budgets and approvals; its answer is the tool's result. The worker that
+        serves the parent serves this agent too."""
+        spec = ToolSpec(
+            name=name or self.name.replace("-", "_"),
+            description=description or f"Ask the {self.name} agent: {self.instructions[:200]}",
+            parameters=SubAgentArgs.model_json_schema(),
+            side_effects=side_effects,
+            interruptible=(not side_effects) if interruptible is None else interruptible,
+            max_attempts=1,
+            approval=approval or ApprovalPolicy(),
+            agent=self.name,
+        )
+        return Tool(fn=_runs_as_child, args_model=SubAgentArgs, spec=spec, agent=self)
 
     def spec(self) -> AgentSpec:
         """The snapshot a run records: plain data, no functions."""
@@ -56,15 +82,32 @@ class Agent:
         )
 
 
+async def _runs_as_child(args: SubAgentArgs, ctx: ToolContext) -> str:
+    raise RuntimeError("a sub-agent runs as a child workflow, not as an activity")
+
+
+def with_subagents(agents: list[Agent]) -> list[Agent]:
+    """These agents and every agent they use as a tool, each once (names must be unique)."""
+    found: dict[str, Agent] = {}
+    todo = list(agents)
+    while todo:
+        a = todo.pop(0)
+        if a.name in found:
+            if found[a.name] is not a and found[a.name] != a:
+                raise ValueError(f"two different agents are named {a.name!r}")
+            continue
+        found[a.name] = a
+        todo.extend(t.agent for t in a.tools if t.agent is not None)
+    return list(found.values())
+
+
 class AgentRegistry:
-    """The agents a worker serves; `load_agent_spec` resolves a name to its spec."""
+    """The agents a worker serves (with their sub-agents); `load_agent_spec` resolves a
+    name to its spec."""
 
     def __init__(self, agents: list[Agent], default_model: str = "") -> None:
-        self._agents = {a.name: a for a in agents}
+        self._agents = {a.name: a for a in with_subagents(agents)}
         self._default_model = default_model
-        names = [a.name for a in agents]
-        if len(names) != len(self._agents):
-            raise ValueError(f"agent names must be unique: {names}")
 
     @property
     def names(self) -> list[str]:
@@ -75,11 +118,11 @@ class AgentRegistry:
         seen: dict[str, Tool] = {}
         for a in self._agents.values():
             for t in a.tools:
-                if seen.setdefault(t.name, t) is not t:
+                if seen.setdefault(t.name, t) != t:
                     raise ValueError(f"two different tools are named {t.name!r}")
         return list(seen.values())
 
-    @activity.defn(name="load_agent_spec")
+    @activity.defn(name=LOAD_AGENT_SPEC)
     async def load_agent_spec(self, input: LoadAgentInput) -> AgentSpec:
         """The agent's spec, or a clear non-retryable error naming the agents there are."""
         agent = self._agents.get(input.agent)

@@ -1,5 +1,8 @@
 """The demo's support agent, over a real SQLite ledger of orders, refunds and e-mails.
 
+Served by `keel dev` and `keel demo`, or when asked for:
+`keel worker --agents keel.activities.support:AGENTS --resources keel.activities.support:ledger`.
+
 `issue_refund` and `send_email` are side-effecting: each write is keyed by the call's
 idempotency key, so a retried or replayed call returns the first result and never pays twice.
 """
@@ -15,11 +18,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from keel.activities.registry import Agent
+from keel.activities.tools import ToolContext, tool
+from keel.workflows.models import ApprovalMode, ApprovalPolicy, Condition, Limits
 from pydantic import BaseModel, Field
-
-from activities.registry import Agent
-from activities.tools import ToolContext, tool
-from workflows.models import ApprovalMode, ApprovalPolicy, Condition, Limits
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (
@@ -224,3 +226,11 @@ SUPPORT_AGENT = Agent(
     limits=Limits(max_steps=12, max_tokens=50_000, max_seconds=3600),
     approvals={"issue_refund": REFUND_APPROVAL},
 )
+AGENTS = [SUPPORT_AGENT]
+
+
+def ledger() -> Ledger:
+    """The demo's ledger, in KEEL_HOME (`.keel/ledger.db` by default)."""
+    from keel.config import Settings
+
+    return Ledger(Settings.from_env().home / "ledger.db")

@@ -8,12 +8,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, get_type_hints
 
+from keel.activities.heartbeat import heartbeat_while
+from keel.workflows.models import RUN_TOOL, ApprovalPolicy, ToolInput, ToolResult, ToolSpec
+from keel.workflows.policy import parse_arguments
 from pydantic import BaseModel, ValidationError
 from temporalio import activity
-
-from activities.heartbeat import heartbeat_while
-from workflows.models import ApprovalPolicy, ToolInput, ToolResult, ToolSpec
-from workflows.policy import parse_arguments
 
 
 @dataclass(frozen=True)
@@ -38,11 +37,13 @@ ToolFn = Callable[[Any, ToolContext], Awaitable[Any]]
 
 @dataclass(frozen=True)
 class Tool:
-    """A typed async function and the options it runs with."""
+    """A typed async function and the options it runs with (or, with `agent` set, another
+    agent that runs as a child workflow: see `Agent.as_tool`)."""
 
     fn: ToolFn
     args_model: type[BaseModel]
     spec: ToolSpec
+    agent: Any = None  # the sub-agent (an Agent) this tool runs, if any
 
     @property
     def name(self) -> str:
@@ -114,10 +115,11 @@ class ToolActivities:
     """The `run_tool` activity over the tools a worker knows."""
 
     def __init__(self, tools: list[Tool], resources: Any = None) -> None:
-        self._tools = {t.name: t for t in tools}
+        # sub-agents are child workflows, never activities
+        self._tools = {t.name: t for t in tools if t.agent is None}
         self._resources = resources
 
-    @activity.defn(name="run_tool")
+    @activity.defn(name=RUN_TOOL)
     async def run_tool(self, input: ToolInput) -> ToolResult:
         """Validate the arguments and run the tool; bad calls come back as results, not errors.
 

@@ -39,6 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import Message
+from keel.activities.registry import Agent
+from keel.activities.tools import Tool, ToolContext, tool
+from keel.client.api import AgentClient
+from keel.client.model_server import MODEL_ID, RuleSet, ScriptedModelServer
+from keel.workflows.agent import AgentWorkflow
+from keel.workflows.models import SEARCH_ATTRIBUTES, AgentStatus, Limits
+from keel.workflows.models import ModelSettings as KeelModelSettings
 from openai import AsyncOpenAI
 from pydantic import BaseModel
 from temporalio.api.common.v1 import Payload
@@ -46,15 +53,8 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from activities.registry import Agent
-from activities.tools import Tool, ToolContext, tool
-from client.api import AgentClient
-from client.config import Settings
-from client.model_server import MODEL_ID, RuleSet, ScriptedModelServer
-from worker import build_worker
-from workflows.agent import AgentWorkflow
-from workflows.models import SEARCH_ATTRIBUTES, AgentStatus, Limits
-from workflows.models import ModelSettings as KeelModelSettings
+from keel.config import Settings
+from keel.plugin import ModelProvider, build_worker
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.md"
 AGENT = "bench"
@@ -761,10 +761,16 @@ async def amain(args: argparse.Namespace) -> str:
                 data_converter=dir_settings.data_converter(),
             )
             worker = build_worker(
-                env.client, settings=settings, agents=[BENCH_AGENT], model_base_url=model.url
+                env.client,
+                settings=settings,
+                agents=[BENCH_AGENT],
+                model=ModelProvider(base_url=model.url, model="scripted"),
             )
             dir_worker = build_worker(
-                dir_client, settings=dir_settings, agents=[BENCH_AGENT], model_base_url=model.url
+                dir_client,
+                settings=dir_settings,
+                agents=[BENCH_AGENT],
+                model=ModelProvider(base_url=model.url, model="scripted"),
             )
             openai = AsyncOpenAI(
                 base_url=model.url, api_key="not-needed", max_retries=0, timeout=MODEL_TIMEOUT

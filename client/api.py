@@ -7,27 +7,15 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel
-from temporalio.client import (
-    Client,
-    WorkflowFailureError,
-    WorkflowHandle,
-    WorkflowQueryFailedError,
-    WorkflowQueryRejectedError,
-    WorkflowUpdateFailedError,
-)
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.service import RPCError, RPCStatusCode
-
-from client.config import Settings
-from workflows.agent import AgentWorkflow
-from workflows.models import (
+from keel.workflows.base import KeelWorkflow
+from keel.workflows.models import (
     AGENT_NAME,
     AGENT_STATUS,
     AGENT_STEPS,
     AGENT_USER,
     TERMINAL_STATUSES,
     TOTAL_TOKENS,
+    WORKFLOW_TYPE,
     AgentInput,
     AgentResult,
     AgentState,
@@ -40,8 +28,23 @@ from workflows.models import (
     MessageReceipt,
     Usage,
 )
+from pydantic import BaseModel
+from temporalio.client import (
+    Client,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.service import RPCError, RPCStatusCode
+
+from keel.config import Settings, connect
 
 POLL_EVERY = 0.25
+# Every Keel run, whatever its loop, carries AgentName from its start.
+KEEL_RUNS = "AgentName IS NOT NULL"
 
 
 class KeelClientError(Exception):
@@ -69,33 +72,25 @@ class PendingApproval(BaseModel):
     expires_at: datetime
 
 
-async def connect(settings: Settings | None = None) -> Client:
-    """A Temporal client with Keel's data converter, configured from the environment."""
-    s = settings or Settings.from_env()
-    return await Client.connect(
-        s.address,
-        namespace=s.namespace,
-        api_key=s.api_key,
-        tls=s.tls,
-        data_converter=s.data_converter(),
-    )
-
-
 class AgentClient:
-    """The Python API over Keel runs. A run's id is its Temporal workflow id."""
+    """The Python API over Keel runs, whatever loop they run. A run's id is its Temporal
+    workflow id. `client` must use Keel's data converter (KeelPlugin or keel.connect)."""
 
-    def __init__(self, client: Client, settings: Settings | None = None) -> None:
+    def __init__(
+        self, client: Client, settings: Settings | None = None, *, task_queue: str | None = None
+    ) -> None:
         self.client = client
         self.settings = settings or Settings.from_env()
+        self.task_queue = task_queue or self.settings.task_queue
 
     @classmethod
     async def connect(cls, settings: Settings | None = None) -> AgentClient:
-        """Connect from the environment (TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, ...)."""
+        """Connect from the environment (Temporal's profile, KEEL_TASK_QUEUE, ...)."""
         s = settings or Settings.from_env()
         return cls(await connect(s), s)
 
-    def _handle(self, run_id: str) -> WorkflowHandle[AgentWorkflow, AgentResult]:
-        return self.client.get_workflow_handle_for(AgentWorkflow.run, run_id)
+    def _handle(self, run_id: str) -> WorkflowHandle[Any, AgentResult]:
+        return self.client.get_workflow_handle(run_id, result_type=AgentResult)
 
     async def start(
         self,
@@ -105,15 +100,19 @@ class AgentClient:
         user: str = "",
         run_id: str | None = None,
         execution_timeout: timedelta | None = None,
+        loop: str | type = WORKFLOW_TYPE,
     ) -> str:
-        """Start a run of `agent` on `message`; returns the run id."""
+        """Start a run of `agent` on `message`; returns the run id. `loop` is the workflow
+        that runs it: Keel's default loop, or a KeelWorkflow of your own (class or type name)."""
         run_id = run_id or f"{agent}-{uuid.uuid4().hex[:12]}"
         await self.client.start_workflow(
-            AgentWorkflow.run,
+            _workflow_type(loop),
             AgentInput(agent=agent, message=message, user=user),
             id=run_id,
-            task_queue=self.settings.task_queue,
+            task_queue=self.task_queue,
+            result_type=AgentResult,
             execution_timeout=execution_timeout,
+            static_summary=f"{agent} for {user or 'anyone'}: {message[:120]}",
             search_attributes=TypedSearchAttributes(
                 [
                     SearchAttributePair(AGENT_NAME, agent),
@@ -126,7 +125,7 @@ class AgentClient:
 
     async def get_state(self, run_id: str) -> AgentState:
         """The run's state: status, step, transcript, usage, approvals, effects, audit."""
-        return await self._handle(run_id).query(AgentWorkflow.get_state)
+        return await self._handle(run_id).query(KeelWorkflow.get_state)
 
     async def result(self, run_id: str, timeout: float | None = None) -> AgentResult:
         """Wait for the run's latest answer: when it ends, or goes idle after a turn."""
@@ -179,7 +178,7 @@ class AgentClient:
 
     async def list(self, status: str | None = None, limit: int = 100) -> list[RunSummary]:
         """Recent runs, newest first, optionally only those with this AgentStatus."""
-        query = "WorkflowType = 'AgentWorkflow'"
+        query = KEEL_RUNS
         if status:
             query += f" AND AgentStatus = '{AgentStatus(status).value}'"
         out: list[RunSummary] = []
@@ -220,9 +219,7 @@ class AgentClient:
     async def decide(self, run_id: str, decision: DecideInput) -> DecideReceipt:
         """Send a decision through the `decide_approval` update; a refusal raises."""
         try:
-            return await self._handle(run_id).execute_update(
-                AgentWorkflow.decide_approval, decision
-            )
+            return await self._handle(run_id).execute_update(KeelWorkflow.decide_approval, decision)
         except WorkflowUpdateFailedError as e:
             raise KeelClientError(_cause(e)) from e
         except RPCError as e:
@@ -234,7 +231,7 @@ class AgentClient:
         """Send a message mid-run; the receipt says queued, delivered or why it was refused."""
         m = MessageInput(text=text, policy=MessagePolicy(policy) if policy else None, sender=sender)
         try:
-            return await self._handle(run_id).execute_update(AgentWorkflow.send_message, m)
+            return await self._handle(run_id).execute_update(KeelWorkflow.send_message, m)
         except WorkflowUpdateFailedError as e:
             return MessageReceipt(
                 status="rejected", policy=m.policy or MessagePolicy.QUEUE, reason=_cause(e)
@@ -256,8 +253,7 @@ class AgentClient:
         """Every open approval across runs, oldest first."""
         now = datetime.now(UTC)
         out: list[PendingApproval] = []
-        query = "WorkflowType = 'AgentWorkflow' AND ExecutionStatus = 'Running'"
-        query += " AND PendingApprovals > 0"
+        query = f"{KEEL_RUNS} AND ExecutionStatus = 'Running' AND PendingApprovals > 0"
         async for wf in self.client.list_workflows(query):
             state = await self._state_or_none(wf.id)
             for r in state.pending_approvals if state else []:
@@ -274,6 +270,15 @@ class AgentClient:
                     )
                 )
         return sorted(out, key=lambda p: -p.age_seconds)
+
+
+def _workflow_type(loop: str | type) -> str:
+    if isinstance(loop, str):
+        return loop
+    defn = getattr(loop, "__temporal_workflow_definition", None)
+    if defn is None or not defn.name:
+        raise TypeError(f"{loop!r} is not a @workflow.defn class")
+    return str(defn.name)
 
 
 def _cause(e: BaseException) -> str:

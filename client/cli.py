@@ -11,10 +11,10 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from keel.client.api import AgentClient, KeelClientError
 from temporalio.service import RPCError
 
-from client.api import AgentClient, KeelClientError
-from client.config import Settings
+from keel.config import Settings, SettingsError
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
@@ -33,23 +33,26 @@ async def _agents(settings: Settings) -> AgentClient:
 
 
 async def cmd_dev(a: argparse.Namespace, s: Settings) -> int:
-    from client.dev import run_dev
+    from keel.client.dev import run_dev
 
     await run_dev(s)
     return 0
 
 
 async def cmd_demo(a: argparse.Namespace, s: Settings) -> int:
-    from client.demo import run_demo
+    from keel.client.demo import run_demo
 
     return await run_demo(s, yes=a.yes)
 
 
 async def cmd_worker(a: argparse.Namespace, s: Settings) -> int:
-    from worker import run_worker
+    from keel.serve import run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    await run_worker(s)
+    try:
+        await run_worker(s, agents=a.agents, resources=a.resources)
+    except RuntimeError as e:  # the SDK's "failed client connect" and the like
+        raise KeelClientError(f"worker: {e} (TEMPORAL_ADDRESS is {s.address})") from e
     return 0
 
 
@@ -173,7 +176,18 @@ def parser() -> argparse.ArgumentParser:
     add("demo", cmd_demo, "the support demo, end to end").add_argument(
         "--yes", action="store_true", help="approve the refund without asking"
     )
-    add("worker", cmd_worker, "a worker against TEMPORAL_ADDRESS")
+    sp = add("worker", cmd_worker, "serve agents against TEMPORAL_ADDRESS")
+    sp.add_argument(
+        "--agents",
+        default=None,
+        help="the agents to serve, as module:attribute (default: $KEEL_AGENTS)",
+    )
+    sp.add_argument(
+        "--resources",
+        default=None,
+        help="what tools get as ctx.resources: module:attribute of an object or a "
+        "factory called once (default: $KEEL_RESOURCES)",
+    )
     sp = add("start", cmd_start, "start a run")
     sp.add_argument("agent")
     sp.add_argument("message")
@@ -211,14 +225,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `keel` console script."""
-    from client.dev import DevStackError
+    from keel.client.dev import DevStackError
 
     args = parser().parse_args(argv)
     try:
         code = asyncio.run(args.fn(args, Settings.from_env()))
     except KeyboardInterrupt:
         code = 130
-    except (KeelClientError, DevStackError) as e:
+    except (KeelClientError, DevStackError, SettingsError) as e:
         print(f"keel: {e}", file=sys.stderr)
         code = 1
     except RPCError as e:

@@ -6,10 +6,11 @@ import asyncio
 import sys
 import textwrap
 
-from client.api import AgentClient
-from client.config import Settings
-from client.dev import DevStack
-from workflows.models import TERMINAL_STATUSES, AgentState, AgentStatus, ApprovalRequest
+from keel.client.api import AgentClient
+from keel.client.dev import DevStack
+from keel.workflows.models import TERMINAL_STATUSES, AgentState, AgentStatus, ApprovalRequest
+
+from keel.config import Settings
 
 APPROVER = "you"
 

@@ -13,15 +13,14 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from keel.activities.support import AGENTS, Ledger
+from keel.client.model_server import RuleSet, ScriptedModelServer
+from keel.workflows.models import SEARCH_ATTRIBUTES
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.support import Ledger
-from client.api import connect
-from client.config import MODEL_PORT, STATE_DIR, UI_PORT, Settings
-from client.model_server import RuleSet, ScriptedModelServer
-from worker import build_worker, ensure_search_attributes
-from workflows.models import SEARCH_ATTRIBUTES
+from keel.config import UI_PORT, Settings, connect
+from keel.plugin import build_worker, ensure_search_attributes
 
 SUPPORT_RULES = Path(__file__).parent / "rules" / "support.json"
 SERVER_START_TIMEOUT = 60.0
@@ -76,7 +75,7 @@ class DevStack:
         self.settings = settings or Settings.from_env()
         self.quiet = quiet
         self.client: Client | None = None
-        self.ledger = Ledger(STATE_DIR / "ledger.db")
+        self.ledger = Ledger(self.settings.home / "ledger.db")
         self.started_server = False
         self._server: asyncio.subprocess.Process | None = None
         self._model: ScriptedModelServer | None = None
@@ -91,7 +90,7 @@ class DevStack:
     def model_url(self) -> str | None:
         if not self.settings.uses_scripted_model:
             return None
-        return f"http://127.0.0.1:{MODEL_PORT}/v1"
+        return self.settings.scripted_model_url
 
     async def __aenter__(self) -> DevStack:
         try:
@@ -124,12 +123,12 @@ class DevStack:
                     f"port {p} ({what}) is taken by another program, and no Temporal server "
                     f"answers at {s.address}. Stop that program or set TEMPORAL_ADDRESS."
                 )
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        self.settings.home.mkdir(parents=True, exist_ok=True)
         args = [
             "server",
             "start-dev",
             "--db-filename",
-            str(STATE_DIR / "temporal.db"),
+            str(self.settings.home / "temporal.db"),
             "--ip",
             "127.0.0.1",
             "--port",
@@ -143,7 +142,7 @@ class DevStack:
         ]
         for key in SEARCH_ATTRIBUTES:
             args += ["--search-attribute", f"{key.name}={key.indexed_value_type.name.capitalize()}"]
-        log = open(STATE_DIR / "temporal.log", "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.settings.home / "temporal.log", "ab")  # noqa: SIM115 - closed with the process
         self._server = await asyncio.create_subprocess_exec(
             temporal_binary(), *args, stdout=log, stderr=log, start_new_session=True
         )
@@ -153,24 +152,28 @@ class DevStack:
             if self._server.returncode is not None:
                 raise DevStackError(
                     f"the Temporal dev server exited ({self._server.returncode}); "
-                    f"see {STATE_DIR / 'temporal.log'}"
+                    f"see {self.settings.home / 'temporal.log'}"
                 )
             if asyncio.get_running_loop().time() > deadline:
                 raise DevStackError("the Temporal dev server did not answer within 60 s")
             await asyncio.sleep(0.3)
             self.client = await try_connect(s)
         await ensure_search_attributes(self.client)
-        self.say(f"Temporal: dev server at {s.address}, data in {STATE_DIR / 'temporal.db'}")
+        self.say(
+            f"Temporal: dev server at {s.address}, data in {self.settings.home / 'temporal.db'}"
+        )
         self.say(f"Web UI:   {s.ui_url}")
 
     def _start_model(self) -> None:
         if not self.settings.uses_scripted_model:
             self.say(f"Model:    {self.settings.openai_base_url or 'OpenAI'}")
             return
-        if scripted_model_answers(MODEL_PORT):
-            self.say(f"Model:    using the scripted model already on :{MODEL_PORT}")
+        if scripted_model_answers(self.settings.model_port):
+            self.say(f"Model:    using the scripted model already on :{self.settings.model_port}")
             return
-        self._model = ScriptedModelServer(RuleSet.load(SUPPORT_RULES), port=MODEL_PORT)
+        self._model = ScriptedModelServer(
+            RuleSet.load(SUPPORT_RULES), port=self.settings.model_port
+        )
         try:
             self._model.start()
         except OSError as e:
@@ -181,10 +184,7 @@ class DevStack:
     async def _start_worker(self) -> None:
         assert self.client is not None
         self._worker = build_worker(
-            self.client,
-            settings=self.settings,
-            resources=self.ledger,
-            model_base_url=self.model_url,
+            self.client, settings=self.settings, agents=AGENTS, resources=self.ledger
         )
         self._worker_task = asyncio.create_task(self._worker.run())
         self.say(f"Worker:   serving task queue {self.settings.task_queue}")

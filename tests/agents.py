@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-from pydantic import BaseModel, Field
-from temporalio import activity
-
-from activities.registry import Agent
-from activities.support import Ledger
-from activities.tools import ToolContext, tool
-from workflows.models import (
+from keel.activities.registry import Agent
+from keel.activities.support import Ledger
+from keel.activities.tools import ToolContext, tool
+from keel.workflows.models import (
     ApprovalMode,
     ApprovalPolicy,
     ApprovalTimeoutAction,
@@ -20,6 +17,8 @@ from workflows.models import (
     MessagePolicy,
     ModelSettings,
 )
+from pydantic import BaseModel, Field
+from temporalio import activity
 
 
 class AddArgs(BaseModel):

@@ -15,20 +15,20 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from keel.activities.registry import Agent
+from keel.activities.support import Ledger
+from keel.client.api import AgentClient
+from keel.client.model_server import RuleSet, ScriptedModelServer
+from keel.workflows.models import SEARCH_ATTRIBUTES
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.registry import Agent
-from activities.support import Ledger
-from client.api import AgentClient
-from client.config import Settings
-from client.model_server import RuleSet, ScriptedModelServer
+from keel.config import Settings
+from keel.plugin import ModelProvider, build_worker
 from tests.agents import TEST_AGENTS
 from tests.rules import TEST_RULES
-from worker import build_worker
-from workflows.models import SEARCH_ATTRIBUTES
 
 BIN = Path(sys.executable).parent
 
@@ -86,7 +86,7 @@ class Harness:
             settings=self.settings,
             agents=TEST_AGENTS if agents is None else agents,
             resources=self.ledger,
-            model_base_url=self.model.url,
+            model=ModelProvider(base_url=self.model.url, model="scripted"),
             **options,
         )
 

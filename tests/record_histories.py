@@ -10,13 +10,13 @@ import asyncio
 import tempfile
 from pathlib import Path
 
+from keel.activities.support import Ledger
+from keel.client.model_server import RuleSet, ScriptedModelServer
+from keel.workflows.models import SEARCH_ATTRIBUTES
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from activities.support import Ledger
-from client.model_server import RuleSet, ScriptedModelServer
 from tests.conftest import Harness, binary, wait_for
-from workflows.models import SEARCH_ATTRIBUTES
 
 HERE = Path(__file__).parent / "histories"
 

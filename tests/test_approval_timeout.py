@@ -8,18 +8,18 @@ from datetime import timedelta
 
 import pytest
 import pytest_asyncio
+from keel.activities.support import Ledger
+from keel.client.api import AgentClient, KeelClientError
+from keel.client.model_server import ScriptedModelServer
+from keel.workflows.models import AgentState, AgentStatus
 from temporalio.client import WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from activities.support import Ledger
-from client.api import AgentClient, KeelClientError
-from client.config import Settings
-from client.model_server import ScriptedModelServer
+from keel.config import Settings
+from keel.plugin import ModelProvider, build_worker, ensure_search_attributes
 from tests.agents import TEST_AGENTS
 from tests.conftest import binary, wait_for
-from worker import build_worker, ensure_search_attributes
-from workflows.models import AgentState, AgentStatus
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -55,7 +55,7 @@ async def test_approval_expires_and_policy_applies(
         settings=settings,
         agents=TEST_AGENTS,
         resources=ledger,
-        model_base_url=model.url,
+        model=ModelProvider(base_url=model.url, model="scripted"),
     )
     async with worker:
         run = await agents.start(agent, "charge 30", run_id=f"t-{uuid.uuid4().hex[:8]}")

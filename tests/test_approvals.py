@@ -6,11 +6,11 @@ import asyncio
 import json
 
 import pytest
+from keel.client.api import KeelClientError
+from keel.workflows.models import AgentState, AgentStatus
 from temporalio.common import RawValue
 
-from client.api import KeelClientError
 from tests.conftest import Harness, wait_for
-from workflows.models import AgentState, AgentStatus
 
 
 async def pending(h: Harness, run: str, n: int = 1) -> AgentState:

@@ -7,8 +7,9 @@ import os
 import signal
 import sys
 
+from keel.workflows.models import AgentStatus
+
 from tests.conftest import Harness, wait_for
-from workflows.models import AgentStatus
 
 
 def requests_at_step(h: Harness, n_messages: int) -> int:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from keel.workflows.models import AgentStatus
 from temporalio.api.enums.v1 import EventType
 
 from tests.conftest import Harness
-from workflows.models import AgentStatus
 
 
 async def test_continue_as_new_carries_everything(harness: Harness) -> None:

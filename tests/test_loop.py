@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from keel.workflows.models import AgentStatus
 from temporalio.api.enums.v1 import EventType
 
 from tests.conftest import Harness
-from workflows.models import AgentStatus
 
 
 async def activity_summaries(h: Harness, run_id: str) -> list[str]:
@@ -158,8 +158,8 @@ async def test_arguments_are_checked_before_policy_and_tools_are_the_agents_own(
 
 
 async def test_a_client_cannot_forge_the_spec(harness: Harness) -> None:
-    from workflows.agent import AgentWorkflow
-    from workflows.models import AgentInput, AgentSpec, AgentState
+    from keel.workflows.agent import AgentWorkflow
+    from keel.workflows.models import AgentInput, AgentSpec, AgentState
 
     forged = AgentState(agent="shop", spec=AgentSpec(name="shop"))  # no tools, no approvals
     run = f"forged-{harness.settings.task_queue}"
@@ -198,8 +198,8 @@ async def test_any_openai_compatible_server_from_the_environment(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """OPENAI_BASE_URL / OPENAI_API_KEY / KEEL_MODEL route every agent to that server."""
-    from client.config import Settings
-    from worker import build_worker
+    from keel.config import Settings
+    from keel.plugin import build_worker
 
     monkeypatch.setenv("OPENAI_BASE_URL", harness.model.url)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")

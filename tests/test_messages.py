@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from keel.client.api import KeelClientError
+from keel.workflows.inbox import INTERRUPTED
+from keel.workflows.models import AgentState, AgentStatus
 
-from client.api import KeelClientError
 from tests.conftest import Harness, wait_for
-from workflows.inbox import INTERRUPTED
-from workflows.models import AgentState, AgentStatus
 
 
 def sent(h: Harness) -> list[list[dict[str, Any]]]:
@@ -255,8 +255,8 @@ async def test_cancel_before_the_run_started(harness: Harness) -> None:
 
 
 async def test_rollback_before_the_spec_is_loaded_keeps_instructions(harness: Harness) -> None:
-    from workflows.agent import AgentWorkflow
-    from workflows.models import AgentInput
+    from keel.workflows.agent import AgentWorkflow
+    from keel.workflows.models import AgentInput
 
     run = f"test-{harness.settings.task_queue}"
     await harness.client.start_workflow(

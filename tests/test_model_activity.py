@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from types import SimpleNamespace
 
-from activities.model import MAX_RETRY_AFTER_SECONDS, normalise_tool_calls, retry_after
+from keel.activities.model import MAX_RETRY_AFTER_SECONDS, normalise_tool_calls, retry_after
 
 
 def response(**headers: str) -> SimpleNamespace:

@@ -14,10 +14,7 @@ from typing import Any
 
 import openai
 import pytest
-from openai import AsyncOpenAI, OpenAI
-from openai.types.chat import ChatCompletion, ChatCompletionMessageFunctionToolCall
-
-from client.model_server import (
+from keel.client.model_server import (
     SUPPORT_RULES,
     TEST_RULES,
     PortInUseError,
@@ -26,6 +23,8 @@ from client.model_server import (
     ScriptedModelServer,
     main,
 )
+from openai import AsyncOpenAI, OpenAI
+from openai.types.chat import ChatCompletion, ChatCompletionMessageFunctionToolCall
 
 SUPPORT_TOOLS: list[Any] = [
     {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}

@@ -6,17 +6,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from keel.activities.support import Ledger
+from keel.client.api import AgentClient
+from keel.client.model_server import ScriptedModelServer
+from keel.workflows.models import AgentStatus
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from activities.support import Ledger
-from client.api import AgentClient
-from client.config import Settings
-from client.model_server import ScriptedModelServer
-from client.storage import close_s3_clients
+from keel.config import Settings
+from keel.storage import close_s3_clients
 from tests.conftest import Harness
-from workflows.models import AgentStatus
 
 
 async def model_input_sizes(client: Client, run: str) -> list[int]:
@@ -104,7 +104,7 @@ async def test_driver_refuses_claims_it_did_not_make(tmp_path: Path) -> None:
     from temporalio.api.common.v1 import Payload
     from temporalio.converter import StorageDriverClaim, StorageDriverRetrieveContext
 
-    from client.storage import LocalDirectoryDriver, PayloadNotFound
+    from keel.storage import LocalDirectoryDriver, PayloadNotFound
 
     driver = LocalDirectoryDriver(tmp_path)
     ctx = StorageDriverRetrieveContext()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from workflows.inbox import Inbox, message_refusal
-from workflows.models import (
+from keel.workflows.inbox import Inbox, message_refusal
+from keel.workflows.models import (
     AgentSpec,
     AgentState,
     AgentStatus,
@@ -23,7 +23,7 @@ from workflows.models import (
     ToolSpec,
     Usage,
 )
-from workflows.policy import (
+from keel.workflows.policy import (
     approval_reason,
     budget_exhausted,
     idempotency_key,

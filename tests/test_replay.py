@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from keel.workflows.agent import AgentWorkflow
+from keel.workflows.errors import WORKFLOW_FAILURE_TYPES
 from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
-
-from workflows.agent import AgentWorkflow
-from workflows.errors import WORKFLOW_FAILURE_TYPES
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 

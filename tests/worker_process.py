@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from activities.support import Ledger
-from client.api import connect
-from client.config import Settings
+from keel.activities.support import Ledger
+
+from keel.config import Settings, connect
+from keel.plugin import ModelProvider, build_worker
 from tests.agents import TEST_AGENTS
-from worker import build_worker
 
 
 async def main() -> None:
@@ -26,7 +26,7 @@ async def main() -> None:
         settings=settings,
         agents=TEST_AGENTS,
         resources=Ledger(a.ledger),
-        model_base_url=a.model_url,
+        model=ModelProvider(base_url=a.model_url, model="scripted"),
     )
     print("worker ready", flush=True)
     await worker.run()

@@ -1,15 +1,13 @@
-"""Deterministic code only: the agent loop, its building blocks, payloads and policies."""
+"""Deterministic code only: the agent loop, its building blocks, payloads and policies.
+
+Nothing here imports `keel.activities`: activities are scheduled by name."""
 
 from __future__ import annotations
 
-from typing import Any
+from keel.workflows.agent import AgentWorkflow
+from keel.workflows.base import EndRun, KeelWorkflow
 
+# What a worker registers (KeelPlugin adds them to any worker).
+WORKFLOWS: list[type] = [AgentWorkflow]
 
-def __getattr__(name: str) -> Any:
-    # Lazy, so activities can import workflows.models without importing the loop
-    # (which imports the activity definitions it schedules).
-    if name == "WORKFLOWS":
-        from workflows.agent import AgentWorkflow
-
-        return [AgentWorkflow]
-    raise AttributeError(name)
+__all__ = ["WORKFLOWS", "AgentWorkflow", "EndRun", "KeelWorkflow"]

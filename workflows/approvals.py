@@ -7,9 +7,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from temporalio import workflow
-
-from workflows.models import (
+from keel.workflows.models import (
     AgentSpec,
     AgentState,
     ApprovalRequest,
@@ -19,7 +17,8 @@ from workflows.models import (
     Decision,
     ToolSpec,
 )
-from workflows.policy import refuse_decision
+from keel.workflows.policy import refuse_decision
+from temporalio import workflow
 
 
 class ApprovalExpired(Exception):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from workflows.models import (
+from keel.workflows.models import (
     TERMINAL_STATUSES,
     AgentSpec,
     AgentState,
@@ -15,7 +15,7 @@ from workflows.models import (
     MessageReceipt,
     QueuedMessage,
 )
-from workflows.policy import effective_policy, turn_in_flight
+from keel.workflows.policy import effective_policy, turn_in_flight
 
 INTERRUPTED = "Interrupted by user: this tool call was not run to completion."
 ROLLBACK_KINDS = (MessagePolicy.INTERRUPT, MessagePolicy.ROLLBACK)

@@ -15,6 +15,18 @@ from temporalio.common import SearchAttributeKey
 AUDIT_FIELD_CHARS = 500
 MAX_AUDIT_ENTRIES = 1000
 
+# --- names on the wire: prefixed, so they never meet a user's own on a shared namespace ----
+
+WORKFLOW_TYPE = "keel.AgentWorkflow"
+LOAD_AGENT_SPEC = "keel.load_agent_spec"  # a local activity
+CALL_MODEL = "keel.call_model"
+RUN_TOOL = "keel.run_tool"
+SIGNAL_DECIDE = "keel.decide"
+SIGNAL_MESSAGE = "keel.submit_message"
+UPDATE_DECIDE = "keel.decide_approval"
+UPDATE_MESSAGE = "keel.send_message"
+QUERY_STATE = "keel.get_state"
+
 # --- the agent spec (a snapshot of it is recorded in each run's history) -------------------
 
 
@@ -54,6 +66,11 @@ class ToolSpec(BaseModel):
     max_attempts: int = 5
     initial_retry_seconds: float = 1.0
     approval: ApprovalPolicy = Field(default_factory=ApprovalPolicy)
+    agent: str = ""  # set: a sub-agent, run as a child workflow of that agent instead
+
+    @property
+    def is_subagent(self) -> bool:
+        return bool(self.agent)
 
 
 class ModelSettings(BaseModel):
@@ -177,6 +194,12 @@ class ToolResult(BaseModel):
     error_type: str = ""  # "unknown_tool", "invalid_arguments", "tool_failed", ...
 
 
+class SubAgentArgs(BaseModel):
+    """What the model gives a sub-agent: the task, as the first message of its run."""
+
+    task: str = Field(description="What the sub-agent should do, in full sentences")
+
+
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -270,6 +293,8 @@ class AgentState(BaseModel):
     audit_dropped: int = 0  # refusals dropped from a full audit trail (the count is kept)
     started_at: datetime | None = None
     spec: AgentSpec | None = None
+    # a custom loop's own progress (e.g. its plan), carried across continue-as-new with the rest
+    loop_state: dict[str, Any] = Field(default_factory=dict)
 
     def record(self, entry: AuditEntry) -> None:
         """Append to the audit trail; past the cap, the oldest refusal makes room."""

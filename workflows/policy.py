@@ -9,8 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import jsonschema
-
-from workflows.models import (
+from keel.workflows.models import (
     AgentSpec,
     AgentState,
     ApprovalMode,

@@ -1,40 +1,47 @@
-"""Building blocks any agent loop composes: load the spec, the model step, the tool step,
-status publication. Each activity call names its timeouts, retry policy and summary here."""
+"""Building blocks any agent loop composes: load the spec, the model step, the tool step, the
+sub-agent step, status publication. Each activity call names its timeouts, retry policy and
+summary here. Activities are scheduled by name: workflow code never imports `activities`."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-from pydantic import BaseModel
-from temporalio import workflow
-from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
-
-from workflows import errors
-from workflows.models import (
+from keel.workflows import errors
+from keel.workflows.models import (
     AGENT_NAME,
     AGENT_STATUS,
     AGENT_STEPS,
     AGENT_USER,
+    CALL_MODEL,
+    LOAD_AGENT_SPEC,
     PENDING_APPROVALS,
+    RUN_TOOL,
     TOTAL_TOKENS,
+    WORKFLOW_TYPE,
+    AgentInput,
+    AgentResult,
     AgentSpec,
     AgentState,
     AgentStatus,
     LoadAgentInput,
     ModelInput,
     ModelResult,
+    SubAgentArgs,
     ToolCall,
     ToolInput,
     ToolResult,
     ToolSpec,
 )
-from workflows.policy import short_args
-
-with workflow.unsafe.imports_passed_through():
-    from activities.model import ModelActivities
-    from activities.registry import AgentRegistry
-    from activities.tools import ToolActivities
+from keel.workflows.policy import short_args
+from pydantic import BaseModel
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    ChildWorkflowError,
+)
 
 LOAD_SPEC_TIMEOUT = timedelta(seconds=10)
 MODEL_HEARTBEAT_TIMEOUT = timedelta(seconds=5)
@@ -51,7 +58,7 @@ def payload_bytes(value: BaseModel) -> int:
 
 
 def _root_cause(e: BaseException) -> BaseException:
-    while isinstance(e, ActivityError) and e.cause is not None:
+    while isinstance(e, ActivityError | ChildWorkflowError) and e.cause is not None:
         e = e.cause
     return e
 
@@ -71,9 +78,10 @@ def failure_type(e: BaseException) -> str:
 async def load_spec(agent: str) -> AgentSpec:
     """The agent's spec from the worker's registry, recorded in history as this run's snapshot."""
     try:
-        return await workflow.execute_local_activity_method(
-            AgentRegistry.load_agent_spec,
+        return await workflow.execute_local_activity(
+            LOAD_AGENT_SPEC,
             LoadAgentInput(agent=agent),
+            result_type=AgentSpec,
             start_to_close_timeout=LOAD_SPEC_TIMEOUT,
             retry_policy=RetryPolicy(maximum_attempts=3),
             summary=f"load agent {agent}",
@@ -84,16 +92,19 @@ async def load_spec(agent: str) -> AgentSpec:
         raise errors.KeelError(failure_message(e), type=errors.AGENT_NOT_FOUND) from e
 
 
-async def model_step(spec: AgentSpec, state: AgentState) -> ModelResult:
-    """Call the model on the run's transcript (raises ActivityError when the provider fails,
-    KeelError when the request would not fit in a Temporal payload)."""
+async def model_step(
+    spec: AgentSpec, state: AgentState, tools: list[ToolSpec] | None = None
+) -> ModelResult:
+    """Call the model on the run's transcript, offering `tools` (default: all the agent's).
+    Raises ActivityError when the provider fails, KeelError when the request would not fit
+    in a Temporal payload."""
     s = spec.model
     request = ModelInput(
         agent=spec.name,
         step=state.step,
         settings=s,
         messages=state.transcript,
-        tools=spec.tools,
+        tools=spec.tools if tools is None else tools,
         reserved_call_ids=sorted({e.call_id for e in state.audit if e.call_id}),
     )
     size = payload_bytes(request)
@@ -103,9 +114,10 @@ async def model_step(spec: AgentSpec, state: AgentState) -> ModelResult:
             f"{MAX_PAYLOAD_BYTES}-byte limit (Temporal refuses payloads past 2 MB)",
             type=errors.PAYLOAD_TOO_LARGE,
         )
-    return await workflow.execute_activity_method(
-        ModelActivities.call_model,
+    return await workflow.execute_activity(
+        CALL_MODEL,
         request,
+        result_type=ModelResult,
         start_to_close_timeout=timedelta(seconds=s.timeout_seconds + 5),
         heartbeat_timeout=MODEL_HEARTBEAT_TIMEOUT,
         retry_policy=RetryPolicy(
@@ -125,8 +137,8 @@ async def tool_step(
     t = tool or ToolSpec(name=call.name, max_attempts=1)
     heartbeat = timedelta(seconds=t.heartbeat_seconds) if t.heartbeat_seconds else None
     try:
-        return await workflow.execute_activity_method(
-            ToolActivities.run_tool,
+        return await workflow.execute_activity(
+            RUN_TOOL,
             ToolInput(
                 agent=spec.name,
                 tool=call.name,
@@ -136,6 +148,7 @@ async def tool_step(
                 run_id=workflow.info().workflow_id,
                 user=state.user,
             ),
+            result_type=ToolResult,
             start_to_close_timeout=timedelta(seconds=t.start_to_close_seconds),
             heartbeat_timeout=heartbeat,
             retry_policy=RetryPolicy(
@@ -153,6 +166,55 @@ async def tool_step(
             error_type="tool_failed",
             content=f"Error: tool {call.name} failed: {failure_message(e)}",
         )
+
+
+def subagent_run_id(agent: str, key: str) -> str:
+    """The child run of the sub-agent call with this idempotency key (`run_key:step:index`):
+    derived from it, so a call starts its child once, and runs that reuse a workflow id
+    never meet each other's children."""
+    run_key, step, index = key.rsplit(":", 2)
+    return f"{workflow.info().workflow_id}.{agent}-{run_key[:8]}-{step}-{index}"
+
+
+async def subagent_step(
+    spec: AgentSpec, state: AgentState, call: ToolCall, tool: ToolSpec, task: SubAgentArgs, key: str
+) -> ToolResult:
+    """Run a sub-agent as a child workflow with its own history, budgets and approvals; its
+    answer is the tool's result. Cancelling this step (interrupt, the parent's cancellation)
+    cancels the child; a parent that ends any other way asks the child to cancel too."""
+    run_id = subagent_run_id(tool.agent, key)
+    try:
+        result: AgentResult = await workflow.execute_child_workflow(
+            WORKFLOW_TYPE,
+            AgentInput(agent=tool.agent, message=task.task, user=state.user),
+            id=run_id,
+            result_type=AgentResult,
+            parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
+            search_attributes=workflow.TypedSearchAttributes(
+                [
+                    workflow.SearchAttributePair(AGENT_NAME, tool.agent),
+                    workflow.SearchAttributePair(AGENT_USER, state.user),
+                    workflow.SearchAttributePair(AGENT_STATUS, AgentStatus.RUNNING.value),
+                ]
+            ),
+            static_summary=f"sub-agent {tool.agent} for {spec.name} · step {state.step}",
+        )
+    except ChildWorkflowError as e:
+        if isinstance(e.cause, CancelledError):
+            raise
+        return ToolResult(
+            ok=False,
+            error_type="subagent_failed",
+            content=f"Error: sub-agent {tool.agent} ({run_id}) failed: {failure_message(e)}",
+        )
+    if result.status == AgentStatus.COMPLETED:
+        return ToolResult(ok=True, content=result.final_answer or "")
+    why = f": {result.error}" if result.error else ""
+    return ToolResult(
+        ok=False,
+        error_type="subagent_" + result.status.value,
+        content=f"Error: sub-agent {tool.agent} ({run_id}) ended {result.status.value}{why}",
+    )
 
 
 def current_details(state: AgentState) -> str:

@@ -6,7 +6,7 @@ runs can share one server) and a reply (text, tool calls, an error, optionally d
 (429/500/503/400/401, slow replies, malformed bodies) can be injected by count or by a seeded
 rate, from the rules file, over HTTP (``POST /admin/faults``) or from Python (``set_faults``).
 
-Run it in the foreground with ``python -m client.model_server --rules FILE --port 8765``.
+Run it in the foreground with ``python -m keel.client.model_server --rules FILE --port 8765``.
 
 Modules: ``rules`` (the rules file schema and ``RuleSet``), ``matching`` (conditions against a
 conversation, placeholder substitution), ``completions`` (response and error bodies),

@@ -1,4 +1,4 @@
-"""``python -m client.model_server``: serve a rules file in the foreground."""
+"""``python -m keel.client.model_server``: serve a rules file in the foreground."""
 
 import sys
 

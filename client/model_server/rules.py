@@ -1,7 +1,7 @@
 """The rules file schema: conditions, replies, fault specs and the ``RuleSet`` itself.
 
 Rules files are JSON; keys starting with ``_`` are comments, any other unknown key is an error.
-The bundled files live in ``client/rules/``.
+The bundled files live in ``keel/client/rules/`` (``client/rules/`` in the repository).
 """
 
 from __future__ import annotations

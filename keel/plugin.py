@@ -1,0 +1,196 @@
+"""KeelPlugin: Keel in any Temporal client and worker, beside a team's own workflows.
+
+    client = await Client.connect("localhost:7233", plugins=[KeelPlugin(agents=AGENTS)])
+    worker = Worker(client, task_queue="my-queue", workflows=[MyWorkflow])
+
+adds Keel's workflows, activities (bound to these agents, their resources and the model),
+the pydantic data converter (with payload storage when configured), the sandbox passthrough
+Keel's workflow code needs, its failure types, and registers Keel's search attributes when
+the worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from temporalio.api.operatorservice.v1 import (
+    AddSearchAttributesRequest,
+    ListSearchAttributesRequest,
+)
+from temporalio.client import Client
+from temporalio.converter import DataConverter
+from temporalio.plugin import SimplePlugin
+from temporalio.service import RPCError
+from temporalio.worker import Worker, WorkerConfig, WorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from keel.activities import build_activities
+from keel.activities.model import ModelActivities
+from keel.activities.registry import Agent, AgentRegistry
+from keel.config import Settings
+from keel.workflows import WORKFLOWS
+from keel.workflows.errors import WORKFLOW_FAILURE_TYPES
+from keel.workflows.models import SEARCH_ATTRIBUTES
+
+log = logging.getLogger("keel.worker")
+
+# Deterministic and stateless at module level, so the sandbox may share them with the host:
+# Keel's own modules (its error types must be the same classes the worker registers), and
+# the libraries its workflow code uses.
+PASSTHROUGH_MODULES = ("keel", "pydantic", "pydantic_core", "jsonschema")
+DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
+
+
+@dataclass(frozen=True)
+class ModelProvider:
+    """An OpenAI-compatible endpoint: OpenAI itself, vLLM, Ollama, llama.cpp, ...
+
+    `base_url` None means OpenAI's; `model` is the name agents without their own use."""
+
+    model: str = DEFAULT_OPENAI_MODEL
+    base_url: str | None = None
+    api_key: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelProvider:
+        """OPENAI_BASE_URL / OPENAI_API_KEY / KEEL_MODEL; with none set, the embedded
+        default's scripted model."""
+        if settings.uses_scripted_model:
+            return cls(model="scripted", base_url=settings.scripted_model_url)
+        model = settings.model if settings.model != "scripted" else DEFAULT_OPENAI_MODEL
+        return cls(model=model, base_url=settings.openai_base_url, api_key=settings.openai_api_key)
+
+
+class KeelPlugin(SimplePlugin):
+    """Serve these agents (and their sub-agents) from any worker; see the module's docstring.
+
+    Args:
+        agents: the agents this worker serves.
+        resources: what tools get as `ctx.resources` (a database, an HTTP client, ...).
+        model: the default model: a name (endpoint from the environment) or a ModelProvider.
+        settings: Keel's settings (default: from the environment).
+        register_search_attributes: add Keel's search attributes when the worker starts,
+            where the server allows it (not on Temporal Cloud: create them there yourself).
+    """
+
+    def __init__(
+        self,
+        agents: Sequence[Agent] = (),
+        *,
+        resources: Any = None,
+        model: str | ModelProvider | None = None,
+        settings: Settings | None = None,
+        register_search_attributes: bool = True,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        provider = ModelProvider.from_settings(self.settings)
+        if isinstance(model, str):
+            provider = dataclasses.replace(provider, model=model)
+        elif model is not None:
+            provider = model
+        self.provider = provider
+        self.registry = AgentRegistry(list(agents), default_model=provider.model)
+        self.model_activities = ModelActivities(provider.base_url, provider.api_key, provider.model)
+        self._register = register_search_attributes
+        super().__init__(
+            "keel.KeelPlugin",
+            data_converter=self._data_converter,
+            activities=build_activities(self.registry, self.model_activities, resources),
+            workflows=WORKFLOWS,
+            workflow_runner=_with_passthrough,
+            workflow_failure_exception_types=WORKFLOW_FAILURE_TYPES,
+        )
+
+    @property
+    def agents(self) -> list[str]:
+        """The names of the agents served, sub-agents included."""
+        return self.registry.names
+
+    def _data_converter(self, existing: DataConverter | None) -> DataConverter:
+        return self.settings.data_converter(existing)
+
+    def configure_worker(self, config: WorkerConfig) -> WorkerConfig:
+        """Add Keel to the worker; refuse a client that cannot carry Keel's payloads."""
+        client = config.get("client")
+        if client is not None:
+            converter = client.data_converter
+            if converter.payload_converter_class.__name__ != "PydanticPayloadConverter":
+                raise ValueError(
+                    "this worker's client does not use the pydantic data converter Keel's "
+                    "payloads need: pass KeelPlugin to Client.connect(plugins=[...]) (or "
+                    "connect with keel.connect) rather than to the Worker only"
+                )
+        return super().configure_worker(config)
+
+    async def run_worker(self, worker: Worker, next: Callable[[Worker], Awaitable[None]]) -> None:
+        """Register Keel's search attributes (where allowed), then run the worker."""
+        if self._register:
+            await ensure_search_attributes(worker.client)
+        await super().run_worker(worker, next)
+
+
+def _with_passthrough(existing: WorkflowRunner | None) -> WorkflowRunner:
+    """The worker's workflow runner, with Keel's modules passed through the sandbox."""
+    if existing is None:
+        return SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES)
+        )
+    if isinstance(existing, SandboxedWorkflowRunner):
+        return dataclasses.replace(
+            existing,
+            restrictions=existing.restrictions.with_passthrough_modules(*PASSTHROUGH_MODULES),
+        )
+    return existing  # unsandboxed: nothing to pass through
+
+
+async def ensure_search_attributes(client: Client) -> None:
+    """Register Keel's search attributes where the server lets us (not on Temporal Cloud)."""
+    try:
+        have = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=client.namespace)
+        )
+        existing = set(have.custom_attributes)
+    except RPCError:
+        existing = set()  # servers without the list call (the time-skipping test server)
+    for key in SEARCH_ATTRIBUTES:
+        if key.name in existing:
+            continue
+        try:
+            await client.operator_service.add_search_attributes(
+                AddSearchAttributesRequest(
+                    namespace=client.namespace,
+                    search_attributes={key.name: int(key.indexed_value_type)},
+                )
+            )
+        except RPCError as e:
+            if "already" not in e.message.lower():
+                # a managed cluster registers them through its own console
+                log.warning("could not register search attribute %s: %s", key.name, e.message)
+
+
+def build_worker(
+    client: Client,
+    *,
+    settings: Settings,
+    agents: Sequence[Agent],
+    resources: Any = None,
+    model: str | ModelProvider | None = None,
+    workflows: Sequence[type] = (),
+    activities: Sequence[Callable[..., Any]] = (),
+    **worker_options: Any,
+) -> Worker:
+    """A worker on the settings' task queue serving `agents`, beside any `workflows` and
+    `activities` of the caller's own."""
+    plugin = KeelPlugin(agents, resources=resources, model=model, settings=settings)
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=list(workflows),
+        activities=list(activities),
+        plugins=[plugin],
+        **worker_options,
+    )

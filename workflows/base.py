@@ -1,0 +1,467 @@
+"""KeelWorkflow: the building blocks of one run, bound together.
+
+It holds the run's state and spec, the message inbox, the approval gate and status
+publication, offers the model step, the tool step (policy check, approval gate, idempotency
+key, sub-agents) and budgets as methods, and answers every client door (`keel.decide`,
+`keel.submit_message`, `keel.decide_approval`, `keel.send_message`, `keel.get_state`).
+
+A loop subclasses it, defines its own `@workflow.run` and hands its body to `execute`:
+
+    @workflow.defn(name="myteam.PlanAndExecute")
+    class PlanAndExecute(KeelWorkflow):
+        @workflow.run
+        async def run(self, input: AgentInput) -> AgentResult:
+            return await self.execute(input, self.plan_and_execute)
+
+The default loop, `AgentWorkflow`, is built exactly this way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NoReturn, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RawValue
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    ChildWorkflowError,
+)
+
+with workflow.unsafe.imports_passed_through():
+    from keel.workflows import errors
+    from keel.workflows.approvals import ApprovalExpired, Approvals
+    from keel.workflows.inbox import INTERRUPTED, Inbox, message_refusal
+    from keel.workflows.models import (
+        QUERY_STATE,
+        SIGNAL_DECIDE,
+        SIGNAL_MESSAGE,
+        UPDATE_DECIDE,
+        UPDATE_MESSAGE,
+        AgentInput,
+        AgentResult,
+        AgentSpec,
+        AgentState,
+        AgentStatus,
+        ApprovalTimeoutAction,
+        AuditEntry,
+        ChatMessage,
+        DecideInput,
+        DecideReceipt,
+        Decision,
+        Effect,
+        MessageInput,
+        MessagePolicy,
+        MessageReceipt,
+        ModelResult,
+        QueuedMessage,
+        SubAgentArgs,
+        ToolCall,
+        ToolSpec,
+    )
+    from keel.workflows.policy import (
+        approval_reason,
+        budget_exhausted,
+        idempotency_key,
+        parse_arguments,
+        validate_arguments,
+    )
+    from keel.workflows.steps import (
+        MAX_PAYLOAD_BYTES,
+        StatusPublisher,
+        failure_message,
+        failure_type,
+        load_spec,
+        model_step,
+        payload_bytes,
+        subagent_step,
+        tool_step,
+    )
+    from pydantic import BaseModel
+
+M = TypeVar("M", bound=BaseModel)
+EFFECT_RESULT_CHARS = 2000  # the run's record keeps a bounded copy of each effect's result
+Loop = Callable[[AgentSpec], Awaitable[AgentResult]]
+
+
+class EndRun(Exception):
+    """Raised inside a loop to end the run with this status (a budget is spent, an expired
+    approval's policy cancels the run); `execute` turns it into the run's result."""
+
+    def __init__(self, status: AgentStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class _CallSlot:
+    """One tool call of the step in flight: where it is, and its result once it has one."""
+
+    def __init__(self, call: ToolCall) -> None:
+        self.call = call
+        self.phase = "pending"  # pending → approval → running → done
+        self.result: str | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.interruptible = True
+
+
+class KeelWorkflow:
+    """One agent run's state and building blocks; subclasses add `@workflow.run`."""
+
+    @workflow.init
+    def __init__(self, input: AgentInput) -> None:
+        self.state = input.carry or AgentState(agent=input.agent, user=input.user)
+        self.spec: AgentSpec | None = self.state.spec
+        self.inbox = Inbox(self.state)
+        self.publisher = StatusPublisher()
+        self.approvals = Approvals(self.state, self.publish)
+        self._abort: str | None = None  # an approval expired under the "cancel" policy
+
+    # --- the frame every loop runs in -----------------------------------------------------
+
+    async def execute(self, input: AgentInput, loop: Loop) -> AgentResult:
+        """Start (or resume, after continue-as-new) the run, then run `loop` on its spec.
+
+        Keeps the guarantees a loop should not have to know about: a client cannot forge
+        the carried state, the spec is loaded once and recorded, the first message is
+        queued, `EndRun` becomes the run's status, and a cancellation is recorded."""
+        st = self.state
+        if input.carry is not None and workflow.info().continued_run_id is None:
+            # a carried state (and the spec in it) comes only from continue-as-new
+            self.state = AgentState(agent=input.agent, user=input.user)
+            self.finish(AgentStatus.FAILED, "`carry` is set by continue-as-new, not by clients")
+            raise errors.KeelError("`carry` is set by continue-as-new, not by clients")
+        try:
+            if input.carry is None:
+                try:
+                    self.spec = st.spec = await load_spec(input.agent)
+                except errors.KeelError as e:
+                    self.finish(AgentStatus.FAILED, e.message)
+                    raise
+                st.run_key = str(workflow.uuid4())
+                st.started_at = workflow.now()
+                st.transcript = [ChatMessage(role="system", content=self.spec.instructions)]
+                st.turn_start = 1
+                st.queued_messages.insert(0, _first_message(input))
+            assert self.spec is not None
+            try:
+                return await loop(self.spec)
+            except EndRun as e:
+                return self.finish(e.status, e.reason)
+        except asyncio.CancelledError:
+            st.status = AgentStatus.CANCELLED
+            st.error = "cancelled"
+            st.pending_approvals.clear()
+            self.publish()
+            raise
+
+    def deliver(self) -> None:
+        """At a step boundary: finish an interrupt or rollback, then move queued messages
+        into the transcript, in arrival order."""
+        if self.inbox.stop_turn is not None:
+            self.inbox.apply_stop(workflow.now())
+        self.inbox.deliver()
+
+    async def checkpoint(self) -> None:
+        """Before a model step: end the run if a budget is spent or an expired approval
+        cancelled it (`EndRun`), and continue-as-new when the server suggests it."""
+        assert self.spec is not None
+        if self._abort:
+            raise EndRun(AgentStatus.CANCELLED, self._abort)
+        spent = budget_exhausted(self.spec, self.state, workflow.now())
+        if spent:
+            raise EndRun(AgentStatus.BUDGET_EXHAUSTED, spent)
+        if workflow.info().is_continue_as_new_suggested():
+            await self.continue_as_new()
+        self.state.status = AgentStatus.RUNNING
+
+    def answered(self) -> bool:
+        """Whether the model's last word is an answer (no tool calls pending on it)."""
+        last = self.state.transcript[-1]
+        return last.role == "assistant" and not last.tool_calls
+
+    async def turn(self, tools: list[ToolSpec] | None = None) -> str:
+        """Steps until the model answers without tools and no message is queued; returns the
+        answer. Messages, interrupts, budgets and continue-as-new are handled on the way."""
+        while True:
+            self.deliver()
+            if self.answered():
+                self.state.final_answer = self.state.transcript[-1].content or ""
+                return self.state.final_answer
+            await self.checkpoint()
+            await self.step(tools)
+
+    def say(self, text: str) -> None:
+        """Add a user message of the loop's own (a plan step, an instruction) to the context."""
+        self.state.transcript.append(ChatMessage(role="user", content=text))
+
+    def publish(self) -> None:
+        """Reflect the run's state in its search attributes and current details."""
+        self.publisher.publish(self.state)
+
+    # --- one step: the model, then the tool calls it asks for -----------------------------
+
+    async def step(self, tools: list[ToolSpec] | None = None) -> ModelResult | None:
+        """One model call offering `tools` (default: all the agent's), then the tool calls it
+        asks for. None when an interrupt or rollback stopped the step."""
+        spec = self.spec
+        assert spec is not None
+        st = self.state
+        st.step += 1
+        self.publish()
+        model = asyncio.create_task(model_step(spec, st, tools))
+        try:
+            await workflow.wait_condition(lambda: model.done() or self.inbox.stop_turn is not None)
+        except asyncio.CancelledError:
+            model.cancel()
+            raise
+        if not model.done():
+            model.cancel()
+            await asyncio.gather(model, return_exceptions=True)
+            return None
+        try:
+            result = model.result()
+        except ActivityError as e:
+            self.fail(failure_message(e), failure_type(e) or errors.PROVIDER_UNAVAILABLE)
+        except errors.KeelError as e:
+            self.fail(e.message, e.type or "KeelError")
+        st.usage = st.usage.add(result.usage)
+        st.transcript.append(result.message)
+        self.publish()
+        calls = result.message.tool_calls
+        if not calls:
+            return result
+        slots = [_CallSlot(c) for c in calls]
+        for i, slot in enumerate(slots):
+            slot.task = asyncio.create_task(self._call(spec, slot, i))
+        try:
+            await workflow.wait_condition(
+                lambda: all(s.phase == "done" for s in slots) or self.inbox.stop_turn is not None
+            )
+        except asyncio.CancelledError:
+            # the run is cancelled: stop what may stop, let side effects finish and record them
+            await self._settle(slots)
+            raise
+        await self._settle(slots)
+        return result
+
+    async def _settle(self, slots: list[_CallSlot]) -> None:
+        """Stop the calls still open (withdraw approvals, cancel interruptible tools), wait for
+        side-effecting ones to finish, then give every call its result, in call order.
+
+        A cancellation arriving meanwhile is held until every call has its result, so a
+        side effect is never cut short and never missing from the record."""
+        st = self.state
+        tasks = [s.task for s in slots if s.task is not None]
+        cancelled = False
+        while True:
+            for slot in slots:
+                if slot.phase != "done" and (slot.phase != "running" or slot.interruptible):
+                    assert slot.task is not None
+                    slot.task.cancel()
+            try:
+                await workflow.wait_condition(lambda: all(t.done() for t in tasks))
+                break
+            except asyncio.CancelledError:
+                cancelled = True
+        for slot in slots:
+            content = slot.result
+            if content is None:
+                content = INTERRUPTED
+                task = slot.task
+                error = None if task is None or task.cancelled() else task.exception()
+                if error is not None and not _is_cancellation(error):
+                    workflow.logger.error(
+                        "tool call %s failed inside Keel: %r", slot.call.id, error
+                    )
+                    content = f"Error: Keel could not run this call: {error}"
+            st.transcript.append(
+                ChatMessage(
+                    role="tool", tool_call_id=slot.call.id, name=slot.call.name, content=content
+                )
+            )
+        self.publish()
+        if cancelled:
+            raise asyncio.CancelledError()
+
+    async def _call(self, spec: AgentSpec, slot: _CallSlot, index: int) -> None:
+        """Policy check → approval gate → the tool (or sub-agent) → the record of effects."""
+        st = self.state
+        call = slot.call
+        tool = spec.tool(call.name)
+        args, problem = parse_arguments(call.arguments)
+        try:
+            if tool is None:
+                known = ", ".join(t.name for t in spec.tools) or "none"
+                slot.result = (
+                    f"Error: there is no tool named {call.name!r}. Available tools: {known}."
+                )
+                return
+            if args is None:
+                slot.result = f"Error: {problem}"
+                return
+            problem = validate_arguments(tool, args)
+            if problem:
+                slot.result = f"Error: invalid arguments for {tool.name}: {problem}"
+                return
+            edited = ""
+            reason = approval_reason(tool, args)
+            if reason:
+                slot.phase = "approval"
+                try:
+                    d = await self.approvals.request(spec, call.id, tool, args, reason, st.step)
+                except ApprovalExpired:
+                    if spec.on_approval_timeout == ApprovalTimeoutAction.CANCEL:
+                        self._abort = f"approval for {call.name} ({call.id}) expired"
+                    slot.result = f"Rejected: no approval for {call.name} before it expired."
+                    return
+                if d.decision == Decision.REJECT:
+                    why = d.reason or "no reason given"
+                    slot.result = f"Rejected by {d.approver}: {why}"
+                    return
+                if d.decision == Decision.EDIT and d.arguments is not None:
+                    args = d.arguments
+                    call = call.model_copy(update={"arguments": json.dumps(args)})
+                    # the model must know what actually ran
+                    edited = f"Approved by {d.approver} with changed arguments {call.arguments}. "
+            slot.phase = "running"
+            slot.interruptible = tool.interruptible
+            key = idempotency_key(st.run_key, st.step, index)
+            if tool.is_subagent:
+                task = SubAgentArgs.model_validate(args)
+                result = await subagent_step(spec, st, call, tool, task, key)
+            else:
+                result = await tool_step(spec, st, call, tool, key)
+            slot.result = edited + result.content
+            if result.ok and tool.side_effects:
+                st.effects.append(
+                    Effect(
+                        call_id=call.id,
+                        tool=call.name,
+                        arguments=args or {},
+                        idempotency_key=key,
+                        result=result.content[:EFFECT_RESULT_CHARS],
+                        step=st.step,
+                        at=workflow.now(),
+                    )
+                )
+        finally:
+            slot.phase = "done"
+
+    # --- ending a history, ending a run ---------------------------------------------------
+
+    async def continue_as_new(self) -> NoReturn:
+        """Start a fresh history at this step boundary, carrying the whole state (including
+        a custom loop's `state.loop_state`)."""
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        st = self.state
+        carry = AgentInput(agent=st.agent, message="", user=st.user, carry=st)
+        size = payload_bytes(carry)
+        if size > MAX_PAYLOAD_BYTES:
+            self.fail(
+                f"the run's state is {size} bytes, too large to carry into a new history",
+                errors.PAYLOAD_TOO_LARGE,
+            )
+        workflow.continue_as_new(carry)
+
+    def finish(self, status: AgentStatus, error: str | None = None) -> AgentResult:
+        """End the run with this status; returns the result the run answers with."""
+        st = self.state
+        st.status = status
+        st.error = error
+        if error:
+            st.record(AuditEntry(at=workflow.now(), kind=status.value, detail=error))
+        self.publish()
+        return AgentResult(
+            status=status,
+            final_answer=st.final_answer,
+            error=error,
+            steps=st.step,
+            usage=st.usage,
+        )
+
+    def fail(self, message: str, type: str) -> NoReturn:
+        """The run cannot go on: it ends `failed`, saying what went wrong."""
+        self.finish(AgentStatus.FAILED, message)
+        raise ApplicationError(f"step {self.state.step}: {message}", type=type, non_retryable=True)
+
+    # --- queries, signals, updates --------------------------------------------------------
+
+    @workflow.query(name=QUERY_STATE)
+    def get_state(self) -> AgentState:
+        """Status, step, pending approvals, queued messages, transcript, usage, effects, audit."""
+        return self.state
+
+    @workflow.signal(dynamic=True)
+    def on_signal(self, name: str, args: Sequence[RawValue]) -> None:
+        """`keel.decide` and `keel.submit_message`, as plain JSON a person can type. Every
+        payload is taken raw, so a malformed, missing, extra or unknown one is recorded as
+        refused in the audit trail, never raised and never dropped silently."""
+        if name == SIGNAL_DECIDE:
+            d = self._decode(args, DecideInput, name)
+            if d is not None:
+                self.approvals.decide(self.spec, d)
+        elif name == SIGNAL_MESSAGE:
+            m = self._decode(args, MessageInput, name)
+            if m is not None:
+                self.inbox.accept(self.spec, m, workflow.now())
+        else:
+            self._refuse_signal(
+                f"unknown signal {name!r} (known: {SIGNAL_DECIDE}, {SIGNAL_MESSAGE})"
+            )
+
+    @workflow.update(name=UPDATE_DECIDE)
+    def decide_approval(self, d: DecideInput) -> DecideReceipt:
+        """A decision that answers with a receipt (refusals are raised by the validator)."""
+        return self.approvals.decide(self.spec, d)
+
+    @decide_approval.validator
+    def _validate_decision(self, d: DecideInput) -> None:
+        refusal = self.approvals.refusal(self.spec, d)
+        if refusal:
+            raise ValueError(refusal)
+
+    @workflow.update(name=UPDATE_MESSAGE)
+    def send_message(self, m: MessageInput) -> MessageReceipt:
+        """A user message that answers with a receipt: queued, delivered, or refused."""
+        return self.inbox.accept(self.spec, m, workflow.now())
+
+    @send_message.validator
+    def _validate_message(self, m: MessageInput) -> None:
+        refusal = message_refusal(self.spec, self.state, m)
+        if refusal:
+            raise ValueError(refusal)
+
+    def _decode(self, args: Sequence[RawValue], model: type[M], signal: str) -> M | None:
+        """Decode a signal's one payload, or record why it was refused (never raises)."""
+        try:
+            if len(args) != 1:
+                raise ValueError(f"expected one JSON payload, got {len(args)}")
+            value = workflow.payload_converter().from_payload(args[0].payload)
+            if isinstance(value, str) and model is MessageInput:
+                value = {"text": value}
+            return model.model_validate(value)
+        except Exception as e:
+            self._refuse_signal(f"{signal}: malformed payload: {e}")
+            return None
+
+    def _refuse_signal(self, why: str) -> None:
+        self.state.record(
+            AuditEntry(
+                at=workflow.now(), kind="signal_refused", detail=why.replace("\n", " ")[:500]
+            )
+        )
+
+
+def _is_cancellation(e: BaseException) -> bool:
+    return isinstance(e, asyncio.CancelledError) or (
+        isinstance(e, ActivityError | ChildWorkflowError) and isinstance(e.cause, CancelledError)
+    )
+
+
+def _first_message(input: AgentInput) -> QueuedMessage:
+    return QueuedMessage(text=input.message, policy=MessagePolicy.QUEUE, sender=input.user)
