@@ -44,7 +44,7 @@ from keel.activities.tools import Tool, ToolContext, tool
 from keel.client.api import AgentClient
 from keel.client.model_server import MODEL_ID, RuleSet, ScriptedModelServer
 from keel.workflows.agent import AgentWorkflow
-from keel.workflows.models import SEARCH_ATTRIBUTES, AgentStatus, Limits
+from keel.workflows.models import CALL_MODEL, SEARCH_ATTRIBUTES, AgentStatus, Limits
 from keel.workflows.models import ModelSettings as KeelModelSettings
 from openai import AsyncOpenAI
 from pydantic import BaseModel
@@ -345,7 +345,7 @@ async def history_cost(client: Client, run_id: str, k: int) -> HistoryCost:
             activities += 1
             activity_at[e.event_id] = at
             a = e.activity_task_scheduled_event_attributes
-            if a.activity_type.name == "call_model":
+            if a.activity_type.name == CALL_MODEL:
                 model_inputs.append(a.input.ByteSize())
         elif e.HasField("activity_task_completed_event_attributes"):
             sched = activity_at.get(e.activity_task_completed_event_attributes.scheduled_event_id)

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from keel.client.api import AgentClient, KeelClientError
+from keel.workflows.models import WORKFLOW_TYPE
 from temporalio.service import RPCError
 
 from keel.config import Settings, SettingsError
@@ -50,7 +51,7 @@ async def cmd_worker(a: argparse.Namespace, s: Settings) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        await run_worker(s, agents=a.agents, resources=a.resources)
+        await run_worker(s, agents=a.agents, resources=a.resources, workflows=a.workflows)
     except RuntimeError as e:  # the SDK's "failed client connect" and the like
         raise KeelClientError(f"worker: {e} (TEMPORAL_ADDRESS is {s.address})") from e
     return 0
@@ -58,7 +59,7 @@ async def cmd_worker(a: argparse.Namespace, s: Settings) -> int:
 
 async def cmd_start(a: argparse.Namespace, s: Settings) -> int:
     agents = await _agents(s)
-    run_id = await agents.start(a.agent, a.message, user=a.user, run_id=a.id)
+    run_id = await agents.start(a.agent, a.message, user=a.user, run_id=a.id, loop=a.loop)
     if not a.wait:
         print(run_id)
         return 0
@@ -188,12 +189,23 @@ def parser() -> argparse.ArgumentParser:
         help="what tools get as ctx.resources: module:attribute of an object or a "
         "factory called once (default: $KEEL_RESOURCES)",
     )
+    sp.add_argument(
+        "--workflows",
+        default=None,
+        help="loops of your own to serve beside Keel's, as module:attribute of a "
+        "KeelWorkflow class or a list (default: $KEEL_WORKFLOWS)",
+    )
     sp = add("start", cmd_start, "start a run")
     sp.add_argument("agent")
     sp.add_argument("message")
     sp.add_argument("--user", default="")
     sp.add_argument("--id", default=None, help="the run id (default: generated)")
     sp.add_argument("--wait", action="store_true", help="print the final answer")
+    sp.add_argument(
+        "--loop",
+        default=WORKFLOW_TYPE,
+        help="the workflow type that runs the agent (default: Keel's own loop)",
+    )
     sp = add("status", cmd_status, "a run's state")
     sp.add_argument("run")
     sp.add_argument("--json", action="store_true")

@@ -53,6 +53,7 @@ class Settings:
     payload_threshold: int = DEFAULT_PAYLOAD_THRESHOLD
     agents: str | None = None  # what `keel worker` serves: `module:attribute`
     resources: str | None = None  # and the resources its tools get: `module:attribute`
+    workflows: str | None = None  # and loops of the team's own beside Keel's: `module:attribute`
 
     @property
     def uses_scripted_model(self) -> bool:
@@ -88,6 +89,7 @@ class Settings:
             payload_threshold=_int(env, "KEEL_PAYLOAD_THRESHOLD", DEFAULT_PAYLOAD_THRESHOLD),
             agents=env.get("KEEL_AGENTS") or None,
             resources=env.get("KEEL_RESOURCES") or None,
+            workflows=env.get("KEEL_WORKFLOWS") or None,
         )
 
     def data_converter(self, base: DataConverter | None = None) -> DataConverter:

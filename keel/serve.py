@@ -53,6 +53,19 @@ def load_agents(ref: str) -> list[Agent]:
     return list(agents)
 
 
+def load_workflows(ref: str | None) -> list[type]:
+    """The workflow classes `ref` names: one class or a list of them."""
+    if not ref:
+        return []
+    value = load_object(ref, "workflows")
+    classes = [value] if inspect.isclass(value) else value
+    if not isinstance(classes, Sequence) or not all(
+        inspect.isclass(c) and hasattr(c, "__temporal_workflow_definition") for c in classes
+    ):
+        raise SettingsError(f"workflows {ref!r} is not a @workflow.defn class or a list of them")
+    return list(classes)
+
+
 def load_resources(ref: str | None) -> Any:
     """The resources `ref` names; a function (the factory) is called once, here."""
     if not ref:
@@ -64,9 +77,14 @@ def load_resources(ref: str | None) -> Any:
 
 
 async def run_worker(
-    settings: Settings, *, agents: str | None = None, resources: str | None = None
+    settings: Settings,
+    *,
+    agents: str | None = None,
+    resources: str | None = None,
+    workflows: str | None = None,
 ) -> None:
-    """Connect, and serve the named agents on the settings' task queue until cancelled."""
+    """Connect, and serve the named agents (and loops) on the settings' task queue until
+    cancelled."""
     ref = agents or settings.agents
     if not ref:
         raise SettingsError(
@@ -74,9 +92,10 @@ async def run_worker(
             "(or set KEEL_AGENTS); the demo's are keel.activities.support:AGENTS"
         )
     served = load_agents(ref)
+    loops = load_workflows(workflows or settings.workflows)
     res = load_resources(resources or settings.resources)
     client = await connect(settings)
-    worker = build_worker(client, settings=settings, agents=served, resources=res)
+    worker = build_worker(client, settings=settings, agents=served, resources=res, workflows=loops)
     log.info(
         "worker serving %s on task queue %s at %s",
         ", ".join(a.name for a in with_subagents(served)),

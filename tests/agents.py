@@ -98,11 +98,21 @@ FAST = ModelSettings(timeout_seconds=2.0, max_attempts=6)
 TOOLS = [add, charge, slow_lookup, slow_email, flaky, blob]
 INSTRUCTIONS = "You are a test agent."
 
+CALC = Agent(name="calc", instructions=INSTRUCTIONS, tools=TOOLS)
+SHOP = Agent(name="shop", instructions=INSTRUCTIONS, tools=TOOLS, approvals=CHARGE)
+# sub-agents: each call runs the child agent as a child workflow
+BOSS = Agent(
+    name="boss",
+    instructions="You delegate.",
+    tools=[add, SHOP.as_tool("ask_shop", side_effects=True), CALC.as_tool("ask_calc")],
+)
+
 TEST_AGENTS = [
-    Agent(name="calc", instructions=INSTRUCTIONS, tools=TOOLS),
+    CALC,
     Agent(name="adder", instructions=INSTRUCTIONS, tools=[add]),
     Agent(name="fast", instructions=INSTRUCTIONS, tools=TOOLS, model=FAST),
-    Agent(name="shop", instructions=INSTRUCTIONS, tools=TOOLS, approvals=CHARGE),
+    SHOP,
+    BOSS,
     Agent(
         name="shop-open",
         instructions=INSTRUCTIONS,

@@ -29,8 +29,8 @@ async def scenario(h: Harness, name: str, agent: str, text: str, tag: str) -> No
             await h.agents.approve(run, state.pending_approvals[0].call_id, "alice")
         if name == "idle":
             await h.agents.result(run, timeout=60)
-            await h.client.get_workflow_handle(run).signal("submit_message", {"text": "echo"})
-            await h.client.get_workflow_handle(run).signal("submit_message", "not json {")
+            await h.client.get_workflow_handle(run).signal("keel.submit_message", {"text": "echo"})
+            await h.client.get_workflow_handle(run).signal("keel.submit_message", "not json {")
             await wait_for(lambda: _turns(h, run, 2))
             await h.agents.cancel(run)
         if name in ("interrupt", "rollback"):

@@ -33,10 +33,20 @@ TEST_RULES: dict[str, Any] = {
             },
         },
         {
+            "name": "delegate to shop",
+            "when": {"last_role": "user", "last_user": "(?i)^delegate (?P<task>.+)$"},
+            "reply": {"tool_calls": [{"name": "ask_shop", "arguments": {"task": "{task}"}}]},
+        },
+        {
+            "name": "delegate to calc",
+            "when": {"last_role": "user", "last_user": "(?i)^compute (?P<task>.+)$"},
+            "reply": {"tool_calls": [{"name": "ask_calc", "arguments": {"task": "{task}"}}]},
+        },
+        {
             "name": "crash step 2",
             "when": {"any_user": "crash test", "last_role": "tool", "last_tool_name": "charge"},
             "reply": {
-                "delay": 1.5,
+                "hold": "crash",  # held until the test has killed the worker
                 "tool_calls": [{"name": "add", "arguments": {"a": 20, "b": 22}}],
             },
         },

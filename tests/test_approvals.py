@@ -97,16 +97,16 @@ async def test_refusals_leave_the_run_unharmed(harness: Harness) -> None:
         # the same refusals as signals: recorded, never raised
         handle = harness.client.get_workflow_handle(run)
         await handle.signal(
-            "decide", {"call_id": req.call_id, "decision": "approve", "approver": "carol"}
+            "keel.decide", {"call_id": req.call_id, "decision": "approve", "approver": "carol"}
         )
         await handle.signal(
-            "decide", {"call_id": req.call_id, "decision": "maybe", "approver": "x"}
+            "keel.decide", {"call_id": req.call_id, "decision": "maybe", "approver": "x"}
         )
-        await handle.signal("decide", "not even an object")
-        await handle.signal("decide", RawValue(_raw_payload(b"{broken json")))
-        await handle.signal("decide")  # no payload at all
-        await handle.signal("decide", RawValue(_raw_payload(b"approve", b"text/plain")))
-        await handle.signal("decide", args=[{"call_id": req.call_id}, {"extra": "arg"}])
+        await handle.signal("keel.decide", "not even an object")
+        await handle.signal("keel.decide", RawValue(_raw_payload(b"{broken json")))
+        await handle.signal("keel.decide")  # no payload at all
+        await handle.signal("keel.decide", RawValue(_raw_payload(b"approve", b"text/plain")))
+        await handle.signal("keel.decide", args=[{"call_id": req.call_id}, {"extra": "arg"}])
         await handle.signal("approve_it", {"call_id": req.call_id})  # no such signal
         state = await wait_for(lambda: _audit_kinds(harness, run, 8))
         refused = [k for k in state if k.endswith("refused")]
@@ -152,7 +152,7 @@ async def test_decision_while_no_worker_runs(harness: Harness) -> None:
         req = (await pending(harness, run)).pending_approvals[0]
     # the worker is gone; a plain JSON signal is accepted by the server and waits
     await harness.client.get_workflow_handle(run).signal(
-        "decide", {"call_id": req.call_id, "decision": "approve", "approver": "bob"}
+        "keel.decide", {"call_id": req.call_id, "decision": "approve", "approver": "bob"}
     )
     await asyncio.sleep(0.5)
     assert harness.ledger.rows("refunds") == []
@@ -186,11 +186,13 @@ async def test_temporal_cli_plain_json(harness: Harness) -> None:
         run = await harness.start("shop-open", "charge 30")
         req = (await pending(harness, run)).pending_approvals[0]
         decision = {"call_id": req.call_id, "decision": "approve", "approver": "alice"}
-        await temporal("--workflow-id", run, "--name", "decide", "--input", json.dumps(decision))
+        await temporal(
+            "--workflow-id", run, "--name", "keel.decide", "--input", json.dumps(decision)
+        )
         await wait_for(lambda: _status(harness, run, AgentStatus.IDLE))
         message = {"text": "say hello", "policy": "queue"}
         await temporal(
-            "--workflow-id", run, "--name", "submit_message", "--input", json.dumps(message)
+            "--workflow-id", run, "--name", "keel.submit_message", "--input", json.dumps(message)
         )
         state = await wait_for(lambda: _answered(harness, run, "Hello!"))
         await harness.agents.cancel(run)

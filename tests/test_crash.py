@@ -6,44 +6,65 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from keel.workflows.models import AgentStatus
 
 from tests.conftest import Harness, wait_for
 
 
-def requests_at_step(h: Harness, n_messages: int) -> int:
-    """How many chat requests carried a conversation of this length (one per model step)."""
-    return sum(1 for r in h.model.requests() if len(r["body"]["messages"]) == n_messages)
+def requests_at_step(h: Harness, n_messages: int, tools: str = "charge") -> int:
+    """How many chat requests carried a conversation of this length, offering this tool
+    (one per model step of the runs that have it)."""
+    return sum(
+        1
+        for r in h.model.requests()
+        if len(r["body"]["messages"]) == n_messages
+        and any(t["function"]["name"] == tools for t in r["body"].get("tools", []))
+    )
 
 
-async def test_sigkilled_worker_is_replaced_without_repeating_work(harness: Harness) -> None:
-    address = harness.client.service_client.config.target_host
+@asynccontextmanager
+async def killable_worker(h: Harness) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A worker in a process of its own, SIGKILLed on the way out if still alive."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "tests.worker_process",
         "--address",
-        address,
+        h.client.service_client.config.target_host,
         "--task-queue",
-        harness.settings.task_queue,
+        h.settings.task_queue,
         "--model-url",
-        harness.model.url,
+        h.model.url,
         "--ledger",
-        str(harness.ledger.path),
+        str(h.ledger.path),
         cwd=os.getcwd(),
     )
     try:
-        run = await harness.start("calc", "crash test")
-        # step 1 (charge 10) completed, the effect committed, step 2 (slow) in flight: kill
-        await wait_for(lambda: requests_at_step(harness, 4) >= 1, timeout=60)
-        assert len(harness.ledger.rows("refunds")) == 1
-        proc.send_signal(signal.SIGKILL)
-        await proc.wait()
+        yield proc
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def kill_while_held(h: Harness, proc: asyncio.subprocess.Process, gate: str) -> None:
+    """SIGKILL the worker while a model call waits at the scripted model's gate, then let
+    the gate go: the call that was in flight is the only one asked again."""
+    await wait_for(lambda: h.model.held(gate) >= 1, timeout=60)
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    h.model.release(gate)
+
+
+async def test_sigkilled_worker_is_replaced_without_repeating_work(harness: Harness) -> None:
+    async with killable_worker(harness) as proc:
+        run = await harness.start("calc", "crash test")
+        # step 1 (charge 10) completed and its effect committed; step 2 is held: kill
+        await kill_while_held(harness, proc, "crash")
+        assert len(harness.ledger.rows("refunds")) == 1
 
     async with harness.running():
         result = await harness.agents.result(run, timeout=90)
@@ -51,8 +72,35 @@ async def test_sigkilled_worker_is_replaced_without_repeating_work(harness: Harn
     assert result.status == AgentStatus.COMPLETED
     assert result.final_answer == "The sum is 42."
     assert requests_at_step(harness, 2) == 1  # step 1 ran once
-    assert requests_at_step(harness, 4) == 2  # step 2 was in flight when killed: re-asked once
+    assert requests_at_step(harness, 4) == 2  # step 2 was in flight when killed: asked again
     refunds = harness.ledger.rows("refunds")
     assert len(refunds) == 1 and refunds[0]["amount"] == 10
     assert [e.tool for e in state.effects] == ["charge"]
     assert refunds[0]["idempotency_key"] == state.effects[0].idempotency_key
+
+
+async def test_sigkill_during_a_sub_agent_step_loses_nothing(harness: Harness) -> None:
+    async with killable_worker(harness) as proc:
+        run = await harness.start("boss", "compute crash test")
+        # the child run charged once and holds its second model step: kill the worker
+        await kill_while_held(harness, proc, "crash")
+
+    async with harness.running():
+        result = await harness.agents.result(run, timeout=90)
+        parent = await harness.agents.get_state(run)
+    assert result.status == AgentStatus.COMPLETED
+    assert result.final_answer == "Done: The sum is 42."
+    (call,) = parent.transcript[2].tool_calls
+    assert call.name == "ask_calc"
+    (child_id,) = await wait_for(lambda: _children(harness, run))
+    child = await harness.agents.get_state(child_id)
+    assert child.status == AgentStatus.COMPLETED and child.final_answer == "The sum is 42."
+    assert requests_at_step(harness, 2, "ask_calc") == 1  # the parent's step 1: once
+    assert requests_at_step(harness, 2) == 1  # the child's step 1: once
+    assert requests_at_step(harness, 4) == 2  # the child's step 2, in flight: asked again
+    refunds = harness.ledger.rows("refunds")
+    assert len(refunds) == 1 and refunds[0]["idempotency_key"] == child.effects[0].idempotency_key
+
+
+async def _children(h: Harness, run: str) -> list[str]:
+    return [wf.id async for wf in h.client.list_workflows(f"ParentWorkflowId = '{run}'")]

@@ -174,7 +174,9 @@ async def test_reject_policy_refuses_while_in_flight(
             await wait_for(lambda: tools_running(harness, run))
         receipt = await harness.agents.send_message(run, "hurry up")
         assert receipt.status == "rejected" and "in flight" in receipt.reason
-        await harness.client.get_workflow_handle(run).signal("submit_message", {"text": "hurry!"})
+        await harness.client.get_workflow_handle(run).signal(
+            "keel.submit_message", {"text": "hurry!"}
+        )
         result = await harness.agents.result(run, timeout=30)
         state = await harness.agents.get_state(run)
     assert result.final_answer == answer
@@ -191,7 +193,7 @@ async def test_burst_of_messages_none_lost_order_kept(harness: Harness) -> None:
         handle = harness.client.get_workflow_handle(run)
         for i in range(30):
             if i % 2:
-                await handle.signal("submit_message", {"text": f"msg {i}"})
+                await handle.signal("keel.submit_message", {"text": f"msg {i}"})
             else:
                 await harness.agents.send_message(run, f"msg {i}")
         result = await harness.agents.result(run, timeout=30)
@@ -264,7 +266,7 @@ async def test_rollback_before_the_spec_is_loaded_keeps_instructions(harness: Ha
         AgentInput(agent="calc", message="take a moment", user="t"),
         id=run,
         task_queue=harness.settings.task_queue,
-        start_signal="submit_message",
+        start_signal="keel.submit_message",
         start_signal_args=[{"text": "say hello", "policy": "rollback"}],
     )
     async with harness.running():

@@ -9,7 +9,7 @@ import pytest
 from keel.activities.support import Ledger
 from keel.client.api import AgentClient
 from keel.client.model_server import ScriptedModelServer
-from keel.workflows.models import AgentStatus
+from keel.workflows.models import CALL_MODEL, AgentStatus
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
@@ -26,7 +26,7 @@ async def model_input_sizes(client: Client, run: str) -> list[int]:
         e.activity_task_scheduled_event_attributes.input.ByteSize()
         for e in history.events
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-        and e.activity_task_scheduled_event_attributes.activity_type.name == "call_model"
+        and e.activity_task_scheduled_event_attributes.activity_type.name == CALL_MODEL
     ]
 
 

@@ -102,6 +102,9 @@ class Reply(_Strict):
     content: str | None = None
     tool_calls: list[ToolCallSpec] | None = None
     delay: float = Field(default=0.0, ge=0)
+    # a named gate: the reply waits until the gate is released (``release(name)``), so a
+    # test acts while a model call is surely in flight, with no timing window
+    hold: str | None = None
     omit_tool_call_ids: bool = False
     duplicate_tool_call_ids: bool = False
     content_with_tool_calls: str | None = None

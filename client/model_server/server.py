@@ -77,6 +77,8 @@ class ScriptedModelServer:
         self._generation = 0
         self._log: list[dict[str, Any]] = []
         self._faults: list[_FaultState] = [_FaultState.of(f) for f in rules.faults]
+        self._gates: dict[str, threading.Event] = {}
+        self._held: dict[str, int] = {}
 
     # ---- lifecycle
 
@@ -203,6 +205,37 @@ class ScriptedModelServer:
         with self._lock:
             self._faults = states
 
+    def _gate(self, name: str) -> threading.Event:
+        with self._lock:
+            return self._gates.setdefault(name, threading.Event())
+
+    def release(self, name: str) -> None:
+        """Open the gate `name`: replies held at it go out, later ones pass straight on."""
+        self._gate(name).set()
+
+    def close_gate(self, name: str) -> None:
+        """Close the gate `name` again: replies that reach it wait for the next release."""
+        self._gate(name).clear()
+
+    def held(self, name: str) -> int:
+        """How many requests are waiting at the gate `name` right now."""
+        with self._lock:
+            return self._held.get(name, 0)
+
+    def _wait_at_gate(self, name: str) -> bool:
+        """Wait until the gate opens; False when the server stops first."""
+        gate = self._gate(name)
+        with self._lock:
+            self._held[name] = self._held.get(name, 0) + 1
+        try:
+            while not gate.wait(0.05):
+                if self._stopping.is_set():
+                    return False
+            return True
+        finally:
+            with self._lock:
+                self._held[name] -= 1
+
     def reset(self) -> None:
         """Clear counters, the request log and the active faults."""
         with self._lock:
@@ -285,6 +318,8 @@ class ScriptedModelServer:
         rule, reply, captures = self._rules.select(body)
         with self._lock:
             entry["rule"] = rule.name if rule is not None else "default"
+        if reply.hold is not None and not self._wait_at_gate(reply.hold):
+            return None
         if reply.delay and self._stopping.wait(reply.delay):
             return None
         if reply.error is not None:
