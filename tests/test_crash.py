@@ -88,12 +88,12 @@ async def test_sigkill_during_a_sub_agent_step_loses_nothing(harness: Harness) -
     async with harness.running():
         result = await harness.agents.result(run, timeout=90)
         parent = await harness.agents.get_state(run)
+        (child_id,) = await wait_for(lambda: _children(harness, run))
+        child = await harness.agents.get_state(child_id)
     assert result.status == AgentStatus.COMPLETED
     assert result.final_answer == "Done: The sum is 42."
     (call,) = parent.transcript[2].tool_calls
     assert call.name == "ask_calc"
-    (child_id,) = await wait_for(lambda: _children(harness, run))
-    child = await harness.agents.get_state(child_id)
     assert child.status == AgentStatus.COMPLETED and child.final_answer == "The sum is 42."
     assert requests_at_step(harness, 2, "ask_calc") == 1  # the parent's step 1: once
     assert requests_at_step(harness, 2) == 1  # the child's step 1: once

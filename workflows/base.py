@@ -107,6 +107,7 @@ class _CallSlot:
         self.result: str | None = None
         self.task: asyncio.Task[None] | None = None
         self.interruptible = True
+        self.subagent = False
 
 
 class KeelWorkflow:
@@ -244,23 +245,26 @@ class KeelWorkflow:
             )
         except asyncio.CancelledError:
             # the run is cancelled: stop what may stop, let side effects finish and record them
-            await self._settle(slots)
+            await self._settle(slots, cancelled=True)
             raise
         await self._settle(slots)
         return result
 
-    async def _settle(self, slots: list[_CallSlot]) -> None:
+    async def _settle(self, slots: list[_CallSlot], cancelled: bool = False) -> None:
         """Stop the calls still open (withdraw approvals, cancel interruptible tools), wait for
         side-effecting ones to finish, then give every call its result, in call order.
 
         A cancellation arriving meanwhile is held until every call has its result, so a
-        side effect is never cut short and never missing from the record."""
+        side effect is never cut short and never missing from the record. A cancelled run
+        cancels its sub-agents' runs too: each lets its own side effects finish."""
         st = self.state
         tasks = [s.task for s in slots if s.task is not None]
-        cancelled = False
         while True:
             for slot in slots:
-                if slot.phase != "done" and (slot.phase != "running" or slot.interruptible):
+                stop = (
+                    slot.phase != "running" or slot.interruptible or (cancelled and slot.subagent)
+                )
+                if slot.phase != "done" and stop:
                     assert slot.task is not None
                     slot.task.cancel()
             try:
@@ -330,6 +334,7 @@ class KeelWorkflow:
                     edited = f"Approved by {d.approver} with changed arguments {call.arguments}. "
             slot.phase = "running"
             slot.interruptible = tool.interruptible
+            slot.subagent = tool.is_subagent
             key = idempotency_key(st.run_key, st.step, index)
             if tool.is_subagent:
                 task = SubAgentArgs.model_validate(args)

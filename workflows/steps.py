@@ -35,7 +35,7 @@ from keel.workflows.models import (
 from keel.workflows.policy import short_args
 from pydantic import BaseModel
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
@@ -190,11 +190,11 @@ async def subagent_step(
             id=run_id,
             result_type=AgentResult,
             parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
-            search_attributes=workflow.TypedSearchAttributes(
+            search_attributes=TypedSearchAttributes(
                 [
-                    workflow.SearchAttributePair(AGENT_NAME, tool.agent),
-                    workflow.SearchAttributePair(AGENT_USER, state.user),
-                    workflow.SearchAttributePair(AGENT_STATUS, AgentStatus.RUNNING.value),
+                    SearchAttributePair(AGENT_NAME, tool.agent),
+                    SearchAttributePair(AGENT_USER, state.user),
+                    SearchAttributePair(AGENT_STATUS, AgentStatus.RUNNING.value),
                 ]
             ),
             static_summary=f"sub-agent {tool.agent} for {spec.name} · step {state.step}",

@@ -1,0 +1,252 @@
+"""A team's own project on Keel (examples/helpdesk): its agents, tools and plan-and-execute
+loop, served beside its own workflow, by Keel's worker and by the team's own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from temporalio.testing import WorkflowEnvironment
+
+from examples.helpdesk.agents import AGENTS, TicketDesk
+from examples.helpdesk.workflows import PlanAndExecute, parse_plan
+from keel.client.model_server import RuleSet, ScriptedModelServer
+from keel.plugin import ModelProvider, build_worker
+from keel.workflows.models import AgentStatus
+from tests.conftest import Harness, wait_for
+from tests.test_cli import keel
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "helpdesk"
+RULES = EXAMPLE / "scripted_model.json"
+REQUEST = "My laptop will not boot and the VPN is down"
+
+
+@pytest.fixture
+def helpdesk_model() -> AsyncIterator[ScriptedModelServer]:
+    with ScriptedModelServer(RuleSet.load(RULES)) as server:
+        yield server
+
+
+@pytest.fixture
+def helpdesk(harness: Harness, helpdesk_model: ScriptedModelServer) -> Harness:
+    harness.model = helpdesk_model
+    return harness
+
+
+async def approve_child(h: Harness, run: str) -> dict:  # type: ignore[type-arg]
+    """Wait for the sub-agent's approval request and grant it as the on-call lead."""
+
+    async def waiting() -> object:
+        return next((p for p in await h.agents.pending() if p.run_id.startswith(run)), None)
+
+    p = await wait_for(waiting)
+    await h.agents.approve(p.run_id, p.call_id, "lead")
+    return {"run": p.run_id, "tool": p.tool, "arguments": p.arguments}
+
+
+def test_a_plan_is_read_from_a_list() -> None:
+    assert parse_plan("Sure:\n- look it up\n- open a ticket\n-\nthanks") == [
+        "look it up",
+        "open a ticket",
+    ]
+
+
+async def test_plan_and_execute_keeps_keels_guarantees(helpdesk: Harness, tmp_path: Path) -> None:
+    desk = TicketDesk(tmp_path / "helpdesk.db")
+    h = helpdesk
+    worker = build_worker(
+        h.client,
+        settings=h.settings,
+        agents=AGENTS,
+        resources=desk,
+        model=ModelProvider(model="scripted", base_url=h.model.url),
+        workflows=[PlanAndExecute],
+    )
+    async with worker:
+        run = await h.agents.start("planner", REQUEST, user="sam", loop=PlanAndExecute)
+        approved = await approve_child(h, run)
+        result = await h.agents.result(run, timeout=60)
+        state = await h.agents.get_state(run)
+        child = await h.agents.get_state(approved["run"])
+    assert approved["tool"] == "open_ticket" and approved["arguments"]["priority"] == "urgent"
+    assert result.status == AgentStatus.COMPLETED
+    assert result.final_answer == (
+        "Done: the knowledge base covers the boot problem, and ticket T-0001 is open for the VPN."
+    )
+    assert state.loop_state["plan"] == [
+        "search the knowledge base for boot problems",
+        "ask triage to open an urgent ticket: VPN is down",
+    ]
+    # the planning and summary steps offered no tools; the plan steps offered the agent's
+    offered = [[t["function"]["name"] for t in r["body"].get("tools", [])] for r in _planner(h)]
+    assert offered[0] == [] and offered[-1] == []
+    assert all(o == ["search_kb", "ask_triage"] for o in offered[1:-1])
+    assert child.agent == "triage" and child.status == AgentStatus.COMPLETED
+    assert [e.tool for e in child.effects] == ["open_ticket"]
+    assert desk.count() == 1
+
+
+def _planner(h: Harness) -> list[dict]:  # type: ignore[type-arg]
+    return [
+        r
+        for r in h.model.requests()
+        if r["body"]["messages"][0]["content"].startswith("You help employees")
+    ]
+
+
+async def test_keel_worker_serves_a_projects_agents(helpdesk: Harness, tmp_path: Path) -> None:
+    """`keel worker --agents examples.helpdesk.agents:AGENTS`, run from the project's root."""
+    env = {
+        **os.environ,
+        "TEMPORAL_ADDRESS": helpdesk.client.service_client.config.target_host,
+        "KEEL_TASK_QUEUE": helpdesk.settings.task_queue,
+        "OPENAI_BASE_URL": helpdesk.model.url,
+        "OPENAI_API_KEY": "scripted",
+        "KEEL_MODEL": "scripted",
+        "HELPDESK_DB": str(tmp_path / "helpdesk.db"),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "keel"),
+        "worker",
+        "--agents",
+        "examples.helpdesk.agents:AGENTS",
+        "--resources",
+        "examples.helpdesk.agents:desk",
+        "--workflows",
+        "examples.helpdesk.workflows:PlanAndExecute",
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        code, out, err = await keel(
+            helpdesk, "start", "triage", "open a ticket: printer jammed", "--wait"
+        )
+        assert (code, out.strip()) == (0, "Opened ticket T-0001 (normal)."), err
+        run = await helpdesk.agents.start("planner", REQUEST, loop=PlanAndExecute)
+        await approve_child(helpdesk, run)
+        result = await helpdesk.agents.result(run, timeout=60)
+        assert result.status == AgentStatus.COMPLETED and "T-0002" in (result.final_answer or "")
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert TicketDesk(tmp_path / "helpdesk.db").count() == 2
+
+
+async def test_the_wheel_serves_a_project_with_folders_named_like_keels(
+    env: WorkflowEnvironment, helpdesk_model: ScriptedModelServer, tmp_path: Path
+) -> None:
+    """Keel's wheel, installed in a fresh virtual environment, beside a project that has its
+    own workflows.py, activities.py, client.py and worker.py (examples/helpdesk, copied out
+    of this repository): the project's worker serves its agents, its loop and its own
+    workflow with KeelPlugin, and its client runs a conversation with an approval.
+
+    The fresh environment gets Keel only from the wheel; the third-party packages Keel
+    depends on come from this virtual environment's site-packages (no download, no Keel)."""
+    wheel = _build_wheel(tmp_path / "dist")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"keel"}, top  # nothing of Keel's at the top level of site-packages
+    assert "keel/client/rules/support.json" in names
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)  # type: ignore[attr-defined]
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    # the dependencies, as a plain path: its .pth files (our editable install) are not run
+    Path(site, "keel-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)],
+        check=True,
+    )
+    project = tmp_path / "helpdesk"
+    shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("__pycache__"))
+    where = subprocess.run(
+        [python, "-c", "import keel, workflows; print(keel.__file__); print(workflows.__file__)"],
+        cwd=project,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert where == [str(Path(site, "keel", "__init__.py")), str(project / "workflows.py")]
+
+    run_env = {
+        "PATH": os.environ["PATH"],
+        "TEMPORAL_ADDRESS": env.client.service_client.config.target_host,
+        "OPENAI_BASE_URL": helpdesk_model.url,
+        "OPENAI_API_KEY": "scripted",
+        "KEEL_MODEL": "scripted",
+        "HELPDESK_DB": str(tmp_path / "helpdesk.db"),
+    }
+    async with _process(python, "worker.py", cwd=project, env=run_env, ready=b"ready"):
+        client = await asyncio.create_subprocess_exec(
+            python,
+            "client.py",
+            REQUEST,
+            cwd=project,
+            env=run_env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(client.communicate(), 120)
+    assert client.returncode == 0, err.decode()
+    report = json.loads(out.decode().strip().splitlines()[-1])
+    assert report["status"] == "completed"
+    assert report["answer"].startswith("Done:") and "T-0001" in report["answer"]
+    assert report["approved"][0]["tool"] == "open_ticket"
+    assert len(report["plan"]) == 2
+    assert report["tickets"] == 1  # the project's own workflow, on the same worker
+
+
+def _build_wheel(dist: Path) -> Path:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(dist),
+            str(ROOT),
+        ],
+        check=True,
+        cwd=dist.parent,
+    )
+    (wheel,) = dist.glob("keel-*.whl")
+    return wheel
+
+
+@asynccontextmanager
+async def _process(
+    *cmd: object, cwd: Path, env: dict[str, str], ready: bytes
+) -> AsyncIterator[None]:
+    """A process that prints `ready` once it serves; stopped on the way out."""
+    proc = await asyncio.create_subprocess_exec(
+        *map(str, cmd), cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert ready in line, line
+        yield
+    finally:
+        proc.terminate()
+        await proc.wait()
