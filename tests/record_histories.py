@@ -23,10 +23,14 @@ HERE = Path(__file__).parent / "histories"
 
 async def scenario(h: Harness, name: str, agent: str, text: str, tag: str) -> None:
     async with h.running():
-        run = await h.start(agent, text)
+        # the id is part of what replays (a sub-agent's run id derives from it)
+        run = await h.agents.start(agent, text, user="tester", run_id=f"history-{name}{tag}")
         if name == "approve":
             state = await wait_for(lambda: _pending(h, run))
             await h.agents.approve(run, state.pending_approvals[0].call_id, "alice")
+        if name == "subagent":
+            child = await wait_for(lambda: _child_pending(h, run))
+            await h.agents.approve(child.run_id, child.call_id, "alice")
         if name == "idle":
             await h.agents.result(run, timeout=60)
             await h.client.get_workflow_handle(run).signal("keel.submit_message", {"text": "echo"})
@@ -45,6 +49,10 @@ async def scenario(h: Harness, name: str, agent: str, text: str, tag: str) -> No
 async def _pending(h: Harness, run: str) -> object:
     s = await h.agents.get_state(run)
     return s if s.pending_approvals else None
+
+
+async def _child_pending(h: Harness, run: str) -> object:
+    return next((p for p in await h.agents.pending() if p.run_id.startswith(run + ".")), None)
 
 
 async def _turns(h: Harness, run: str, n: int) -> object:
@@ -80,6 +88,7 @@ async def main() -> None:
             ("rollback", "calc", "use slow tools"),
             ("budget", "steps", "loop forever"),
             ("idle", "chat", "say hello"),
+            ("subagent", "boss", "delegate charge 30"),
         ]:
             with ScriptedModelServer(RuleSet.from_dict(TEST_RULES)) as model:
                 ledger = Ledger(Path(tempfile.mkdtemp()) / "ledger.db")

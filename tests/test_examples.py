@@ -16,13 +16,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from keel.client.model_server import RuleSet, ScriptedModelServer
+from keel.workflows.models import AgentStatus
 from temporalio.testing import WorkflowEnvironment
 
 from examples.helpdesk.agents import AGENTS, TicketDesk
 from examples.helpdesk.workflows import PlanAndExecute, parse_plan
-from keel.client.model_server import RuleSet, ScriptedModelServer
 from keel.plugin import ModelProvider, build_worker
-from keel.workflows.models import AgentStatus
 from tests.conftest import Harness, wait_for
 from tests.test_cli import keel
 
