@@ -25,12 +25,14 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
-COPY . .
-RUN pip install --no-deps . && rm -rf build
+# Installed, then the source removed: the repository's keel/ folder must not shadow the
+# installed package (whose keel.workflows, keel.activities and keel.client it maps in).
+COPY . /src
+RUN pip install --no-deps /src && rm -rf /src
 
 USER keel
 # Keel's state (the demo ledger, ledger.db). Declared after the chown so a new named volume
 # starts out owned by keel.
 VOLUME ["/data"]
 
-CMD ["python", "worker.py"]
+CMD ["keel", "worker"]
