@@ -138,7 +138,10 @@ async def test_unknown_agent_fails_clearly(harness: Harness) -> None:
     async with harness.running():
         run = await harness.start("nobody", "hi")
         result = await harness.agents.result(run, timeout=30)
+        state = await harness.agents.get_state(run)
     assert result.status == AgentStatus.FAILED
+    # the run's own record agrees (KeelError is one class inside and outside the sandbox)
+    assert state.status == AgentStatus.FAILED and "unknown agent" in (state.error or "")
     assert "unknown agent 'nobody'" in (result.error or "") and "calc" in (result.error or "")
 
 

@@ -86,7 +86,8 @@ async def load_spec(agent: str) -> AgentSpec:
             retry_policy=RetryPolicy(maximum_attempts=3),
             summary=f"load agent {agent}",
         )
-    except ActivityError as e:
+    except (ActivityError, ApplicationError) as e:
+        # a local activity's failure can arrive bare, as the activity's own ApplicationError
         if isinstance(e.cause, CancelledError):
             raise
         raise errors.KeelError(failure_message(e), type=errors.AGENT_NOT_FOUND) from e
