@@ -166,6 +166,8 @@ class ModelActivities:
                 }
                 for t in input.tools
             ]
+            # some compatible servers leave tools out unless asked to use them
+            kwargs["tool_choice"] = input.tool_choice or "auto"
         if s.temperature is not None:
             kwargs["temperature"] = s.temperature
         try:

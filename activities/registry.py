@@ -42,13 +42,24 @@ class Agent:
         name: str | None = None,
         description: str | None = None,
         *,
-        side_effects: bool = False,
+        side_effects: bool | None = None,
         interruptible: bool | None = None,
         approval: ApprovalPolicy | None = None,
     ) -> Tool:
         """This agent as another agent's tool. Each call runs it as a child workflow with its
         own history, budgets and approvals; its answer is the tool's result. The worker that
-        serves the parent serves this agent too."""
+        serves the parent serves this agent too.
+
+        It has side effects when any tool it (or its own sub-agents) may call has: then, like
+        any side-effecting tool, an interrupt of the parent lets it finish rather than cut it
+        short, and the parent records the call as an effect naming the child's run."""
+        if self.keep_open_seconds > 0:
+            raise ValueError(
+                f"agent {self.name!r} keeps its conversation open, so as a tool it would "
+                "never answer; give the sub-agent keep_open_seconds=0"
+            )
+        if side_effects is None:
+            side_effects = any(t.spec.side_effects for a in with_subagents([self]) for t in a.tools)
         spec = ToolSpec(
             name=name or self.name.replace("-", "_"),
             description=description or f"Ask the {self.name} agent: {self.instructions[:200]}",

@@ -69,10 +69,10 @@ class Settings:
         """Temporal's connection profile plus the KEEL_* and OPENAI_* variables."""
         env = os.environ if env is None else env
         try:
-            profile = ClientConfigProfile.load(override_env_vars=dict(env))
-        except Exception as e:  # a malformed config file or TLS path: say so, in one line
+            profile = ClientConfigProfile.load(override_env_vars=_temporal_env(env))
+            temporal = dict(profile.to_client_connect_config())
+        except (Exception, OSError) as e:  # a malformed config file, a missing TLS file
             raise SettingsError(f"Temporal client configuration: {e}") from e
-        temporal = dict(profile.to_client_connect_config())
         return cls(
             address=temporal.pop("target_host", None) or DEFAULT_ADDRESS,
             namespace=temporal.pop("namespace", None) or DEFAULT_NAMESPACE,
@@ -119,6 +119,15 @@ class Settings:
         if self.payload_dir:
             return LocalDirectoryDriver(self.payload_dir)
         return None
+
+
+def _temporal_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment as Temporal's loader should see it: an empty variable is unset (as
+    compose passes them), and TEMPORAL_TLS=no/off means off."""
+    out = {k: v for k, v in env.items() if v}
+    if out.get("TEMPORAL_TLS", "").strip().lower() in ("0", "no", "off", "false"):
+        out["TEMPORAL_TLS"] = "false"
+    return out
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

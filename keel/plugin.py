@@ -114,7 +114,14 @@ class KeelPlugin(SimplePlugin):
         return self.settings.data_converter(existing)
 
     def configure_worker(self, config: WorkerConfig) -> WorkerConfig:
-        """Add Keel to the worker; refuse a client that cannot carry Keel's payloads."""
+        """Add Keel to the worker; refuse a client that cannot carry Keel's payloads, and a
+        second KeelPlugin (one on the client and one on the worker, say)."""
+        if any(w in WORKFLOWS for w in config.get("workflows") or []):
+            raise ValueError(
+                "KeelPlugin is on this worker twice (its client already has one, or "
+                "build_worker was given a client connected with KeelPlugin): keep one, and "
+                "give it all the agents"
+            )
         client = config.get("client")
         if client is not None:
             converter = client.data_converter

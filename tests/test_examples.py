@@ -88,13 +88,48 @@ async def test_plan_and_execute_keeps_keels_guarantees(helpdesk: Harness, tmp_pa
         "search the knowledge base for boot problems",
         "ask triage to open an urgent ticket: VPN is down",
     ]
-    # the planning and summary steps offered no tools; the plan steps offered the agent's
-    offered = [[t["function"]["name"] for t in r["body"].get("tools", [])] for r in _planner(h)]
-    assert offered[0] == [] and offered[-1] == []
-    assert all(o == ["search_kb", "ask_triage"] for o in offered[1:-1])
+    # the planning and summary steps let no tool be called; the plan steps offered them all
+    choices = [r["body"].get("tool_choice") for r in _planner(h)]
+    assert choices[0] == "none" and choices[-1] == "none"
+    assert set(choices[1:-1]) == {"auto"}
+    # the delegation is the parent's effect, naming the child run that holds the ticket
+    (effect,) = state.effects
+    assert (effect.tool, effect.run_id) == ("ask_triage", approved["run"])
     assert child.agent == "triage" and child.status == AgentStatus.COMPLETED
     assert [e.tool for e in child.effects] == ["open_ticket"]
     assert desk.count() == 1
+
+
+async def test_a_tool_not_offered_in_a_step_never_runs(harness: Harness, tmp_path: Path) -> None:
+    """The planning step offers no tool: a model that calls one anyway is told so."""
+    rules = json.loads(RULES.read_text())
+    sneaky = {
+        "name": "sneaky",
+        "when": {"last_role": "user", "last_user": "^Make a plan", "any_user": "sneaky"},
+        "reply": {"tool_calls": [{"name": "search_kb", "arguments": {"query": "vpn"}}]},
+    }
+    rules["rules"].insert(0, sneaky)
+    desk = TicketDesk(tmp_path / "helpdesk.db")
+    with ScriptedModelServer(RuleSet.from_dict(rules)) as model:
+        harness.model = model
+        worker = build_worker(
+            harness.client,
+            settings=harness.settings,
+            agents=AGENTS,
+            resources=desk,
+            model=ModelProvider(model="scripted", base_url=model.url),
+            workflows=[PlanAndExecute],
+        )
+        async with worker:
+            run = await harness.agents.start("planner", "sneaky", loop=PlanAndExecute)
+            result = await harness.agents.result(run, timeout=60)
+            state = await harness.agents.get_state(run)
+    refused = next(m for m in state.transcript if m.role == "tool")
+    assert refused.content == (
+        "Error: there is no tool named 'search_kb'. Available tools: none in this step."
+    )
+    assert result.status == AgentStatus.COMPLETED and state.loop_state["plan"] == []
+    assert result.final_answer == "Done: nothing needed a ticket."
 
 
 def _planner(h: Harness) -> list[dict]:  # type: ignore[type-arg]

@@ -93,3 +93,41 @@ def _code_lines(text: str) -> str:
     """The code, line by line, without indentation, blank lines or comments."""
     lines = (line.strip() for line in text.splitlines())
     return "\n".join(line for line in lines if line and not line.startswith("#")) + "\n"
+
+
+def test_empty_temporal_variables_are_unset_and_tls_off_means_off() -> None:
+    """As compose passes them: TEMPORAL_TLS= and TEMPORAL_API_KEY= leave TLS off."""
+    assert Settings.from_env({"TEMPORAL_TLS": "", "TEMPORAL_API_KEY": ""}).temporal == {}
+    assert Settings.from_env({"TEMPORAL_TLS": "off"}).temporal == {"tls": False}
+    with pytest.raises(SettingsError, match="nope.pem"):
+        Settings.from_env({"TEMPORAL_TLS_SERVER_CA_CERT_PATH": "/nope.pem"})
+
+
+def test_a_sub_agent_is_side_effecting_when_its_tools_are() -> None:
+    from tests.agents import BOSS, CALC, INSTRUCTIONS, add
+
+    by_name = {t.name: t.spec for t in BOSS.tools}
+    assert by_name["ask_calc"].side_effects and not by_name["ask_calc"].interruptible
+    assert by_name["ask_calc"].agent == "calc"
+    reader = keel.Agent(name="reader", instructions=INSTRUCTIONS, tools=[add])
+    assert not reader.as_tool().spec.side_effects
+    assert CALC.as_tool(side_effects=False).spec.interruptible
+    chat = keel.Agent(name="chatty", instructions=INSTRUCTIONS, keep_open_seconds=60)
+    with pytest.raises(ValueError, match="keeps its conversation open"):
+        chat.as_tool()
+
+
+async def test_keel_plugin_twice_on_one_worker_is_refused_clearly(env) -> None:  # type: ignore[no-untyped-def]
+    from temporalio.client import Client
+
+    from keel.plugin import KeelPlugin, build_worker
+
+    settings = Settings()
+    client = await Client.connect(
+        env.client.service_client.config.target_host, plugins=[KeelPlugin(settings=settings)]
+    )
+    with (
+        pytest.warns(UserWarning, match="same plugin type"),  # the SDK's own hint
+        pytest.raises(ValueError, match="KeelPlugin is on this worker twice"),
+    ):
+        build_worker(client, settings=settings, agents=[])

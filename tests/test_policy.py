@@ -171,3 +171,26 @@ def test_bad_input_cannot_grow_the_audit_without_bound() -> None:
     assert max(len(e.detail) for e in st.audit) == 500
     with pytest.raises(ValidationError):
         DecideInput(call_id="c" * 10_000, decision=Decision.APPROVE, approver="ann")
+
+
+def test_a_loops_own_message_after_an_answer_starts_the_turn_a_rollback_drops() -> None:
+    from keel.workflows.inbox import Inbox
+    from keel.workflows.models import AgentState, ChatMessage, MessagePolicy
+
+    st = AgentState()
+    inbox = Inbox(st)
+    st.transcript = [ChatMessage(role="system", content="rules")]
+    inbox.add("my laptop is broken")
+    inbox.add("make a plan")  # the same turn: no answer came between
+    st.transcript.append(ChatMessage(role="assistant", content="- step one"))
+    inbox.add("step 1 of the plan: step one")  # after an answer: a new turn
+    st.transcript.append(ChatMessage(role="assistant", content="working on it"))
+    assert (st.turn, st.turn_start) == (2, 4)
+    inbox.stop_turn = MessagePolicy.ROLLBACK
+    inbox.apply_stop(datetime(2026, 1, 1, tzinfo=UTC))
+    assert [m.content for m in st.transcript] == [
+        "rules",
+        "my laptop is broken",
+        "make a plan",
+        "- step one",
+    ]

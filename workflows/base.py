@@ -40,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
         QUERY_STATE,
         SIGNAL_DECIDE,
         SIGNAL_MESSAGE,
+        TERMINAL_STATUSES,
         UPDATE_DECIDE,
         UPDATE_MESSAGE,
         AgentInput,
@@ -78,6 +79,7 @@ with workflow.unsafe.imports_passed_through():
         load_spec,
         model_step,
         payload_bytes,
+        subagent_run_id,
         subagent_step,
         tool_step,
     )
@@ -150,9 +152,12 @@ class KeelWorkflow:
                 st.queued_messages.insert(0, _first_message(input))
             assert self.spec is not None
             try:
-                return await loop(self.spec)
+                result = await loop(self.spec)
             except EndRun as e:
                 return self.finish(e.status, e.reason)
+            if self.state.status not in TERMINAL_STATUSES:  # a loop that did not say
+                return self.finish(result.status, result.error)
+            return result
         except asyncio.CancelledError:
             st.status = AgentStatus.CANCELLED
             st.error = "cancelled"
@@ -197,8 +202,9 @@ class KeelWorkflow:
             await self.step(tools)
 
     def say(self, text: str) -> None:
-        """Add a user message of the loop's own (a plan step, an instruction) to the context."""
-        self.state.transcript.append(ChatMessage(role="user", content=text))
+        """Add a user message of the loop's own (a plan step, an instruction) to the context;
+        after an answer it starts a new turn, which is what a rollback drops."""
+        self.inbox.add(text)
 
     def publish(self) -> None:
         """Reflect the run's state in its search attributes and current details."""
@@ -236,9 +242,10 @@ class KeelWorkflow:
         calls = result.message.tool_calls
         if not calls:
             return result
+        offered = spec.tools if tools is None else tools
         slots = [_CallSlot(c) for c in calls]
         for i, slot in enumerate(slots):
-            slot.task = asyncio.create_task(self._call(spec, slot, i))
+            slot.task = asyncio.create_task(self._call(spec, offered, slot, i))
         try:
             await workflow.wait_condition(
                 lambda: all(s.phase == "done" for s in slots) or self.inbox.stop_turn is not None
@@ -292,15 +299,18 @@ class KeelWorkflow:
         if cancelled:
             raise asyncio.CancelledError()
 
-    async def _call(self, spec: AgentSpec, slot: _CallSlot, index: int) -> None:
-        """Policy check → approval gate → the tool (or sub-agent) → the record of effects."""
+    async def _call(
+        self, spec: AgentSpec, offered: list[ToolSpec], slot: _CallSlot, index: int
+    ) -> None:
+        """Policy check → approval gate → the tool (or sub-agent) → the record of effects.
+        Only the tools this step offered may run."""
         st = self.state
         call = slot.call
-        tool = spec.tool(call.name)
+        tool = next((t for t in offered if t.name == call.name), None)
         args, problem = parse_arguments(call.arguments)
         try:
             if tool is None:
-                known = ", ".join(t.name for t in spec.tools) or "none"
+                known = ", ".join(t.name for t in offered) or "none in this step"
                 slot.result = (
                     f"Error: there is no tool named {call.name!r}. Available tools: {known}."
                 )
@@ -336,8 +346,10 @@ class KeelWorkflow:
             slot.interruptible = tool.interruptible
             slot.subagent = tool.is_subagent
             key = idempotency_key(st.run_key, st.step, index)
+            child = ""
             if tool.is_subagent:
                 task = SubAgentArgs.model_validate(args)
+                child = subagent_run_id(tool.agent, key)
                 result = await subagent_step(spec, st, call, tool, task, key)
             else:
                 result = await tool_step(spec, st, call, tool, key)
@@ -352,6 +364,7 @@ class KeelWorkflow:
                         result=result.content[:EFFECT_RESULT_CHARS],
                         step=st.step,
                         at=workflow.now(),
+                        run_id=child,
                     )
                 )
         finally:

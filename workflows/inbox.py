@@ -104,17 +104,21 @@ class Inbox:
         st = self._state
         if not st.queued_messages:
             return 0
-        last = st.transcript[-1] if st.transcript else None
-        turn_over = (
-            last is None
-            or last.role == "system"
-            or (last.role == "assistant" and not last.tool_calls)
-        )
-        if turn_over:
-            st.turn += 1
-            st.turn_start = len(st.transcript)
         for q in st.queued_messages:
-            st.transcript.append(ChatMessage(role="user", content=q.text))
+            self.add(q.text)
         n = len(st.queued_messages)
         st.queued_messages.clear()
         return n
+
+    def add(self, text: str) -> None:
+        """Append a user message; after an answer (or at the start) it opens a new turn."""
+        st = self._state
+        last = st.transcript[-1] if st.transcript else None
+        if (
+            last is None
+            or last.role == "system"
+            or (last.role == "assistant" and not last.tool_calls)
+        ):
+            st.turn += 1
+            st.turn_start = len(st.transcript)
+        st.transcript.append(ChatMessage(role="user", content=text))

@@ -169,6 +169,8 @@ class ModelInput(BaseModel):
     tools: list[ToolSpec] = Field(default_factory=list)
     # ids the run used outside `messages` (e.g. in a rolled-back turn): never handed out again
     reserved_call_ids: list[str] = Field(default_factory=list)
+    # "" (auto, whenever tools are offered), "none" (tools listed, none may be called), ...
+    tool_choice: str = ""
 
 
 class ModelResult(BaseModel):
@@ -244,6 +246,7 @@ class Effect(BaseModel):
     result: str = ""
     step: int = 0
     at: datetime | None = None
+    run_id: str = ""  # a sub-agent's run, whose own record lists what it changed
 
 
 class AuditEntry(BaseModel):

@@ -96,7 +96,8 @@ async def load_spec(agent: str) -> AgentSpec:
 async def model_step(
     spec: AgentSpec, state: AgentState, tools: list[ToolSpec] | None = None
 ) -> ModelResult:
-    """Call the model on the run's transcript, offering `tools` (default: all the agent's).
+    """Call the model on the run's transcript, offering `tools` (default: all the agent's;
+    `[]`: the agent's are listed, as the transcript may mention them, but none may be called).
     Raises ActivityError when the provider fails, KeelError when the request would not fit
     in a Temporal payload."""
     s = spec.model
@@ -105,7 +106,8 @@ async def model_step(
         step=state.step,
         settings=s,
         messages=state.transcript,
-        tools=spec.tools if tools is None else tools,
+        tools=spec.tools if not tools else tools,
+        tool_choice="none" if tools == [] else "",
         reserved_call_ids=sorted({e.call_id for e in state.audit if e.call_id}),
     )
     size = payload_bytes(request)

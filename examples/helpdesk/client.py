@@ -29,13 +29,16 @@ async def main(message: str) -> None:
     # The planner hands the urgent ticket to the triage sub-agent, whose run waits for a
     # person: its approval shows up beside every other pending one.
     approved = []
-    while not approved:
+    answer = asyncio.create_task(agents.result(run, timeout=300))
+    while not answer.done():
         for p in await agents.pending():
-            if p.run_id.startswith(run):
+            if p.run_id.startswith(run) and p.call_id not in {a["call"] for a in approved}:
                 await agents.approve(p.run_id, p.call_id, APPROVER)
-                approved.append({"run": p.run_id, "tool": p.tool, "arguments": p.arguments})
-        await asyncio.sleep(0.2)
-    result = await agents.result(run, timeout=120)
+                approved.append(
+                    {"run": p.run_id, "call": p.call_id, "tool": p.tool, "arguments": p.arguments}
+                )
+        await asyncio.wait({answer}, timeout=0.2)
+    result = answer.result()
     state = await agents.get_state(run)
     tickets = await client.execute_workflow(
         TicketReport.run, id=f"{run}-report", task_queue=TASK_QUEUE
