@@ -42,6 +42,7 @@ from google.protobuf.message import Message
 from keel.activities.registry import Agent
 from keel.activities.tools import Tool, ToolContext, tool
 from keel.client.api import AgentClient
+from keel.client.dev import dev_server_args
 from keel.client.model_server import MODEL_ID, RuleSet, ScriptedModelServer
 from keel.workflows.agent import AgentWorkflow
 from keel.workflows.models import CALL_MODEL, SEARCH_ATTRIBUTES, AgentStatus, Limits
@@ -742,6 +743,7 @@ async def amain(args: argparse.Namespace) -> str:
         search_attributes=SEARCH_ATTRIBUTES,
         data_converter=pydantic_data_converter,
         dev_server_log_level="error",
+        dev_server_extra_args=dev_server_args(file_backed=False),
     ) as env:
         with (
             ScriptedModelServer(bench_rules([k, long_k])) as model,

@@ -54,6 +54,7 @@ class Settings:
     agents: str | None = None  # what `keel worker` serves: `module:attribute`
     resources: str | None = None  # and the resources its tools get: `module:attribute`
     workflows: str | None = None  # and loops of the team's own beside Keel's: `module:attribute`
+    durable_fsync: bool = False  # the embedded dev server: SQLite's full fsync (slower)
 
     @property
     def uses_scripted_model(self) -> bool:
@@ -90,6 +91,7 @@ class Settings:
             agents=env.get("KEEL_AGENTS") or None,
             resources=env.get("KEEL_RESOURCES") or None,
             workflows=env.get("KEEL_WORKFLOWS") or None,
+            durable_fsync=env.get("KEEL_DURABLE_FSYNC", "").lower() in ("1", "true", "yes", "on"),
         )
 
     def data_converter(self, base: DataConverter | None = None) -> DataConverter:

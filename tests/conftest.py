@@ -18,6 +18,7 @@ import pytest_asyncio
 from keel.activities.registry import Agent
 from keel.activities.support import Ledger
 from keel.client.api import AgentClient
+from keel.client.dev import dev_server_args
 from keel.client.model_server import RuleSet, ScriptedModelServer
 from keel.workflows.models import SEARCH_ATTRIBUTES
 from temporalio.client import Client
@@ -52,6 +53,7 @@ async def env() -> AsyncIterator[WorkflowEnvironment]:
         dev_server_extra_args=[
             "--dynamic-config-value",
             "limit.historyCount.suggestContinueAsNew=120",
+            *dev_server_args(file_backed=False),
         ],
     ) as e:
         yield e

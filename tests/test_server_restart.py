@@ -7,6 +7,7 @@ from pathlib import Path
 
 from keel.activities.support import Ledger
 from keel.client.api import AgentClient
+from keel.client.dev import dev_server_args
 from keel.client.model_server import ScriptedModelServer
 from keel.workflows.models import SEARCH_ATTRIBUTES, AgentState, AgentStatus
 from temporalio.client import WorkflowHandle
@@ -26,6 +27,7 @@ async def start_server(db: Path, port: int) -> WorkflowEnvironment:
     return await WorkflowEnvironment.start_local(
         dev_server_existing_path=binary("temporal"),
         dev_server_database_filename=str(db),
+        dev_server_extra_args=dev_server_args(),  # WAL: a killed server process loses nothing
         port=port,
         search_attributes=SEARCH_ATTRIBUTES,
         data_converter=pydantic_data_converter,
