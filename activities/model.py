@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from datetime import timedelta
 from typing import Any
 
 import openai
 from keel.activities.heartbeat import heartbeat_while
 from keel.workflows import errors
-from keel.workflows.models import CALL_MODEL, ChatMessage, ModelInput, ModelResult, ToolCall, Usage
+from keel.workflows.models import (
+    CALL_MODEL,
+    ChatMessage,
+    ModelInput,
+    ModelResult,
+    ModelSettings,
+    ToolCall,
+    Usage,
+)
 from openai import AsyncOpenAI
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -39,27 +49,42 @@ def retry_after(response: Any) -> timedelta | None:
     return None
 
 
+# A body that says the request itself is wrong, whatever the status (some compatible servers
+# answer 500 to a request they cannot parse): retrying the same request cannot help.
+INVALID_REQUEST = re.compile(
+    r"\binvalid[_ ](request|argument|value|parameter|message|content|type)|\bbad request\b"
+    r"|\bmust be (a|an|one of)\b|\bis not supported\b|\bfailed to parse\b",
+    re.IGNORECASE,
+)
+CONTEXT_TOO_LONG = re.compile(
+    r"context[_ ]length|maximum context|context window|too many tokens|prompt is too long",
+    re.IGNORECASE,
+)
+
+
 def classify(e: Exception) -> ApplicationError:
     """Translate an OpenAI SDK error into the one ApplicationError Temporal acts on."""
     if isinstance(e, openai.APIStatusError):
         status = e.status_code
-        message = _provider_message(e)
-        if status in RETRYABLE_STATUS or status >= 500:
-            return ApplicationError(
-                f"provider answered {status}: {message}",
-                type=errors.PROVIDER_UNAVAILABLE,
-                next_retry_delay=retry_after(e.response),
-            )
+        message = f"provider answered {status}: {_provider_message(e)}"
+        should_retry = _header(e.response, "x-should-retry")
+        if CONTEXT_TOO_LONG.search(message) and status < 500:
+            return _fatal(message, errors.CONTEXT_TOO_LONG)
+        if status in (401, 403):
+            return _fatal(message, errors.PROVIDER_AUTH)
+        if status == 404:
+            return _fatal(message, errors.MODEL_UNAVAILABLE)
         if status == 413:
-            return ApplicationError(
-                f"provider answered 413: {message}",
-                type=errors.PAYLOAD_TOO_LARGE,
-                non_retryable=True,
-            )
+            return _fatal(message, errors.PAYLOAD_TOO_LARGE)
+        retryable = status in RETRYABLE_STATUS or status >= 500
+        if should_retry == "false" or (status >= 500 and INVALID_REQUEST.search(message)):
+            retryable = False
+        elif should_retry == "true":
+            retryable = True
+        if not retryable:
+            return _fatal(message, errors.PROVIDER_REJECTED)
         return ApplicationError(
-            f"provider answered {status}: {message}",
-            type=errors.PROVIDER_REJECTED,
-            non_retryable=True,
+            message, type=errors.PROVIDER_UNAVAILABLE, next_retry_delay=retry_after(e.response)
         )
     if isinstance(e, openai.APIConnectionError):  # includes timeouts
         return ApplicationError(
@@ -69,6 +94,15 @@ def classify(e: Exception) -> ApplicationError:
         f"provider sent a response that is not a chat completion: {type(e).__name__}: {e}",
         type=errors.PROVIDER_BAD_RESPONSE,
     )
+
+
+def _fatal(message: str, type: str) -> ApplicationError:
+    return ApplicationError(message, type=type, non_retryable=True)
+
+
+def _header(response: Any, name: str) -> str:
+    headers = getattr(response, "headers", None)
+    return str(headers.get(name, "")).strip().lower() if headers is not None else ""
 
 
 def _provider_message(e: openai.APIStatusError) -> str:
@@ -84,7 +118,8 @@ def to_openai_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Our transcript in the Chat Completions wire format."""
     out: list[dict[str, Any]] = []
     for m in messages:
-        item: dict[str, Any] = {"role": m.role, "content": m.content}
+        # "" rather than null beside tool calls: some compatible servers refuse null
+        item: dict[str, Any] = {"role": m.role, "content": m.content or ""}
         if m.role == "assistant" and m.tool_calls:
             item["tool_calls"] = [
                 {
@@ -133,25 +168,26 @@ class ModelActivities:
         self._base_url = base_url
         self._api_key = api_key or "not-needed"
         self._default_model = default_model
-        self._clients: dict[tuple[str | None, float], AsyncOpenAI] = {}
+        self._clients: dict[tuple[str | None, str, float], AsyncOpenAI] = {}
 
-    def _client(self, base_url: str | None, timeout: float) -> AsyncOpenAI:
-        key = (base_url, timeout)
+    def _client(self, s: ModelSettings) -> AsyncOpenAI:
+        base_url = s.base_url or self._base_url
+        api_key = os.environ.get(s.api_key_env, "") if s.api_key_env else self._api_key
+        key = (base_url, api_key, s.timeout_seconds)
         if key not in self._clients:
             # Retries live in Temporal: the SDK must not retry behind its back.
             self._clients[key] = AsyncOpenAI(
-                base_url=base_url, api_key=self._api_key, max_retries=0, timeout=timeout
+                base_url=base_url,
+                api_key=api_key or "not-needed",
+                max_retries=0,
+                timeout=s.timeout_seconds,
             )
         return self._clients[key]
 
-    @activity.defn(name=CALL_MODEL)
-    async def call_model(self, input: ModelInput) -> ModelResult:
-        """One chat completion with the agent's tools; usage recorded."""
+    def _request(self, input: ModelInput) -> dict[str, Any]:
         s = input.settings
-        model = s.model or self._default_model
-        client = self._client(s.base_url or self._base_url, s.timeout_seconds)
         kwargs: dict[str, Any] = {
-            "model": model,
+            "model": s.model or self._default_model,
             "messages": to_openai_messages(input.messages),
         }
         if input.tools:
@@ -166,10 +202,25 @@ class ModelActivities:
                 }
                 for t in input.tools
             ]
-            # some compatible servers leave tools out unless asked to use them
-            kwargs["tool_choice"] = input.tool_choice or "auto"
+            # some compatible servers leave the tools out unless told they may be used
+            kwargs["tool_choice"] = input.tool_choice or s.tool_choice or "auto"
         if s.temperature is not None:
             kwargs["temperature"] = s.temperature
+        return kwargs
+
+    @activity.defn(name=CALL_MODEL)
+    async def call_model(self, input: ModelInput) -> ModelResult:
+        """One chat completion with the agent's tools; usage recorded."""
+        try:
+            kwargs = self._request(input)
+            client = self._client(input.settings)
+        except Exception as e:
+            # nothing reached the provider: this is Keel's own bug, and retrying cannot help
+            raise ApplicationError(
+                f"Keel could not build the model request: {type(e).__name__}: {e}",
+                type=errors.KEEL_INTERNAL,
+                non_retryable=True,
+            ) from e
         try:
             completion = await heartbeat_while(client.chat.completions.create(**kwargs))
             choice = completion.choices[0]
@@ -177,11 +228,13 @@ class ModelActivities:
             usage = completion.usage
             used = {t.id for m in input.messages for t in m.tool_calls}
             used.update(input.reserved_call_ids)
+            model = completion.model or kwargs["model"]
             result = ModelResult(
                 message=ChatMessage(
                     role="assistant",
                     content=msg.content,
                     tool_calls=normalise_tool_calls(msg.tool_calls, input.step, used),
+                    model=model,
                 ),
                 usage=Usage(
                     prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
@@ -189,7 +242,7 @@ class ModelActivities:
                     total_tokens=getattr(usage, "total_tokens", 0) or 0,
                 ),
                 finish_reason=choice.finish_reason or "",
-                model=completion.model or model,
+                model=model,
             )
         except (openai.APIError, ValueError, AttributeError, IndexError, TypeError) as e:
             # pydantic's ValidationError is a ValueError: a body of the wrong shape lands here

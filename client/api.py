@@ -13,6 +13,7 @@ from keel.workflows.models import (
     AGENT_STATUS,
     AGENT_STEPS,
     AGENT_USER,
+    SIGNAL_RESUME,
     TERMINAL_STATUSES,
     TOTAL_TOKENS,
     WORKFLOW_TYPE,
@@ -244,6 +245,13 @@ class AgentClient:
                 policy=m.policy or MessagePolicy.QUEUE,
                 reason=f"run {run_id}: {e.message}",
             )
+
+    async def resume(self, run_id: str) -> None:
+        """Ask a run waiting on its model provider (a key fixed, an outage over) to try now."""
+        try:
+            await self._handle(run_id).signal(SIGNAL_RESUME)
+        except RPCError as e:
+            raise KeelClientError(f"run {run_id}: {e.message}") from e
 
     async def cancel(self, run_id: str) -> None:
         """Cancel the run: in-flight activities are cancelled, the record is kept."""

@@ -143,6 +143,12 @@ async def cmd_say(a: argparse.Namespace, s: Settings) -> int:
     return 0 if receipt.status != "rejected" else 1
 
 
+async def cmd_resume(a: argparse.Namespace, s: Settings) -> int:
+    await (await _agents(s)).resume(a.run)
+    print(f"asked {a.run} to try its model provider again now")
+    return 0
+
+
 async def cmd_cancel(a: argparse.Namespace, s: Settings) -> int:
     await (await _agents(s)).cancel(a.run)
     print(f"cancel requested for {a.run}")
@@ -229,6 +235,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--policy", choices=["queue", "interrupt", "rollback", "reject"])
     sp.add_argument("--user", default="")
     add("cancel", cmd_cancel, "cancel a run").add_argument("run")
+    add("resume", cmd_resume, "a run waiting on its model provider tries again now").add_argument(
+        "run"
+    )
     add("pending", cmd_pending, "open approvals across runs").add_argument(
         "--json", action="store_true"
     )

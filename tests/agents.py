@@ -95,6 +95,13 @@ CHARGE_APPROVAL = ApprovalPolicy(
 )
 CHARGE = {"charge": CHARGE_APPROVAL}
 FAST = ModelSettings(timeout_seconds=2.0, max_attempts=6)
+# quick retries and short waits, so an outage shows within a test
+PATIENT = ModelSettings(
+    timeout_seconds=2.0, max_attempts=2, retry_initial_seconds=0.2, retry_max_seconds=0.5
+)
+FALLING_BACK = PATIENT.model_copy(
+    update={"model": "primary", "fallbacks": [PATIENT.model_copy(update={"model": "backup"})]}
+)
 TOOLS = [add, charge, slow_lookup, slow_email, flaky, blob]
 INSTRUCTIONS = "You are a test agent."
 
@@ -111,6 +118,8 @@ TEST_AGENTS = [
     CALC,
     Agent(name="adder", instructions=INSTRUCTIONS, tools=[add]),
     Agent(name="fast", instructions=INSTRUCTIONS, tools=TOOLS, model=FAST),
+    Agent(name="patient", instructions=INSTRUCTIONS, tools=TOOLS, model=PATIENT),
+    Agent(name="falling-back", instructions=INSTRUCTIONS, tools=TOOLS, model=FALLING_BACK),
     SHOP,
     BOSS,
     Agent(

@@ -33,6 +33,16 @@ TEST_RULES: dict[str, Any] = {
             },
         },
         {
+            "name": "always silent",
+            "when": {"any_user": "(?i)stay silent"},
+            "reply": {"content": ""},
+        },
+        {
+            "name": "silent once",
+            "when": {"last_role": "user", "last_user": "(?i)say nothing"},
+            "reply": {"content": ""},
+        },
+        {
             "name": "delegate to shop",
             "when": {"last_role": "user", "last_user": "(?i)^delegate (?P<task>.+)$"},
             "reply": {"tool_calls": [{"name": "ask_shop", "arguments": {"task": "{task}"}}]},

@@ -57,16 +57,16 @@ async def test_cancelling_the_parent_cancels_the_child(harness: Harness) -> None
 
 
 async def test_a_child_that_fails_is_a_tool_error_the_parent_sees(harness: Harness) -> None:
-    harness.model.set_faults([{"kind": "401", "count": 1}])
+    harness.model.set_faults([{"kind": "400", "count": 1}])
     async with harness.running():
         run = await harness.start("boss", "delegate charge 5")
         result = await harness.agents.result(run, timeout=60)
-    # the 401 hit the parent's first call: the parent fails, never starts a child
+    # the 400 hit the parent's first call: the parent fails, never starts a child
     assert result.status == AgentStatus.FAILED
-    harness.model.set_faults([{"kind": "401", "count": 1, "when": {"last_user": "^charge 5$"}}])
+    harness.model.set_faults([{"kind": "400", "count": 1, "when": {"last_user": "^charge 5$"}}])
     async with harness.running():
         run = await harness.start("boss", "delegate charge 5")
         result = await harness.agents.result(run, timeout=60)
     assert result.status == AgentStatus.COMPLETED
     assert "sub-agent shop" in (result.final_answer or "")
-    assert "failed" in (result.final_answer or "") and "401" in (result.final_answer or "")
+    assert "failed" in (result.final_answer or "") and "400" in (result.final_answer or "")

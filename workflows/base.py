@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 from typing import NoReturn, TypeVar
 
 from temporalio import workflow
@@ -40,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
         QUERY_STATE,
         SIGNAL_DECIDE,
         SIGNAL_MESSAGE,
+        SIGNAL_RESUME,
         TERMINAL_STATUSES,
         UPDATE_DECIDE,
         UPDATE_MESSAGE,
@@ -72,9 +74,11 @@ with workflow.unsafe.imports_passed_through():
         validate_arguments,
     )
     from keel.workflows.steps import (
+        AUTH_RETRY_SECONDS,
         MAX_PAYLOAD_BYTES,
         StatusPublisher,
         failure_message,
+        failure_retry_after,
         failure_type,
         load_spec,
         model_step,
@@ -86,6 +90,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel
 
 M = TypeVar("M", bound=BaseModel)
+EMPTY_REPLY_NUDGE = "Your last reply was empty. Answer the user, or call one of the tools."
 EFFECT_RESULT_CHARS = 2000  # the run's record keeps a bounded copy of each effect's result
 Loop = Callable[[AgentSpec], Awaitable[AgentResult]]
 
@@ -123,6 +128,7 @@ class KeelWorkflow:
         self.publisher = StatusPublisher()
         self.approvals = Approvals(self.state, self.publish)
         self._abort: str | None = None  # an approval expired under the "cancel" policy
+        self._resume = False  # an operator asked to try the provider again now
 
     # --- the frame every loop runs in -----------------------------------------------------
 
@@ -220,7 +226,7 @@ class KeelWorkflow:
         st = self.state
         st.step += 1
         self.publish()
-        model = asyncio.create_task(model_step(spec, st, tools))
+        model = asyncio.create_task(self._ask_model(spec, tools))
         try:
             await workflow.wait_condition(lambda: model.done() or self.inbox.stop_turn is not None)
         except asyncio.CancelledError:
@@ -230,17 +236,19 @@ class KeelWorkflow:
             model.cancel()
             await asyncio.gather(model, return_exceptions=True)
             return None
-        try:
-            result = model.result()
-        except ActivityError as e:
-            self.fail(failure_message(e), failure_type(e) or errors.PROVIDER_UNAVAILABLE)
-        except errors.KeelError as e:
-            self.fail(e.message, e.type or "KeelError")
+        result = model.result()  # EndRun, or the run's failure, propagate from here
         st.usage = st.usage.add(result.usage)
         st.transcript.append(result.message)
         self.publish()
         calls = result.message.tool_calls
         if not calls:
+            if (result.message.content or "").strip():
+                st.empty_replies = 0
+            elif st.empty_replies == 0:
+                st.empty_replies = 1  # one corrective turn, then a clear ending
+                self.say(EMPTY_REPLY_NUDGE)
+            else:
+                self.fail("the model answered with nothing, twice in a row", errors.EMPTY_REPLY)
             return result
         offered = spec.tools if tools is None else tools
         slots = [_CallSlot(c) for c in calls]
@@ -256,6 +264,75 @@ class KeelWorkflow:
             raise
         await self._settle(slots)
         return result
+
+    async def _ask_model(self, spec: AgentSpec, tools: list[ToolSpec] | None) -> ModelResult:
+        """The model's reply for this step. A failure another model could survive (overloaded,
+        context too long, model gone) goes to the next of the agent's fallbacks; a provider
+        that is down, or a key that was refused, makes the run wait (`waiting_provider`,
+        backing off, woken by `keel resume`) for as long as its time budget allows. Only a
+        failure of the request itself ends the run."""
+        st = self.state
+        chain = spec.model.chain()
+        backoff = chain[0].retry_initial_seconds
+        i = 0
+        while True:
+            settings = chain[i]
+            try:
+                result = await model_step(spec, st, tools, settings)
+                if st.provider_error:
+                    st.provider_error = ""
+                    self.publish()
+                return result
+            except errors.KeelError as e:
+                self.fail(e.message, e.type or "KeelError")
+            except ActivityError as e:
+                if isinstance(e.cause, CancelledError):
+                    raise
+                kind = failure_type(e) or errors.PROVIDER_UNAVAILABLE
+                message = f"{settings.model or 'default model'}: {failure_message(e)}"
+                if kind in errors.FALLBACK and i + 1 < len(chain):
+                    i += 1
+                    st.record(
+                        AuditEntry(
+                            at=workflow.now(),
+                            kind="model_fallback",
+                            detail=f"{message}; step {st.step} goes to {chain[i].model}",
+                        )
+                    )
+                    continue
+                if kind not in errors.WAIT_AND_RETRY:
+                    self.fail(message, kind)
+                wait = AUTH_RETRY_SECONDS if kind == errors.PROVIDER_AUTH else backoff
+                await self._wait_for_provider(spec, message, max(wait, failure_retry_after(e)))
+                backoff = min(backoff * 2, settings.retry_max_seconds)
+                i = 0  # after a wait, the agent's own model first
+
+    async def _wait_for_provider(self, spec: AgentSpec, error: str, seconds: float) -> None:
+        """Wait (durably) before asking the provider again: the run shows `waiting_provider`
+        and the error; `keel resume` cuts the wait short; the time budget ends it."""
+        st = self.state
+        spent = budget_exhausted(spec, st, workflow.now() + timedelta(seconds=seconds))
+        if spent:
+            raise EndRun(
+                AgentStatus.BUDGET_EXHAUSTED, f"{spent}; the provider kept failing: {error}"
+            )
+        st.status = AgentStatus.WAITING_PROVIDER
+        st.provider_error = error
+        self.publish()
+        self._resume = False
+        try:
+            await workflow.wait_condition(
+                lambda: self._resume,
+                timeout=timedelta(seconds=seconds),
+                timeout_summary="the model provider is asked again",
+            )
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            st.status = AgentStatus.RUNNING  # an interrupt or a cancellation ends the wait
+            raise
+        st.status = AgentStatus.RUNNING
+        self.publish()
 
     async def _settle(self, slots: list[_CallSlot], cancelled: bool = False) -> None:
         """Stop the calls still open (withdraw approvals, cancel interruptible tools), wait for
@@ -427,9 +504,14 @@ class KeelWorkflow:
             m = self._decode(args, MessageInput, name)
             if m is not None:
                 self.inbox.accept(self.spec, m, workflow.now())
+        elif name == SIGNAL_RESUME:
+            self._resume = True
+            detail = "try the model provider again now"
+            self.state.record(AuditEntry(at=workflow.now(), kind="resume", detail=detail))
         else:
             self._refuse_signal(
-                f"unknown signal {name!r} (known: {SIGNAL_DECIDE}, {SIGNAL_MESSAGE})"
+                f"unknown signal {name!r} (known: {SIGNAL_DECIDE}, {SIGNAL_MESSAGE}, "
+                f"{SIGNAL_RESUME})"
             )
 
     @workflow.update(name=UPDATE_DECIDE)

@@ -9,7 +9,16 @@ AGENT_NOT_FOUND = "AgentNotFound"
 PROVIDER_REJECTED = "ProviderRejected"  # 4xx other than 408/409/429: retrying cannot help
 PROVIDER_UNAVAILABLE = "ProviderUnavailable"  # 408/409/429/5xx, connection errors: retried
 PROVIDER_BAD_RESPONSE = "ProviderBadResponse"  # a body that is not a completion: retried
+PROVIDER_AUTH = "ProviderAuth"  # 401/403: a key to fix; the run waits, `keel resume` after
+MODEL_UNAVAILABLE = "ModelUnavailable"  # 404, no such model: a fallback may answer
+CONTEXT_TOO_LONG = "ContextTooLong"  # the request exceeds the model's context: a fallback may
 PAYLOAD_TOO_LARGE = "PayloadTooLarge"
+KEEL_INTERNAL = "KeelInternalError"  # a bug in Keel's own code: never the provider's fault
+EMPTY_REPLY = "EmptyReply"  # the model answered with nothing, even after being told so
+
+# What the run does when a model call's retries are spent, by failure type:
+WAIT_AND_RETRY = {PROVIDER_UNAVAILABLE, PROVIDER_BAD_RESPONSE, PROVIDER_AUTH}
+FALLBACK = {PROVIDER_UNAVAILABLE, MODEL_UNAVAILABLE, CONTEXT_TOO_LONG}
 
 
 class KeelError(ApplicationError):

@@ -23,6 +23,7 @@ CALL_MODEL = "keel.call_model"
 RUN_TOOL = "keel.run_tool"
 SIGNAL_DECIDE = "keel.decide"
 SIGNAL_MESSAGE = "keel.submit_message"
+SIGNAL_RESUME = "keel.resume"  # an operator: ask the model provider again now
 UPDATE_DECIDE = "keel.decide_approval"
 UPDATE_MESSAGE = "keel.send_message"
 QUERY_STATE = "keel.get_state"
@@ -74,13 +75,29 @@ class ToolSpec(BaseModel):
 
 
 class ModelSettings(BaseModel):
-    """Which model to call; empty fields fall back to the worker's environment."""
+    """Which model to call; empty fields fall back to the worker's environment.
+
+    A provider that keeps failing does not end the run: after `max_attempts` quick retries
+    the run waits (status `waiting_provider`), backing off up to `retry_max_seconds`, and
+    tries again for as long as its time budget allows; `keel resume` tries at once. When the
+    failure is one another model could survive (overloaded, context too long, model gone),
+    the step goes to the `fallbacks`, in order."""
 
     model: str = ""
     base_url: str = ""
+    # the worker's environment variable holding this provider's key (never the key itself)
+    api_key_env: str = ""
     temperature: float | None = None
     timeout_seconds: float = 60.0
-    max_attempts: int = 8
+    max_attempts: int = 4  # quick retries of one call, inside one activity's retry policy
+    retry_initial_seconds: float = 2.0  # then the run waits, backing off from this ...
+    retry_max_seconds: float = 120.0  # ... to this, until the time budget is spent
+    tool_choice: str = "auto"  # sent whenever tools are offered ("auto", "required")
+    fallbacks: list[ModelSettings] = Field(default_factory=list)
+
+    def chain(self) -> list[ModelSettings]:
+        """This model, then its fallbacks, in order."""
+        return [self, *self.fallbacks]
 
 
 class MessagePolicy(StrEnum):
@@ -136,6 +153,7 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] = Field(default_factory=list)
     tool_call_id: str | None = None
     name: str | None = None  # the tool's name, on tool messages
+    model: str | None = None  # on the model's messages: which model answered (never sent)
 
 
 class Usage(BaseModel):
@@ -208,6 +226,7 @@ class SubAgentArgs(BaseModel):
 class AgentStatus(StrEnum):
     RUNNING = "running"
     WAITING_APPROVAL = "waiting_approval"
+    WAITING_PROVIDER = "waiting_provider"  # the model provider keeps failing; the run waits
     IDLE = "idle"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -298,6 +317,8 @@ class AgentState(BaseModel):
     spec: AgentSpec | None = None
     # a custom loop's own progress (e.g. its plan), carried across continue-as-new with the rest
     loop_state: dict[str, Any] = Field(default_factory=dict)
+    provider_error: str = ""  # while waiting_provider: what the provider last said
+    empty_replies: int = 0  # empty model replies in a row (one gets a corrective turn)
 
     def record(self, entry: AuditEntry) -> None:
         """Append to the audit trail; past the cap, the oldest refusal makes room."""

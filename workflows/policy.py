@@ -112,7 +112,7 @@ def refuse_decision(
 
 def turn_in_flight(state: AgentState) -> bool:
     """Whether the agent is working on a turn (as opposed to idle or finished)."""
-    return state.status in ("running", "waiting_approval")
+    return state.status in ("running", "waiting_approval", "waiting_provider")
 
 
 def effective_policy(spec: AgentSpec | None, requested: MessagePolicy | None) -> MessagePolicy:

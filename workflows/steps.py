@@ -26,6 +26,7 @@ from keel.workflows.models import (
     LoadAgentInput,
     ModelInput,
     ModelResult,
+    ModelSettings,
     SubAgentArgs,
     ToolCall,
     ToolInput,
@@ -49,7 +50,15 @@ MODEL_RETRY_INITIAL = timedelta(seconds=1)
 MODEL_RETRY_MAX_INTERVAL = timedelta(seconds=30)
 TOOL_RETRY_MAX_INTERVAL = timedelta(seconds=60)
 MAX_PAYLOAD_BYTES = 1_800_000
-NON_RETRYABLE_PROVIDER = [errors.PROVIDER_REJECTED, errors.PAYLOAD_TOO_LARGE]
+NON_RETRYABLE_PROVIDER = [
+    errors.PROVIDER_REJECTED,
+    errors.PROVIDER_AUTH,
+    errors.MODEL_UNAVAILABLE,
+    errors.CONTEXT_TOO_LONG,
+    errors.PAYLOAD_TOO_LARGE,
+    errors.KEEL_INTERNAL,
+]
+AUTH_RETRY_SECONDS = 300.0  # a key to fix: try again this often, or at once on `keel resume`
 
 
 def payload_bytes(value: BaseModel) -> int:
@@ -67,6 +76,13 @@ def failure_message(e: BaseException) -> str:
     """The innermost cause's message: what the provider or the tool actually said."""
     root = _root_cause(e)
     return str(root) or type(root).__name__
+
+
+def failure_retry_after(e: BaseException) -> float:
+    """The delay the provider asked for (Retry-After), in seconds; 0 when it asked none."""
+    root = _root_cause(e)
+    delay = root.next_retry_delay if isinstance(root, ApplicationError) else None
+    return delay.total_seconds() if delay else 0.0
 
 
 def failure_type(e: BaseException) -> str:
@@ -94,13 +110,16 @@ async def load_spec(agent: str) -> AgentSpec:
 
 
 async def model_step(
-    spec: AgentSpec, state: AgentState, tools: list[ToolSpec] | None = None
+    spec: AgentSpec,
+    state: AgentState,
+    tools: list[ToolSpec] | None = None,
+    settings: ModelSettings | None = None,
 ) -> ModelResult:
     """Call the model on the run's transcript, offering `tools` (default: all the agent's;
     `[]`: the agent's are listed, as the transcript may mention them, but none may be called).
     Raises ActivityError when the provider fails, KeelError when the request would not fit
-    in a Temporal payload."""
-    s = spec.model
+    in a Temporal payload. `settings` picks a model of the agent's chain (default: its own)."""
+    s = settings or spec.model
     request = ModelInput(
         agent=spec.name,
         step=state.step,
@@ -225,6 +244,8 @@ def current_details(state: AgentState) -> str:
     lines = [
         f"**{state.status.value}** · step {state.step} · {state.usage.total_tokens} tokens",
     ]
+    if state.provider_error:
+        lines.append(f"- the model provider keeps failing: {state.provider_error[:300]}")
     for r in state.pending_approvals:
         who = ", ".join(r.approvers) or "anyone"
         lines.append(

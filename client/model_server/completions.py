@@ -39,7 +39,12 @@ _DEFAULT_ERRORS: dict[int, tuple[str, str, str | None]] = {
         "invalid_request_error",
         "invalid_api_key",
     ),
-    404: ("Not found", "invalid_request_error", "not_found"),
+    403: ("You are not allowed to use this model.", "invalid_request_error", "forbidden"),
+    404: (
+        "The model does not exist or you do not have access to it.",
+        "invalid_request_error",
+        "model_not_found",
+    ),
     429: (
         "Rate limit reached for requests. Please try again later.",
         "requests",

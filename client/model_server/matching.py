@@ -53,6 +53,7 @@ class _Message:
 class _Conversation:
     messages: list[_Message]
     tool_names: frozenset[str]
+    model: str = ""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> _Conversation:
@@ -69,7 +70,12 @@ class _Conversation:
                 name = fn.get("name") if isinstance(fn, Mapping) else None
                 if isinstance(name, str):
                     names.add(name)
-        return cls(messages=messages, tool_names=frozenset(names))
+        model = body.get("model")
+        return cls(
+            messages=messages,
+            tool_names=frozenset(names),
+            model=model if isinstance(model, str) else "",
+        )
 
     def _last_user_index(self) -> int | None:
         for i in range(len(self.messages) - 1, -1, -1):
@@ -114,6 +120,8 @@ class _Conversation:
             return False
 
         msgs = self.messages
+        if when.model is not None and not search(when.model, [self.model]):
+            return None
         if when.last_role is not None and (not msgs or msgs[-1].role != when.last_role):
             return None
         if when.has_tool is not None and when.has_tool not in self.tool_names:

@@ -27,7 +27,7 @@ RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
 SUPPORT_RULES = RULES_DIR / "support.json"
 TEST_RULES = RULES_DIR / "test.json"
 
-FaultKind = Literal["429", "500", "503", "400", "401", "slow", "malformed"]
+FaultKind = Literal["429", "500", "503", "400", "401", "403", "404", "slow", "malformed"]
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
@@ -60,8 +60,11 @@ class Conditions(_Strict):
     any_tool_result: str | None = None
     tool_results_since_user: int | None = Field(default=None, ge=0)
     has_tool: str | None = None
+    model: str | None = None  # a regex on the request's model name
 
-    @field_validator("last_user", "last_tool_result", "system", "any_user", "any_tool_result")
+    @field_validator(
+        "last_user", "last_tool_result", "system", "any_user", "any_tool_result", "model"
+    )
     @classmethod
     def _valid_regex(cls, value: str | None) -> str | None:
         if value is not None:
@@ -148,6 +151,7 @@ class FaultSpec(_Strict):
     delay: float = Field(default=30.0, ge=0)
     when: Conditions | None = None
     message: str | None = None
+    should_retry: bool | None = None  # sent as the x-should-retry header, as OpenAI does
 
     @field_validator("kind", mode="before")
     @classmethod

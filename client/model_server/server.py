@@ -313,6 +313,8 @@ class ScriptedModelServer:
                 if fault.retry_after is not None and status in (429, 503):
                     ra = fault.retry_after
                     headers["Retry-After"] = str(int(ra)) if float(ra).is_integer() else str(ra)
+                if fault.should_retry is not None:
+                    headers["x-should-retry"] = "true" if fault.should_retry else "false"
                 return _HttpReply.error(status, fault.message, headers=headers)
 
         rule, reply, captures = self._rules.select(body)
