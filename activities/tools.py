@@ -157,8 +157,7 @@ class ToolActivities:
             user=input.user,
             resources=self._resources,
         )
-        if t.spec.heartbeat_seconds:
-            result = await heartbeat_while(t.fn(args, ctx))
-        else:
-            result = await t.fn(args, ctx)
+        # heartbeats while the tool runs: a dead worker is noticed within seconds, and a
+        # cancellation (interrupt, keel cancel) reaches the tool
+        result = await heartbeat_while(t.fn(args, ctx))
         return ToolResult(ok=True, content=_render(result))

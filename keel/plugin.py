@@ -15,6 +15,7 @@ import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from temporalio.api.operatorservice.v1 import (
@@ -43,6 +44,10 @@ log = logging.getLogger("keel.worker")
 # the libraries its workflow code uses.
 PASSTHROUGH_MODULES = ("keel", "pydantic", "pydantic_core", "jsonschema")
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
+# A dead worker's workflow tasks wait this long on its sticky queue before another worker
+# takes them (the SDK's default is 10 s); a longer value set on the worker is kept.
+STICKY_TIMEOUT = timedelta(seconds=3)
+SDK_DEFAULT_STICKY_TIMEOUT = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,8 @@ class KeelPlugin(SimplePlugin):
                     "payloads need: pass KeelPlugin to Client.connect(plugins=[...]) (or "
                     "connect with keel.connect) rather than to the Worker only"
                 )
+        if config.get("sticky_queue_schedule_to_start_timeout") == SDK_DEFAULT_STICKY_TIMEOUT:
+            config["sticky_queue_schedule_to_start_timeout"] = STICKY_TIMEOUT
         return super().configure_worker(config)
 
     async def run_worker(self, worker: Worker, next: Callable[[Worker], Awaitable[None]]) -> None:

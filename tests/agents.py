@@ -77,6 +77,17 @@ async def flaky(args: WaitArgs, ctx: ToolContext) -> str:
     return json.dumps({"result": activity.info().attempt})
 
 
+@tool(timeout_seconds=120)
+async def nap(args: WaitArgs, ctx: ToolContext) -> str:
+    """A long tool that never heartbeats itself: the first attempt notes that it started,
+    then sleeps; later attempts answer at once."""
+    if activity.info().attempt == 1:
+        ledger: Ledger = ctx.resources
+        await asyncio.to_thread(ledger.email, "nap@example.com", "nap", "started", "nap-started")
+        await asyncio.sleep(args.seconds)
+    return json.dumps({"napped": activity.info().attempt})
+
+
 class BlobArgs(BaseModel):
     size: int
 
@@ -102,7 +113,7 @@ PATIENT = ModelSettings(
 FALLING_BACK = PATIENT.model_copy(
     update={"model": "primary", "fallbacks": [PATIENT.model_copy(update={"model": "backup"})]}
 )
-TOOLS = [add, charge, slow_lookup, slow_email, flaky, blob]
+TOOLS = [add, charge, slow_lookup, slow_email, flaky, blob, nap]
 INSTRUCTIONS = "You are a test agent."
 
 CALC = Agent(name="calc", instructions=INSTRUCTIONS, tools=TOOLS)

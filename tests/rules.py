@@ -33,6 +33,11 @@ TEST_RULES: dict[str, Any] = {
             },
         },
         {
+            "name": "nap",
+            "when": {"last_role": "user", "last_user": "(?i)take a long nap"},
+            "reply": {"tool_calls": [{"name": "nap", "arguments": {"seconds": 600}}]},
+        },
+        {
             "name": "always silent",
             "when": {"any_user": "(?i)stay silent"},
             "reply": {"content": ""},

@@ -104,3 +104,18 @@ async def test_sigkill_during_a_sub_agent_step_loses_nothing(harness: Harness) -
 
 async def _children(h: Harness, run: str) -> list[str]:
     return [wf.id async for wf in h.client.list_workflows(f"ParentWorkflowId = '{run}'")]
+
+
+async def test_a_dead_workers_long_tool_is_retried_within_seconds(harness: Harness) -> None:
+    """The tool never heartbeats and may take 120 s; Keel heartbeats for it, so its retry
+    on a new worker does not wait out that timeout (nor the SDK's 10 s sticky queue)."""
+    async with killable_worker(harness) as proc:
+        run = await harness.start("calc", "take a long nap")
+        await wait_for(lambda: harness.ledger.rows("outbox"), timeout=60)  # the nap started
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    async with harness.running():
+        # bounded well below the tool's 120 s timeout: this fails if the retry waits it out
+        result = await harness.agents.result(run, timeout=30)
+    assert result.status == AgentStatus.COMPLETED
+    assert result.final_answer == 'Done: {"napped": 2}'

@@ -49,6 +49,7 @@ MODEL_HEARTBEAT_TIMEOUT = timedelta(seconds=5)
 MODEL_RETRY_INITIAL = timedelta(seconds=1)
 MODEL_RETRY_MAX_INTERVAL = timedelta(seconds=30)
 TOOL_RETRY_MAX_INTERVAL = timedelta(seconds=60)
+TOOL_HEARTBEAT_SECONDS = 5.0
 MAX_PAYLOAD_BYTES = 1_800_000
 NON_RETRYABLE_PROVIDER = [
     errors.PROVIDER_REJECTED,
@@ -157,7 +158,9 @@ async def tool_step(
 ) -> ToolResult:
     """Run one tool call with that tool's own timeouts and retries; failures become results."""
     t = tool or ToolSpec(name=call.name, max_attempts=1)
-    heartbeat = timedelta(seconds=t.heartbeat_seconds) if t.heartbeat_seconds else None
+    # Keel heartbeats for every tool (it awaits the tool beside a heartbeat loop), so a
+    # worker's death is noticed within seconds, not after the tool's whole timeout
+    heartbeat = timedelta(seconds=t.heartbeat_seconds or TOOL_HEARTBEAT_SECONDS)
     try:
         return await workflow.execute_activity(
             RUN_TOOL,
