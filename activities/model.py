@@ -10,6 +10,10 @@ from datetime import timedelta
 from typing import Any
 
 import openai
+from openai import AsyncOpenAI
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
 from keel.activities.heartbeat import heartbeat_while
 from keel.workflows import errors
 from keel.workflows.models import (
@@ -21,9 +25,6 @@ from keel.workflows.models import (
     ToolCall,
     Usage,
 )
-from openai import AsyncOpenAI
-from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
 # Temporal refuses payloads past 2 MB; fail fast below that instead of retrying forever.
 MAX_RESULT_BYTES = 1_500_000

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
 from keel.activities.tools import Tool, ToolContext
 from keel.workflows import errors
 from keel.workflows.models import (
@@ -18,8 +21,6 @@ from keel.workflows.models import (
     SubAgentArgs,
     ToolSpec,
 )
-from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
 
 @dataclass

@@ -18,10 +18,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from keel.activities.registry import Agent
 from keel.activities.tools import ToolContext, tool
 from keel.workflows.models import ApprovalMode, ApprovalPolicy, Condition, Limits
-from pydantic import BaseModel, Field
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (

@@ -8,11 +8,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, get_type_hints
 
+from pydantic import BaseModel, ValidationError
+from temporalio import activity
+
 from keel.activities.heartbeat import heartbeat_while
 from keel.workflows.models import RUN_TOOL, ApprovalPolicy, ToolInput, ToolResult, ToolSpec
 from keel.workflows.policy import parse_arguments
-from pydantic import BaseModel, ValidationError
-from temporalio import activity
 
 
 @dataclass(frozen=True)

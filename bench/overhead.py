@@ -39,14 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import Message
-from keel.activities.registry import Agent
-from keel.activities.tools import Tool, ToolContext, tool
-from keel.client.api import AgentClient
-from keel.client.dev import dev_server_args
-from keel.client.model_server import MODEL_ID, RuleSet, ScriptedModelServer
-from keel.workflows.agent import AgentWorkflow
-from keel.workflows.models import CALL_MODEL, SEARCH_ATTRIBUTES, AgentStatus, Limits
-from keel.workflows.models import ModelSettings as KeelModelSettings
 from openai import AsyncOpenAI
 from pydantic import BaseModel
 from temporalio.api.common.v1 import Payload
@@ -54,8 +46,16 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from keel.activities.registry import Agent
+from keel.activities.tools import Tool, ToolContext, tool
+from keel.client.api import AgentClient
+from keel.client.dev import dev_server_args
+from keel.client.model_server import MODEL_ID, RuleSet, ScriptedModelServer
 from keel.config import Settings
 from keel.plugin import ModelProvider, build_worker
+from keel.workflows.agent import AgentWorkflow
+from keel.workflows.models import CALL_MODEL, SEARCH_ATTRIBUTES, AgentStatus, Limits
+from keel.workflows.models import ModelSettings as KeelModelSettings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.md"
 AGENT = "bench"

@@ -7,6 +7,19 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pydantic import BaseModel
+from temporalio.client import (
+    Client,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.service import RPCError, RPCStatusCode
+
+from keel.config import Settings, connect
 from keel.workflows.base import KeelWorkflow
 from keel.workflows.models import (
     AGENT_NAME,
@@ -29,19 +42,6 @@ from keel.workflows.models import (
     MessageReceipt,
     Usage,
 )
-from pydantic import BaseModel
-from temporalio.client import (
-    Client,
-    WorkflowFailureError,
-    WorkflowHandle,
-    WorkflowQueryFailedError,
-    WorkflowQueryRejectedError,
-    WorkflowUpdateFailedError,
-)
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.service import RPCError, RPCStatusCode
-
-from keel.config import Settings, connect
 
 POLL_EVERY = 0.25
 # Every Keel run, whatever its loop, carries AgentName from its start.

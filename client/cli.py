@@ -11,11 +11,11 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from keel.client.api import AgentClient, KeelClientError
-from keel.workflows.models import WORKFLOW_TYPE
 from temporalio.service import RPCError
 
+from keel.client.api import AgentClient, KeelClientError
 from keel.config import Settings, SettingsError
+from keel.workflows.models import WORKFLOW_TYPE
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
@@ -125,7 +125,7 @@ async def cmd_approve(a: argparse.Namespace, s: Settings) -> int:
             raise KeelClientError("--edit must be a JSON object of arguments")
     receipt = await (await _agents(s)).approve(a.run, a.call_id, a.as_user, edit=edit)
     verb = {"approve": "approved", "edit": "approved with edits"}[receipt.decision.value]
-    print(f"{verb} {receipt.call_id} as {receipt.approver}")
+    print(f"{verb} {receipt.call_id} as {receipt.approver}; runs with {receipt.arguments}")
     return 0
 
 

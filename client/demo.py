@@ -8,9 +8,8 @@ import textwrap
 
 from keel.client.api import AgentClient
 from keel.client.dev import DevStack
-from keel.workflows.models import TERMINAL_STATUSES, AgentState, AgentStatus, ApprovalRequest
-
 from keel.config import Settings
+from keel.workflows.models import TERMINAL_STATUSES, AgentState, AgentStatus, ApprovalRequest
 
 APPROVER = "you"
 

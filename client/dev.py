@@ -13,14 +13,14 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from keel.activities.support import AGENTS, Ledger
-from keel.client.model_server import RuleSet, ScriptedModelServer
-from keel.workflows.models import SEARCH_ATTRIBUTES
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from keel.activities.support import AGENTS, Ledger
+from keel.client.model_server import RuleSet, ScriptedModelServer
 from keel.config import UI_PORT, Settings, connect
 from keel.plugin import build_worker, ensure_search_attributes
+from keel.workflows.models import SEARCH_ATTRIBUTES
 
 SUPPORT_RULES = Path(__file__).parent / "rules" / "support.json"
 SERVER_START_TIMEOUT = 60.0

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+from pydantic import BaseModel, Field
+from temporalio import activity
+
 from keel.activities.registry import Agent
 from keel.activities.support import Ledger
 from keel.activities.tools import ToolContext, tool
@@ -17,8 +20,6 @@ from keel.workflows.models import (
     MessagePolicy,
     ModelSettings,
 )
-from pydantic import BaseModel, Field
-from temporalio import activity
 
 
 class AddArgs(BaseModel):

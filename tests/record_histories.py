@@ -10,12 +10,12 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from keel.activities.support import Ledger
-from keel.client.model_server import RuleSet, ScriptedModelServer
-from keel.workflows.models import SEARCH_ATTRIBUTES
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from keel.activities.support import Ledger
+from keel.client.model_server import RuleSet, ScriptedModelServer
+from keel.workflows.models import SEARCH_ATTRIBUTES
 from tests.conftest import Harness, binary, wait_for
 
 HERE = Path(__file__).parent / "histories"

@@ -8,16 +8,16 @@ from datetime import timedelta
 
 import pytest
 import pytest_asyncio
-from keel.activities.support import Ledger
-from keel.client.api import AgentClient, KeelClientError
-from keel.client.model_server import ScriptedModelServer
-from keel.workflows.models import AgentState, AgentStatus
 from temporalio.client import WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from keel.activities.support import Ledger
+from keel.client.api import AgentClient, KeelClientError
+from keel.client.model_server import ScriptedModelServer
 from keel.config import Settings
 from keel.plugin import ModelProvider, build_worker, ensure_search_attributes
+from keel.workflows.models import AgentState, AgentStatus
 from tests.agents import TEST_AGENTS
 from tests.conftest import binary, wait_for
 

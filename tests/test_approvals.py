@@ -6,10 +6,10 @@ import asyncio
 import json
 
 import pytest
-from keel.client.api import KeelClientError
-from keel.workflows.models import AgentState, AgentStatus
 from temporalio.common import RawValue
 
+from keel.client.api import KeelClientError
+from keel.workflows.models import AgentState, AgentStatus
 from tests.conftest import Harness, wait_for
 
 
@@ -77,12 +77,17 @@ async def test_edit_applies_changed_arguments(harness: Harness) -> None:
         req = (await pending(harness, run)).pending_approvals[0]
         with pytest.raises(KeelClientError, match="edited arguments are invalid: amount"):
             await harness.agents.approve(run, req.call_id, "alice", edit={"amount": "lots"})
-        await harness.agents.approve(run, req.call_id, "alice", edit={"amount": 25, "note": "cut"})
+        # an edit names only what changes (as `keel approve --edit '{"amount": 25}'`)
+        receipt = await harness.agents.approve(run, req.call_id, "alice", edit={"amount": 25})
         result = await harness.agents.result(run, timeout=30)
         state = await harness.agents.get_state(run)
+    assert receipt.arguments == {"amount": 25, "note": "test"}  # what will run, said up front
     assert result.status == AgentStatus.COMPLETED
-    assert [(r["amount"], r["reason"]) for r in harness.ledger.rows("refunds")] == [(25, "cut")]
-    assert state.effects[0].arguments == {"amount": 25, "note": "cut"}
+    assert [(r["amount"], r["reason"]) for r in harness.ledger.rows("refunds")] == [(25, "test")]
+    assert state.effects[0].arguments == {"amount": 25, "note": "test"}
+    assert [(d.call_id, d.outcome, d.by) for d in state.decisions] == [
+        (req.call_id, "edited", "alice")
+    ]
 
 
 async def test_refusals_leave_the_run_unharmed(harness: Harness) -> None:

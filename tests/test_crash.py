@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from keel.workflows.models import AgentStatus
-
 from tests.conftest import Harness, wait_for
 
 

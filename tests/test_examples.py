@@ -16,13 +16,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from keel.client.model_server import RuleSet, ScriptedModelServer
-from keel.workflows.models import AgentStatus
 from temporalio.testing import WorkflowEnvironment
 
 from examples.helpdesk.agents import AGENTS, TicketDesk
 from examples.helpdesk.workflows import PlanAndExecute, parse_plan
+from keel.client.model_server import RuleSet, ScriptedModelServer
 from keel.plugin import ModelProvider, build_worker
+from keel.workflows.models import AgentStatus
 from tests.conftest import Harness, wait_for
 from tests.test_cli import keel
 
@@ -249,6 +249,15 @@ async def test_the_wheel_serves_a_project_with_folders_named_like_keels(
 
 
 def _build_wheel(dist: Path) -> Path:
+    """Keel's wheel, built offline from a copy of the repository (no build/ left here)."""
+    src = dist.parent / "src"
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".keel", "build", "*.egg-info", "__pycache__", "histories"
+        ),
+    )
     subprocess.run(
         [
             sys.executable,
@@ -260,7 +269,7 @@ def _build_wheel(dist: Path) -> Path:
             "--no-build-isolation",
             "-w",
             str(dist),
-            str(ROOT),
+            str(src),
         ],
         check=True,
         cwd=dist.parent,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from keel.workflows.models import AgentStatus
 from temporalio.api.enums.v1 import EventType
 
+from keel.workflows.models import AgentStatus
 from tests.conftest import Harness
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from keel.client.api import KeelClientError
 from keel.workflows.inbox import INTERRUPTED
 from keel.workflows.models import AgentState, AgentStatus
-
 from tests.conftest import Harness, wait_for
 
 

@@ -14,6 +14,9 @@ from typing import Any
 
 import openai
 import pytest
+from openai import AsyncOpenAI, OpenAI
+from openai.types.chat import ChatCompletion, ChatCompletionMessageFunctionToolCall
+
 from keel.client.model_server import (
     SUPPORT_RULES,
     TEST_RULES,
@@ -23,8 +26,6 @@ from keel.client.model_server import (
     ScriptedModelServer,
     main,
 )
-from openai import AsyncOpenAI, OpenAI
-from openai.types.chat import ChatCompletion, ChatCompletionMessageFunctionToolCall
 
 SUPPORT_TOOLS: list[Any] = [
     {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}

@@ -6,16 +6,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from keel.activities.support import Ledger
-from keel.client.api import AgentClient
-from keel.client.model_server import ScriptedModelServer
-from keel.workflows.models import CALL_MODEL, AgentStatus
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
+from keel.activities.support import Ledger
+from keel.client.api import AgentClient
+from keel.client.model_server import ScriptedModelServer
 from keel.config import Settings
 from keel.storage import close_s3_clients
+from keel.workflows.models import CALL_MODEL, AgentStatus
 from tests.conftest import Harness
 
 

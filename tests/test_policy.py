@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from keel.workflows.inbox import Inbox, message_refusal
 from keel.workflows.models import (
+    MAX_REFUSALS,
     AgentSpec,
     AgentState,
     AgentStatus,
@@ -17,6 +18,7 @@ from keel.workflows.models import (
     Condition,
     DecideInput,
     Decision,
+    DecisionRecord,
     Limits,
     MessageInput,
     MessagePolicy,
@@ -95,11 +97,15 @@ def test_decision_refusals() -> None:
     assert "edited arguments are invalid: amount" in refuse_decision(SPEC, st, edit, NOW)
     edit_ok = ok.model_copy(update={"decision": Decision.EDIT, "arguments": {"amount": 90}})
     assert refuse_decision(SPEC, st, edit_ok, NOW) == ""
-    done = AgentState(decided_calls=["c1"])
-    assert "already decided" in refuse_decision(SPEC, done, ok, NOW)
-    expired = AgentState(
-        decided_calls=["c1"], audit=[AuditEntry(at=NOW, kind="expired", call_id="c1")]
-    )
+    # an edit names only what changes; the merged arguments are what is validated
+    assert refuse_decision(SPEC, st, edit_ok.model_copy(update={"arguments": {}}), NOW) != ""
+    done = AgentState(decisions=[DecisionRecord(call_id="c1", outcome="rejected", by="al", at=NOW)])
+    assert "already decided (rejected by al)" in refuse_decision(SPEC, done, ok, NOW)
+    expired = AgentState(decisions=[DecisionRecord(call_id="c1", outcome="expired", at=NOW)])
+    assert "expired" in refuse_decision(SPEC, expired, ok, NOW)
+    # the record of decisions is not the audit trail: a flood of refusals cannot erase it
+    for _ in range(MAX_REFUSALS + 5):
+        expired.record(AuditEntry(at=NOW, kind="decision_refused", call_id="c1"))
     assert "expired" in refuse_decision(SPEC, expired, ok, NOW)
 
 
@@ -164,10 +170,16 @@ def test_bad_input_cannot_grow_the_audit_without_bound() -> None:
 
     st = AgentState()
     st.record(AuditEntry(at=NOW, kind="approved", actor="ann", call_id="c1"))
-    for _ in range(1500):
+    st.record(AuditEntry(at=NOW, kind="rejected", actor="bob", call_id="c2", detail="no"))
+    for i in range(1500):
         st.record(AuditEntry(at=NOW, kind="signal_refused", detail="x" * 10_000))
-    assert len(st.audit) == 1000 and st.audit_dropped == 501
-    assert st.audit[0].kind == "approved"  # decisions stay; the oldest refusals make room
+        if i % 100 == 0:  # people's messages and decisions keep coming between the refusals
+            st.record(AuditEntry(at=NOW, kind="message", actor="dana", detail=f"m{i}"))
+    assert st.audit_dropped == 1500 - MAX_REFUSALS
+    assert sum(e.kind == "signal_refused" for e in st.audit) == MAX_REFUSALS
+    # a person's rejection is a decision, not a refusal: it stays, as does every message
+    assert [e.kind for e in st.audit[:2]] == ["approved", "rejected"]
+    assert sum(e.kind == "message" for e in st.audit) == 15
     assert max(len(e.detail) for e in st.audit) == 500
     with pytest.raises(ValidationError):
         DecideInput(call_id="c" * 10_000, decision=Decision.APPROVE, approver="ann")

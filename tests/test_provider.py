@@ -3,10 +3,10 @@ fail at once only when the request itself is wrong (or Keel's own code is)."""
 
 from __future__ import annotations
 
-import keel.activities.model as model_activity
 import pytest
-from keel.workflows.models import AgentStatus
 
+import keel.activities.model as model_activity
+from keel.workflows.models import AgentStatus
 from tests.conftest import Harness, wait_for
 from tests.test_cli import keel
 

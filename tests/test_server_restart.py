@@ -5,15 +5,15 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+from temporalio.client import WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
 from keel.activities.support import Ledger
 from keel.client.api import AgentClient
 from keel.client.dev import dev_server_args
 from keel.client.model_server import ScriptedModelServer
 from keel.workflows.models import SEARCH_ATTRIBUTES, AgentState, AgentStatus
-from temporalio.client import WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
-
 from tests.conftest import Harness, binary, wait_for
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 from keel.workflows.models import AgentStatus
-
 from tests.conftest import Harness, wait_for
 from tests.test_cli import keel
 

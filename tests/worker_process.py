@@ -6,7 +6,6 @@ import argparse
 import asyncio
 
 from keel.activities.support import Ledger
-
 from keel.config import Settings, connect
 from keel.plugin import ModelProvider, build_worker
 from tests.agents import TEST_AGENTS

@@ -7,18 +7,23 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from temporalio import workflow
+
 from keel.workflows.models import (
     AgentSpec,
     AgentState,
     ApprovalRequest,
     AuditEntry,
+    AuditKind,
     DecideInput,
     DecideReceipt,
     Decision,
+    DecisionRecord,
     ToolSpec,
 )
-from keel.workflows.policy import refuse_decision
-from temporalio import workflow
+from keel.workflows.policy import edited_arguments, refuse_decision
+
+OUTCOMES = {Decision.APPROVE: "approved", Decision.REJECT: "rejected", Decision.EDIT: "edited"}
 
 
 class ApprovalExpired(Exception):
@@ -46,7 +51,7 @@ class Approvals:
             st.record(
                 AuditEntry(
                     at=workflow.now(),
-                    kind="decision_refused",
+                    kind=AuditKind.DECISION_REFUSED,
                     detail=refusal,
                     actor=d.approver,
                     call_id=d.call_id,
@@ -55,22 +60,34 @@ class Approvals:
             return DecideReceipt(
                 call_id=d.call_id, decision=d.decision, approver=d.approver, accepted=False
             )
+        request = next(r for r in st.pending_approvals if r.call_id == d.call_id)
+        if d.decision == Decision.EDIT:
+            # an edit names only what changes: the call runs with the merged arguments
+            d = d.model_copy(update={"arguments": edited_arguments(request, d)})
         self._decisions[d.call_id] = d
-        st.decided_calls.append(d.call_id)
+        outcome = OUTCOMES[d.decision]
+        st.decisions.append(
+            DecisionRecord(call_id=d.call_id, outcome=outcome, by=d.approver, at=workflow.now())
+        )
         self._remove(d.call_id)
         detail = d.reason
         if d.decision == Decision.EDIT:
-            detail = f"arguments changed to {d.arguments}"
+            detail = f"runs with arguments {d.arguments}"
         st.record(
             AuditEntry(
                 at=workflow.now(),
-                kind={"approve": "approved", "reject": "rejected", "edit": "edited"}[d.decision],
+                kind=AuditKind(outcome),
                 detail=detail,
                 actor=d.approver,
                 call_id=d.call_id,
             )
         )
-        return DecideReceipt(call_id=d.call_id, decision=d.decision, approver=d.approver)
+        return DecideReceipt(
+            call_id=d.call_id,
+            decision=d.decision,
+            approver=d.approver,
+            arguments=d.arguments if d.decision == Decision.EDIT else request.arguments,
+        )
 
     async def request(
         self,
@@ -110,11 +127,13 @@ class Approvals:
         except TimeoutError:
             self._decisions.pop(call_id, None)
             self._remove(call_id)
-            st.decided_calls.append(call_id)
+            st.decisions.append(
+                DecisionRecord(call_id=call_id, outcome="expired", at=workflow.now())
+            )
             st.record(
                 AuditEntry(
                     at=workflow.now(),
-                    kind="expired",
+                    kind=AuditKind.EXPIRED,
                     detail=f"no decision within {timeout}; policy: {spec.on_approval_timeout}",
                     call_id=call_id,
                 )
@@ -122,7 +141,9 @@ class Approvals:
             raise ApprovalExpired(call_id) from None
         except asyncio.CancelledError:
             if any(r.call_id == call_id for r in st.pending_approvals):
-                st.record(AuditEntry(at=workflow.now(), kind="withdrawn", call_id=call_id))
+                now = workflow.now()
+                st.decisions.append(DecisionRecord(call_id=call_id, outcome="withdrawn", at=now))
+                st.record(AuditEntry(at=now, kind=AuditKind.WITHDRAWN, call_id=call_id))
                 self._remove(call_id)
             self._decisions.pop(call_id, None)
             raise

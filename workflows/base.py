@@ -34,6 +34,8 @@ from temporalio.exceptions import (
 )
 
 with workflow.unsafe.imports_passed_through():
+    from pydantic import BaseModel
+
     from keel.workflows import errors
     from keel.workflows.approvals import ApprovalExpired, Approvals
     from keel.workflows.inbox import INTERRUPTED, Inbox, message_refusal
@@ -52,6 +54,7 @@ with workflow.unsafe.imports_passed_through():
         AgentStatus,
         ApprovalTimeoutAction,
         AuditEntry,
+        AuditKind,
         ChatMessage,
         DecideInput,
         DecideReceipt,
@@ -87,7 +90,6 @@ with workflow.unsafe.imports_passed_through():
         subagent_step,
         tool_step,
     )
-    from pydantic import BaseModel
 
 M = TypeVar("M", bound=BaseModel)
 EMPTY_REPLY_NUDGE = "Your last reply was empty. Answer the user, or call one of the tools."
@@ -295,7 +297,7 @@ class KeelWorkflow:
                     st.record(
                         AuditEntry(
                             at=workflow.now(),
-                            kind="model_fallback",
+                            kind=AuditKind.MODEL_FALLBACK,
                             detail=f"{message}; step {st.step} goes to {chain[i].model}",
                         )
                     )
@@ -469,7 +471,7 @@ class KeelWorkflow:
         st.status = status
         st.error = error
         if error:
-            st.record(AuditEntry(at=workflow.now(), kind=status.value, detail=error))
+            st.record(AuditEntry(at=workflow.now(), kind=AuditKind(status.value), detail=error))
         self.publish()
         return AgentResult(
             status=status,
@@ -507,7 +509,7 @@ class KeelWorkflow:
         elif name == SIGNAL_RESUME:
             self._resume = True
             detail = "try the model provider again now"
-            self.state.record(AuditEntry(at=workflow.now(), kind="resume", detail=detail))
+            self.state.record(AuditEntry(at=workflow.now(), kind=AuditKind.RESUME, detail=detail))
         else:
             self._refuse_signal(
                 f"unknown signal {name!r} (known: {SIGNAL_DECIDE}, {SIGNAL_MESSAGE}, "
@@ -552,7 +554,9 @@ class KeelWorkflow:
     def _refuse_signal(self, why: str) -> None:
         self.state.record(
             AuditEntry(
-                at=workflow.now(), kind="signal_refused", detail=why.replace("\n", " ")[:500]
+                at=workflow.now(),
+                kind=AuditKind.SIGNAL_REFUSED,
+                detail=why.replace("\n", " ")[:500],
             )
         )
 

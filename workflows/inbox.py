@@ -9,6 +9,7 @@ from keel.workflows.models import (
     AgentSpec,
     AgentState,
     AuditEntry,
+    AuditKind,
     ChatMessage,
     MessageInput,
     MessagePolicy,
@@ -50,7 +51,9 @@ class Inbox:
         policy = effective_policy(spec, m.policy)
         refusal = message_refusal(spec, st, m)
         if refusal:
-            st.record(AuditEntry(at=now, kind="message_rejected", detail=refusal, actor=m.sender))
+            st.record(
+                AuditEntry(at=now, kind=AuditKind.MESSAGE_REJECTED, detail=refusal, actor=m.sender)
+            )
             return MessageReceipt(status="rejected", policy=policy, reason=refusal)
         in_flight = turn_in_flight(st)
         st.queued_messages.append(
@@ -59,7 +62,7 @@ class Inbox:
         st.record(
             AuditEntry(
                 at=now,
-                kind="message",
+                kind=AuditKind.MESSAGE,
                 detail=f"{policy.value}: {m.text[:AUDIT_TEXT_CHARS]}",
                 actor=m.sender,
             )
@@ -87,16 +90,18 @@ class Inbox:
         if self.stop_turn == MessagePolicy.ROLLBACK:
             start = max(st.turn_start, 1)  # the instructions are never rolled back
             dropped = len(st.transcript) - start
+            # the dropped turn's call ids are never handed out again
+            st.retired_call_ids += [c.id for m in st.transcript[start:] for c in m.tool_calls]
             del st.transcript[start:]
             st.record(
                 AuditEntry(
                     at=now,
-                    kind="rolled_back",
+                    kind=AuditKind.ROLLED_BACK,
                     detail=f"dropped {dropped} messages of turn {st.turn}; effects stay recorded",
                 )
             )
         elif self.stop_turn == MessagePolicy.INTERRUPT:
-            st.record(AuditEntry(at=now, kind="interrupted", detail=f"turn {st.turn}"))
+            st.record(AuditEntry(at=now, kind=AuditKind.INTERRUPTED, detail=f"turn {st.turn}"))
         self.stop_turn = None
 
     def deliver(self) -> int:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, field_validator
 from temporalio.common import SearchAttributeKey
 
 AUDIT_FIELD_CHARS = 500
-MAX_AUDIT_ENTRIES = 1000
+MAX_REFUSALS = 200  # refused bad input kept in the audit trail; older refusals are counted
 
 # --- names on the wire: prefixed, so they never meet a user's own on a shared namespace ----
 
@@ -268,11 +268,49 @@ class Effect(BaseModel):
     run_id: str = ""  # a sub-agent's run, whose own record lists what it changed
 
 
+class AuditKind(StrEnum):
+    """What an audit entry records. Only refusals of bad input are ever dropped."""
+
+    APPROVED = "approved"
+    REJECTED = "rejected"  # a person rejected a tool call: a decision, kept
+    EDITED = "edited"
+    EXPIRED = "expired"
+    WITHDRAWN = "withdrawn"
+    MESSAGE = "message"
+    ROLLED_BACK = "rolled_back"
+    INTERRUPTED = "interrupted"
+    RESUME = "resume"
+    MODEL_FALLBACK = "model_fallback"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    # refusals of bad input: bounded
+    DECISION_REFUSED = "decision_refused"
+    SIGNAL_REFUSED = "signal_refused"
+    MESSAGE_REJECTED = "message_rejected"
+
+
+REFUSALS = frozenset(
+    {AuditKind.DECISION_REFUSED, AuditKind.SIGNAL_REFUSED, AuditKind.MESSAGE_REJECTED}
+)
+DecisionOutcome = Literal["approved", "rejected", "edited", "expired", "withdrawn"]
+
+
+class DecisionRecord(BaseModel):
+    """How one approval request ended; the run keeps every one, whatever else happens."""
+
+    call_id: str
+    outcome: DecisionOutcome
+    by: str = ""  # the approver; empty for expired and withdrawn
+    at: datetime
+
+
 class AuditEntry(BaseModel):
     """A decision, a refused input or a notable event, in the order it happened."""
 
     at: datetime
-    kind: str  # "approved", "rejected", "edited", "expired", "refused", "message", ...
+    kind: AuditKind
     detail: str = ""
     actor: str = ""
     call_id: str = ""
@@ -309,10 +347,11 @@ class AgentState(BaseModel):
     audit: list[AuditEntry] = Field(default_factory=list)
     final_answer: str | None = None
     error: str | None = None
-    decided_calls: list[str] = Field(default_factory=list)
+    decisions: list[DecisionRecord] = Field(default_factory=list)  # never dropped
+    retired_call_ids: list[str] = Field(default_factory=list)  # calls of rolled-back turns
     paused_seconds: float = 0.0  # time spent waiting for people (approvals, idle): not work
     idle_since: datetime | None = None  # while idle, across continue-as-new
-    audit_dropped: int = 0  # refusals dropped from a full audit trail (the count is kept)
+    audit_dropped: int = 0  # refusals beyond MAX_REFUSALS, dropped (the count is kept)
     started_at: datetime | None = None
     spec: AgentSpec | None = None
     # a custom loop's own progress (e.g. its plan), carried across continue-as-new with the rest
@@ -321,15 +360,23 @@ class AgentState(BaseModel):
     empty_replies: int = 0  # empty model replies in a row (one gets a corrective turn)
 
     def record(self, entry: AuditEntry) -> None:
-        """Append to the audit trail; past the cap, the oldest refusal makes room."""
+        """Append to the audit trail. Refusals of bad input are bounded: past MAX_REFUSALS
+        the oldest refusal makes room. Nothing else is ever dropped."""
         self.audit.append(entry)
-        if len(self.audit) > MAX_AUDIT_ENTRIES:
-            drop = next(
-                (i for i, e in enumerate(self.audit) if e.kind.endswith(("refused", "rejected"))),
-                0,
-            )
-            del self.audit[drop]
-            self.audit_dropped += 1
+        if entry.kind in REFUSALS:
+            refusals = [i for i, e in enumerate(self.audit) if e.kind in REFUSALS]
+            if len(refusals) > MAX_REFUSALS:
+                del self.audit[refusals[0]]
+                self.audit_dropped += 1
+
+    def decision(self, call_id: str) -> DecisionRecord | None:
+        """How the approval of this call ended, if it has."""
+        return next((d for d in self.decisions if d.call_id == call_id), None)
+
+    def used_call_ids(self) -> list[str]:
+        """Call ids the run used outside its transcript: never handed out again."""
+        ids = {d.call_id for d in self.decisions} | {e.call_id for e in self.effects}
+        return sorted(ids | set(self.retired_call_ids))
 
 
 class AgentInput(BaseModel):
@@ -365,7 +412,7 @@ class DecideInput(BaseModel):
     decision: Decision
     approver: str = Field(max_length=200)
     reason: str = Field(default="", max_length=2000)
-    arguments: dict[str, Any] | None = None  # for "edit": the changed arguments
+    arguments: dict[str, Any] | None = None  # for "edit": the arguments to change
 
 
 class DecideReceipt(BaseModel):
@@ -373,6 +420,7 @@ class DecideReceipt(BaseModel):
     decision: Decision
     approver: str
     accepted: bool = True
+    arguments: dict[str, Any] | None = None  # what the call runs with, once approved
 
 
 class MessageInput(BaseModel):

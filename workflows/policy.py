@@ -9,10 +9,12 @@ from datetime import datetime
 from typing import Any
 
 import jsonschema
+
 from keel.workflows.models import (
     AgentSpec,
     AgentState,
     ApprovalMode,
+    ApprovalRequest,
     Condition,
     DecideInput,
     Decision,
@@ -89,25 +91,32 @@ def refuse_decision(
         return "an approver must be named"
     request = next((r for r in state.pending_approvals if r.call_id == d.call_id), None)
     if request is None:
-        if any(a.kind == "expired" and a.call_id == d.call_id for a in state.audit):
+        prior = state.decision(d.call_id)
+        if prior is None:
+            return f"no pending approval with call id {d.call_id!r}"
+        if prior.outcome == "expired":
             return f"the approval for {d.call_id} has expired"
-        if any(a.kind == "withdrawn" and a.call_id == d.call_id for a in state.audit):
+        if prior.outcome == "withdrawn":
             return f"the approval for {d.call_id} was withdrawn (the turn was interrupted)"
-        if d.call_id in state.decided_calls:
-            return f"call {d.call_id} was already decided"
-        return f"no pending approval with call id {d.call_id!r}"
+        return f"call {d.call_id} was already decided ({prior.outcome} by {prior.by})"
     if now >= request.expires_at:
         return f"approval for {d.call_id} expired at {request.expires_at.isoformat()}"
     if request.approvers and d.approver not in request.approvers:
         return f"{d.approver!r} may not decide this call (allowed: {', '.join(request.approvers)})"
     if d.decision == Decision.EDIT:
-        if d.arguments is None:
-            return "an edit must carry the changed arguments"
+        if not d.arguments:
+            return "an edit must carry the arguments to change"
         tool = spec.tool(request.tool) if spec else None
-        problem = validate_arguments(tool, d.arguments) if tool else ""
+        merged = edited_arguments(request, d)
+        problem = validate_arguments(tool, merged) if tool else ""
         if problem:
-            return f"edited arguments are invalid: {problem}"
+            return f"edited arguments are invalid: {problem} (the call would run with {merged})"
     return ""
+
+
+def edited_arguments(request: ApprovalRequest, d: DecideInput) -> dict[str, Any]:
+    """What an edited call runs with: the original arguments, with the edit's on top."""
+    return {**request.arguments, **(d.arguments or {})}
 
 
 def turn_in_flight(state: AgentState) -> bool:

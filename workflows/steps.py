@@ -6,6 +6,16 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from pydantic import BaseModel
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    ChildWorkflowError,
+)
+
 from keel.workflows import errors
 from keel.workflows.models import (
     AGENT_NAME,
@@ -34,15 +44,6 @@ from keel.workflows.models import (
     ToolSpec,
 )
 from keel.workflows.policy import short_args
-from pydantic import BaseModel
-from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
-from temporalio.exceptions import (
-    ActivityError,
-    ApplicationError,
-    CancelledError,
-    ChildWorkflowError,
-)
 
 LOAD_SPEC_TIMEOUT = timedelta(seconds=10)
 MODEL_HEARTBEAT_TIMEOUT = timedelta(seconds=5)
@@ -128,7 +129,7 @@ async def model_step(
         messages=state.transcript,
         tools=spec.tools if not tools else tools,
         tool_choice="none" if tools == [] else "",
-        reserved_call_ids=sorted({e.call_id for e in state.audit if e.call_id}),
+        reserved_call_ids=state.used_call_ids(),
     )
     size = payload_bytes(request)
     if size > MAX_PAYLOAD_BYTES:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from temporalio import workflow
+
 from keel.workflows import KeelWorkflow
 from keel.workflows.models import AgentInput, AgentResult, AgentSpec, AgentStatus
-from temporalio import workflow
 
 PLAN = "Make a plan: list the steps, one per line, each starting with '- '."
 SUMMARY = "Summarise for the user what was done."
