@@ -17,9 +17,11 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.service import RPCError, RPCStatusCode
 
 from keel.config import Settings, connect
+from keel.workflows import errors
 from keel.workflows.base import KeelWorkflow
 from keel.workflows.models import (
     AGENT_NAME,
@@ -137,13 +139,13 @@ class AgentClient:
                 return await handle.result()
             except WorkflowFailureError as e:
                 state = await self._state_or_none(run_id)
-                status = state.status if state else AgentStatus.FAILED
+                status = state.status if state else _ending(e)
                 if status not in TERMINAL_STATUSES:
-                    status = AgentStatus.FAILED
+                    status = _ending(e)
                 return AgentResult(
                     status=status,
                     final_answer=state.final_answer if state else None,
-                    error=_cause(e),
+                    error=(state.error if state else None) or _cause(e),
                     steps=state.step if state else 0,
                     usage=state.usage if state else Usage(),
                 )
@@ -278,6 +280,17 @@ class AgentClient:
                     )
                 )
         return sorted(out, key=lambda p: -p.age_seconds)
+
+
+def _ending(e: WorkflowFailureError) -> AgentStatus:
+    """How a run ended, from its workflow's failure (when its state cannot be read)."""
+    if isinstance(e.cause, CancelledError):
+        return AgentStatus.CANCELLED
+    kind = e.cause.type if isinstance(e.cause, ApplicationError) else ""
+    return {
+        errors.BUDGET_EXHAUSTED: AgentStatus.BUDGET_EXHAUSTED,
+        errors.RUN_CANCELLED: AgentStatus.CANCELLED,
+    }.get(kind or "", AgentStatus.FAILED)
 
 
 def _workflow_type(loop: str | type) -> str:

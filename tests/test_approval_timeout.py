@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 import pytest_asyncio
-from temporalio.client import WorkflowHandle
+from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
@@ -84,6 +84,12 @@ async def test_approval_expires_and_policy_applies(
             await handle.cancel()
         else:
             assert "expired" in (state.error or "")
+            # Temporal's own status does not call it a success
+            with skipping.auto_time_skipping_disabled():
+                result = await agents.result(run, timeout=30)
+                described = await handle.describe()
+            assert result.status == AgentStatus.CANCELLED
+            assert described.status == WorkflowExecutionStatus.FAILED
 
 
 async def _status_in(

@@ -93,6 +93,7 @@ with workflow.unsafe.imports_passed_through():
 
 M = TypeVar("M", bound=BaseModel)
 EMPTY_REPLY_NUDGE = "Your last reply was empty. Answer the user, or call one of the tools."
+ENDINGS_PATCH = "keel-endings-agree"  # runs recorded before it completed on a spent budget
 EFFECT_RESULT_CHARS = 2000  # the run's record keeps a bounded copy of each effect's result
 Loop = Callable[[AgentSpec], Awaitable[AgentResult]]
 
@@ -162,10 +163,10 @@ class KeelWorkflow:
             try:
                 result = await loop(self.spec)
             except EndRun as e:
-                return self.finish(e.status, e.reason)
+                result = self.finish(e.status, e.reason)
             if self.state.status not in TERMINAL_STATUSES:  # a loop that did not say
-                return self.finish(result.status, result.error)
-            return result
+                result = self.finish(result.status, result.error)
+            return self._outcome(result)
         except asyncio.CancelledError:
             st.status = AgentStatus.CANCELLED
             st.error = "cancelled"
@@ -479,6 +480,20 @@ class KeelWorkflow:
             error=error,
             steps=st.step,
             usage=st.usage,
+        )
+
+    def _outcome(self, result: AgentResult) -> AgentResult:
+        """Temporal's own status agrees with the run's: only a completed run completes; a
+        spent budget or an approval's cancel policy fails the workflow with that reason, so
+        no such run looks like a success in the Web UI's list."""
+        if result.status == AgentStatus.COMPLETED or not workflow.patched(ENDINGS_PATCH):
+            return result
+        kind = {
+            AgentStatus.BUDGET_EXHAUSTED: errors.BUDGET_EXHAUSTED,
+            AgentStatus.CANCELLED: errors.RUN_CANCELLED,
+        }.get(result.status, "KeelError")
+        raise ApplicationError(
+            f"{result.status.value}: {result.error}", type=kind, non_retryable=True
         )
 
     def fail(self, message: str, type: str) -> NoReturn:

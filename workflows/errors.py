@@ -14,6 +14,8 @@ MODEL_UNAVAILABLE = "ModelUnavailable"  # 404, no such model: a fallback may ans
 CONTEXT_TOO_LONG = "ContextTooLong"  # the request exceeds the model's context: a fallback may
 PAYLOAD_TOO_LARGE = "PayloadTooLarge"
 KEEL_INTERNAL = "KeelInternalError"  # a bug in Keel's own code: never the provider's fault
+BUDGET_EXHAUSTED = "BudgetExhausted"  # a run's budget is spent: it ends, not a success
+RUN_CANCELLED = "RunCancelled"  # an approval expired under the agent's "cancel" policy
 EMPTY_REPLY = "EmptyReply"  # the model answered with nothing, even after being told so
 
 # What the run does when a model call's retries are spent, by failure type:
