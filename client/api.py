@@ -8,16 +8,22 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import (
     Client,
+    WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
     WorkflowQueryFailedError,
     WorkflowQueryRejectedError,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+    WorkflowUpdateStage,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.exceptions import ApplicationError, CancelledError, FailureError
 from temporalio.service import RPCError, RPCStatusCode
 
 from keel.config import Settings, connect
@@ -28,6 +34,8 @@ from keel.workflows.models import (
     AGENT_STATUS,
     AGENT_STEPS,
     AGENT_USER,
+    PENDING_APPROVALS,
+    SIGNAL_DECIDE,
     SIGNAL_RESUME,
     TERMINAL_STATUSES,
     TOTAL_TOKENS,
@@ -46,12 +54,24 @@ from keel.workflows.models import (
 )
 
 POLL_EVERY = 0.25
+QUERY_TIMEOUT = timedelta(seconds=10)  # a run with no worker cannot answer: say so promptly
+ACCEPT_TIMEOUT = timedelta(seconds=5)  # a worker takes an update at once, or there is none
+UPDATE_TIMEOUT = timedelta(seconds=30)
+WORKER_SEEN_SECONDS = 70.0  # workers long-poll for up to a minute
+SEND_ATTEMPTS = 8  # a message is idempotent by its id: resending it is always safe
+SEND_RETRY_FIRST = 0.2
+SEND_RETRY_MAX = 5.0
+UNKNOWN_OUTCOME = {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED}
 # Every Keel run, whatever its loop, carries AgentName from its start.
 KEEL_RUNS = "AgentName IS NOT NULL"
 
 
 class KeelClientError(Exception):
     """A request Keel refused, with the reason the run gave."""
+
+
+class NoWorker(KeelClientError):
+    """No worker serves the run's task queue, so the run cannot answer a query now."""
 
 
 class RunSummary(BaseModel):
@@ -62,6 +82,8 @@ class RunSummary(BaseModel):
     steps: int = 0
     tokens: int = 0
     started: datetime | None = None
+    temporal_status: str = ""
+    error: str = ""
 
 
 class PendingApproval(BaseModel):
@@ -72,7 +94,9 @@ class PendingApproval(BaseModel):
     reason: str
     approvers: list[str]
     age_seconds: float
-    expires_at: datetime
+    expires_at: datetime | None = None
+    # False: no worker serves the run, so its approvals cannot be read (the count can)
+    reachable: bool = True
 
 
 class AgentClient:
@@ -127,8 +151,53 @@ class AgentClient:
         return run_id
 
     async def get_state(self, run_id: str) -> AgentState:
-        """The run's state: status, step, transcript, usage, approvals, effects, audit."""
-        return await self._handle(run_id).query(KeelWorkflow.get_state)
+        """The run's state: status, step, transcript, usage, approvals, effects, audit.
+        Reading it needs a worker serving the run; without one, KeelClientError says so."""
+        try:
+            return await self._handle(run_id).query(
+                KeelWorkflow.get_state, rpc_timeout=QUERY_TIMEOUT
+            )
+        except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError) as e:
+            message = getattr(e, "message", str(e))
+            if isinstance(e, RPCError) and e.status in (
+                RPCStatusCode.NOT_FOUND,
+                RPCStatusCode.INVALID_ARGUMENT,
+            ):
+                raise KeelClientError(f"run {run_id}: {message}") from e
+            if isinstance(e, RPCError) or "poller" in message:
+                raise NoWorker(
+                    f"run {run_id}: no worker is serving it, so its record cannot be read "
+                    f"now ({message}); start a worker for its task queue"
+                ) from e
+            raise KeelClientError(f"run {run_id}: {message}") from e
+
+    async def summary(self, run_id: str) -> RunSummary:
+        """What Temporal itself knows of a run (no worker needed): status, agent, counts,
+        and how it ended."""
+        try:
+            desc = await self._handle(run_id).describe()
+        except RPCError as e:
+            raise KeelClientError(f"run {run_id}: {e.message}") from e
+        sa = desc.typed_search_attributes
+        ending = ""
+        if desc.status not in (None, WorkflowExecutionStatus.RUNNING):
+            try:
+                await self._handle(run_id).result(rpc_timeout=QUERY_TIMEOUT)
+            except WorkflowFailureError as e:
+                ending = _cause(e)
+            except RPCError:
+                pass
+        return RunSummary(
+            run_id=run_id,
+            agent=sa.get(AGENT_NAME) or "",
+            status=sa.get(AGENT_STATUS) or "",
+            user=sa.get(AGENT_USER) or "",
+            steps=sa.get(AGENT_STEPS) or 0,
+            tokens=sa.get(TOTAL_TOKENS) or 0,
+            started=desc.start_time,
+            temporal_status=desc.status.name.lower() if desc.status else "",
+            error=ending,
+        )
 
     async def result(self, run_id: str, timeout: float | None = None) -> AgentResult:
         """Wait for the run's latest answer: when it ends, or goes idle after a turn."""
@@ -176,7 +245,7 @@ class AgentClient:
     async def _state_or_none(self, run_id: str) -> AgentState | None:
         try:
             return await self.get_state(run_id)
-        except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError):
+        except KeelClientError:
             return None
 
     async def list(self, status: str | None = None, limit: int = 100) -> list[RunSummary]:
@@ -201,52 +270,148 @@ class AgentClient:
         return out
 
     async def approve(
-        self, run_id: str, call_id: str, approver: str, edit: dict[str, Any] | None = None
+        self,
+        run_id: str,
+        call_id: str,
+        approver: str,
+        edit: dict[str, Any] | None = None,
+        *,
+        wait: bool = True,
     ) -> DecideReceipt:
-        """Approve a pending tool call, optionally with changed arguments."""
+        """Approve a pending tool call, optionally changing some of its arguments."""
         decision = Decision.EDIT if edit is not None else Decision.APPROVE
         return await self.decide(
             run_id,
             DecideInput(call_id=call_id, decision=decision, approver=approver, arguments=edit),
+            wait=wait,
         )
 
-    async def reject(self, run_id: str, call_id: str, approver: str, reason: str) -> DecideReceipt:
+    async def reject(
+        self, run_id: str, call_id: str, approver: str, reason: str, *, wait: bool = True
+    ) -> DecideReceipt:
         """Reject a pending tool call; the model sees the reason as the tool's result."""
         return await self.decide(
             run_id,
             DecideInput(
                 call_id=call_id, decision=Decision.REJECT, approver=approver, reason=reason
             ),
+            wait=wait,
         )
 
-    async def decide(self, run_id: str, decision: DecideInput) -> DecideReceipt:
-        """Send a decision through the `decide_approval` update; a refusal raises."""
+    async def decide(
+        self, run_id: str, decision: DecideInput, *, wait: bool = True
+    ) -> DecideReceipt:
+        """Send a decision through the `decide_approval` update; a refusal raises.
+
+        With no worker serving the run (or `wait=False`), the decision goes as the
+        `keel.decide` signal instead: it is kept, and applies (or is refused, as the run's
+        audit trail then says) when a worker serves the run; the receipt's note says so."""
+        handle = self._handle(run_id)
+        why = "sent without waiting"
         try:
-            return await self._handle(run_id).execute_update(KeelWorkflow.decide_approval, decision)
+            if wait and await self.has_worker(run_id):
+                try:
+                    update = await handle.start_update(
+                        KeelWorkflow.decide_approval,
+                        decision,
+                        wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                        rpc_timeout=ACCEPT_TIMEOUT,
+                    )
+                    return await update.result(rpc_timeout=UPDATE_TIMEOUT)
+                except WorkflowUpdateRPCTimeoutOrCancelledError:
+                    pass  # no worker took it: send it so that it keeps
+            if wait:
+                why = "no worker is serving this run"
+            # (if the update was only slow, it still applies first, and this copy is
+            # recorded as refused: "already decided")
+            await handle.signal(SIGNAL_DECIDE, decision)
         except WorkflowUpdateFailedError as e:
             raise KeelClientError(_cause(e)) from e
         except RPCError as e:
             raise KeelClientError(f"run {run_id}: {e.message}") from e
+        return DecideReceipt(
+            call_id=decision.call_id,
+            decision=decision.decision,
+            approver=decision.approver,
+            note=(
+                f"{why}: the decision is kept and applies when a worker serves the run "
+                f"(`keel status {run_id}` then shows it applied, or why it was refused)"
+            ),
+        )
+
+    async def has_worker(self, run_id: str) -> bool:
+        """Whether a worker has polled the run's task queue lately."""
+        try:
+            desc = await self._handle(run_id).describe()
+            pollers = await self.client.workflow_service.describe_task_queue(
+                DescribeTaskQueueRequest(
+                    namespace=self.client.namespace,
+                    task_queue=TaskQueue(name=desc.task_queue),
+                    task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+                )
+            )
+        except RPCError:
+            return True  # cannot tell: try the update, which answers for itself
+        now = datetime.now(UTC).timestamp()
+        return any(
+            now - p.last_access_time.ToSeconds() < WORKER_SEEN_SECONDS for p in pollers.pollers
+        )
 
     async def send_message(
-        self, run_id: str, text: str, policy: MessagePolicy | str | None = None, sender: str = ""
+        self,
+        run_id: str,
+        text: str,
+        policy: MessagePolicy | str | None = None,
+        sender: str = "",
+        message_id: str | None = None,
     ) -> MessageReceipt:
-        """Send a message mid-run; the receipt says queued, delivered or why it was refused."""
-        m = MessageInput(text=text, policy=MessagePolicy(policy) if policy else None, sender=sender)
-        try:
-            return await self._handle(run_id).execute_update(KeelWorkflow.send_message, m)
-        except WorkflowUpdateFailedError as e:
-            return MessageReceipt(
-                status="rejected", policy=m.policy or MessagePolicy.QUEUE, reason=_cause(e)
-            )
-        except RPCError as e:
-            if e.status != RPCStatusCode.NOT_FOUND:
-                raise  # the outcome is unknown (e.g. a timeout): do not report a refusal
-            return MessageReceipt(
-                status="rejected",
-                policy=m.policy or MessagePolicy.QUEUE,
-                reason=f"run {run_id}: {e.message}",
-            )
+        """Send a message mid-run; the receipt says queued, delivered (or duplicate: sent
+        before, delivered once) or why it was refused.
+
+        The message carries an id (made here unless given), so sending it again is safe: a
+        run busy with other messages (Temporal takes 10 updates in flight per run) or an
+        answer lost on the way is retried here, and a message is delivered exactly once.
+        When the outcome stays unknown, KeelClientError says so and names the id to resend."""
+        m = MessageInput(
+            text=text,
+            policy=MessagePolicy(policy) if policy else None,
+            sender=sender,
+            id=message_id or uuid.uuid4().hex,
+        )
+        handle = self._handle(run_id)
+        delay = SEND_RETRY_FIRST
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            try:
+                return await handle.execute_update(
+                    KeelWorkflow.send_message, m, id=f"message-{m.id}"
+                )
+            except WorkflowUpdateFailedError as e:
+                return MessageReceipt(
+                    status="rejected", policy=m.policy or MessagePolicy.QUEUE, reason=_cause(e)
+                )
+            except RPCError as e:
+                if e.status == RPCStatusCode.NOT_FOUND:
+                    return MessageReceipt(
+                        status="rejected",
+                        policy=m.policy or MessagePolicy.QUEUE,
+                        reason=f"run {run_id}: {e.message}",
+                    )
+                busy = e.status == RPCStatusCode.RESOURCE_EXHAUSTED
+                if attempt == SEND_ATTEMPTS or not (busy or e.status in UNKNOWN_OUTCOME):
+                    why = "is busy with other messages" if busy else "did not answer"
+                    raise KeelClientError(
+                        f"run {run_id} {why} ({e.message}); the message may not have arrived: "
+                        f"send it again with message_id={m.id!r}, it is delivered only once"
+                    ) from e
+            except WorkflowUpdateRPCTimeoutOrCancelledError as e:
+                if attempt == SEND_ATTEMPTS:
+                    raise KeelClientError(
+                        f"run {run_id} did not answer in time; send the message again with "
+                        f"message_id={m.id!r}, it is delivered only once"
+                    ) from e
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, SEND_RETRY_MAX)
+        raise AssertionError("unreachable")
 
     async def resume(self, run_id: str) -> None:
         """Ask a run waiting on its model provider (a key fixed, an outage over) to try now."""
@@ -265,8 +430,24 @@ class AgentClient:
         out: list[PendingApproval] = []
         query = f"{KEEL_RUNS} AND ExecutionStatus = 'Running' AND PendingApprovals > 0"
         async for wf in self.client.list_workflows(query):
-            state = await self._state_or_none(wf.id)
-            for r in state.pending_approvals if state else []:
+            try:
+                state = await self.get_state(wf.id)
+            except KeelClientError as e:
+                n = wf.typed_search_attributes.get(PENDING_APPROVALS) or 0
+                out.append(
+                    PendingApproval(
+                        run_id=wf.id,
+                        call_id="",
+                        tool="",
+                        arguments={},
+                        reason=f"{n} approval(s) that cannot be read now: {e}",
+                        approvers=[],
+                        age_seconds=(now - (wf.start_time or now)).total_seconds(),
+                        reachable=False,
+                    )
+                )
+                continue
+            for r in state.pending_approvals:
                 out.append(
                     PendingApproval(
                         run_id=wf.id,
@@ -303,7 +484,7 @@ def _workflow_type(loop: str | type) -> str:
 
 
 def _cause(e: BaseException) -> str:
-    """The innermost message of a Temporal client error."""
+    """The innermost message of a Temporal client error (without a `ValueError: ` prefix)."""
     while getattr(e, "cause", None) is not None:
         e = e.cause  # type: ignore[assignment]
-    return str(e)
+    return e.message if isinstance(e, FailureError) else str(e)

@@ -13,9 +13,9 @@ from typing import Any
 
 from temporalio.service import RPCError
 
-from keel.client.api import AgentClient, KeelClientError
+from keel.client.api import AgentClient, KeelClientError, NoWorker
 from keel.config import Settings, SettingsError
-from keel.workflows.models import WORKFLOW_TYPE
+from keel.workflows.models import WORKFLOW_TYPE, AgentStatus
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
@@ -73,7 +73,23 @@ async def cmd_start(a: argparse.Namespace, s: Settings) -> int:
 
 
 async def cmd_status(a: argparse.Namespace, s: Settings) -> int:
-    state = await (await _agents(s)).get_state(a.run)
+    agents = await _agents(s)
+    try:
+        state = await agents.get_state(a.run)
+    except NoWorker as e:
+        # what Temporal itself knows, which needs no worker
+        summary = await agents.summary(a.run)
+        if a.json:
+            _json(summary.model_dump())
+            return 0
+        print(
+            f"{a.run}: {summary.status or summary.temporal_status} (Temporal: "
+            f"{summary.temporal_status}), step {summary.steps}, {summary.tokens} tokens"
+        )
+        if summary.error:
+            print(f"  ended: {summary.error}")
+        print(f"  {e}", file=sys.stderr)
+        return 0
     if a.json:
         print(state.model_dump_json(indent=2))
         return 0
@@ -123,20 +139,30 @@ async def cmd_approve(a: argparse.Namespace, s: Settings) -> int:
             raise KeelClientError(f"--edit is not valid JSON: {e}") from e
         if not isinstance(edit, dict):
             raise KeelClientError("--edit must be a JSON object of arguments")
-    receipt = await (await _agents(s)).approve(a.run, a.call_id, a.as_user, edit=edit)
+    agents = await _agents(s)
+    receipt = await agents.approve(a.run, a.call_id, a.as_user, edit=edit, wait=not a.no_wait)
+    if receipt.note:
+        print(f"sent {receipt.decision.value} of {receipt.call_id} as {receipt.approver}")
+        print(f"  {receipt.note}")
+        return 0
     verb = {"approve": "approved", "edit": "approved with edits"}[receipt.decision.value]
     print(f"{verb} {receipt.call_id} as {receipt.approver}; runs with {receipt.arguments}")
     return 0
 
 
 async def cmd_reject(a: argparse.Namespace, s: Settings) -> int:
-    receipt = await (await _agents(s)).reject(a.run, a.call_id, a.as_user, a.reason)
+    agents = await _agents(s)
+    receipt = await agents.reject(a.run, a.call_id, a.as_user, a.reason, wait=not a.no_wait)
     print(f"rejected {receipt.call_id} as {receipt.approver}")
+    if receipt.note:
+        print(f"  {receipt.note}")
     return 0
 
 
 async def cmd_say(a: argparse.Namespace, s: Settings) -> int:
-    receipt = await (await _agents(s)).send_message(a.run, a.message, a.policy, sender=a.user)
+    receipt = await (await _agents(s)).send_message(
+        a.run, a.message, a.policy, sender=a.user, message_id=a.id
+    )
     print(
         f"{receipt.status} ({receipt.policy.value}){': ' + receipt.reason if receipt.reason else ''}"
     )
@@ -163,6 +189,9 @@ async def cmd_pending(a: argparse.Namespace, s: Settings) -> int:
     if not pending:
         print("no pending approvals")
     for p in pending:
+        if not p.reachable:
+            print(f"{p.run_id} (unreachable) — {p.reason}")
+            continue
         print(
             f"{p.run_id} {p.call_id} {p.tool}({json.dumps(p.arguments)}) "
             f"age={p.age_seconds:.0f}s — {p.reason}"
@@ -217,22 +246,33 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     add("result", cmd_result, "wait for a run's answer").add_argument("run")
     sp = add("list", cmd_list, "recent runs")
-    sp.add_argument("--status", default=None)
+    sp.add_argument("--status", default=None, choices=[st.value for st in AgentStatus])
     sp.add_argument("--json", action="store_true")
     sp = add("approve", cmd_approve, "approve a pending tool call")
     sp.add_argument("run")
     sp.add_argument("call_id")
     sp.add_argument("--as", dest="as_user", required=True)
-    sp.add_argument("--edit", default=None, help="changed arguments, as a JSON object")
+    sp.add_argument(
+        "--edit", default=None, help="the arguments to change, as a JSON object (others stay)"
+    )
+    sp.add_argument(
+        "--no-wait", action="store_true", help="send the decision and return (a signal)"
+    )
     sp = add("reject", cmd_reject, "reject a pending tool call")
     sp.add_argument("run")
     sp.add_argument("call_id")
     sp.add_argument("--as", dest="as_user", required=True)
     sp.add_argument("--reason", required=True)
+    sp.add_argument(
+        "--no-wait", action="store_true", help="send the decision and return (a signal)"
+    )
     sp = add("say", cmd_say, "send a message to a run")
     sp.add_argument("run")
     sp.add_argument("message")
     sp.add_argument("--policy", choices=["queue", "interrupt", "rollback", "reject"])
+    sp.add_argument(
+        "--id", default=None, help="the message's id: sent again with it, it is delivered once"
+    )
     sp.add_argument("--user", default="")
     add("cancel", cmd_cancel, "cancel a run").add_argument("run")
     add("resume", cmd_resume, "a run waiting on its model provider tries again now").add_argument(

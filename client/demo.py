@@ -29,7 +29,29 @@ def print_transcript(state: AgentState) -> None:
 
 
 async def ask(prompt: str) -> str:
-    return (await asyncio.to_thread(input, prompt)).strip().lower()
+    """A line from the terminal, read in the event loop (no thread: one Ctrl-C stops)."""
+    print(prompt, end="", flush=True)
+    loop = asyncio.get_running_loop()
+    line: asyncio.Future[str] = loop.create_future()
+
+    def ready() -> None:
+        if not line.done():
+            line.set_result(sys.stdin.readline())
+
+    loop.add_reader(sys.stdin.fileno(), ready)
+    try:
+        return (await line).strip().lower()
+    finally:
+        loop.remove_reader(sys.stdin.fileno())
+
+
+async def ask_yes_no(prompt: str) -> bool:
+    """y or n; anything else asks again, saying so."""
+    while True:
+        answer = await ask(prompt)
+        if answer in ("y", "yes", "n", "no"):
+            return answer.startswith("y")
+        print("  Please answer y (approve) or n (reject).")
 
 
 async def handle_approval(
@@ -45,15 +67,16 @@ async def handle_approval(
         print(f"  Approving as {APPROVER} (--yes, or no terminal to ask on).")
         await agents.approve(run_id, req.call_id, APPROVER)
         return
-    asking = asyncio.create_task(ask("  Approve here? [y/n] "))
+    asking = asyncio.create_task(ask_yes_no("  Approve here? [y/n] "))
     while not asking.done():  # a decision from another terminal also ends the wait
         state = await agents.get_state(run_id)
         if all(r.call_id != req.call_id for r in state.pending_approvals):
-            print("\n  Decided elsewhere; press Enter to go on.")
-            await asking
+            asking.cancel()
+            await asyncio.gather(asking, return_exceptions=True)
+            print("\n  Decided elsewhere.")
             return
         await asyncio.wait({asking}, timeout=0.5)
-    if asking.result().startswith("y"):
+    if asking.result():
         await agents.approve(run_id, req.call_id, APPROVER)
     else:
         await agents.reject(run_id, req.call_id, APPROVER, "declined at the terminal")

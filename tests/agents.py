@@ -161,6 +161,13 @@ TEST_AGENTS = [
     Agent(name="clock", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_seconds=2)),
     Agent(name="chat", instructions=INSTRUCTIONS, tools=TOOLS, keep_open_seconds=600),
     Agent(
+        name="chat-long",
+        instructions=INSTRUCTIONS,
+        tools=TOOLS,
+        keep_open_seconds=600,
+        limits=Limits(max_steps=500, max_tokens=10**9),
+    ),
+    Agent(
         name="strict-chat",
         instructions=INSTRUCTIONS,
         tools=TOOLS,

@@ -9,6 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
+from keel.workflows.models import AgentStatus
 from tests.conftest import Harness, wait_for
 
 KEEL = str(Path(sys.executable).parent / "keel")
@@ -105,3 +106,55 @@ async def test_dev_reports_a_taken_port(tmp_path: Path) -> None:
         )
     assert code == 1
     assert f"port {port}" in err and "is taken" in err and "Traceback" not in err
+
+
+async def test_every_door_answers_clearly_when_no_worker_serves_the_run(
+    harness: Harness,
+) -> None:
+    async with harness.running():
+        run = await harness.start("shop", "charge 30")
+        call_id = (await wait_for(lambda: _pending(harness, run)))["call_id"]
+        done = await harness.start("calc", "say hello")
+        await harness.agents.result(done, timeout=30)
+    # no worker now: approve says what happens instead of hanging
+    code, out, err = await keel(harness, "approve", run, call_id, "--as", "alice")
+    assert code == 0, err
+    assert "no worker is serving this run" in out and "applies when a worker" in out
+    # pending lists the run as unreachable rather than leaving it out
+    code, out, _ = await keel(harness, "pending", "--json")
+    listed = next(p for p in json.loads(out) if p["run_id"] == run)
+    assert listed["reachable"] is False and "cannot be read now" in listed["reason"]
+    # status of a finished run: what Temporal knows, with no worker
+    code, out, err = await keel(harness, "status", done)
+    assert code == 0 and "completed" in out and "Traceback" not in err
+    async with harness.running():  # a worker comes back: the decision applies
+        result = await harness.agents.result(run, timeout=60)
+    assert result.status == AgentStatus.COMPLETED
+    assert [r["amount"] for r in harness.ledger.rows("refunds")] == [30]
+
+
+async def test_bad_arguments_get_one_line_not_a_traceback(harness: Harness) -> None:
+    code, _, err = await keel(harness, "list", "--status", "bogus")
+    assert code == 2 and "invalid choice: 'bogus'" in err and "Traceback" not in err
+    code, _, err = await keel(
+        None, "list", env={"TEMPORAL_ADDRESS": "127.0.0.1:1", "KEEL_TASK_QUEUE": "x"}
+    )
+    assert code == 1 and "cannot reach Temporal" in err and "Traceback" not in err
+    code, _, err = await keel(
+        None,
+        "worker",
+        "--agents",
+        "examples.helpdesk.agents:AGENTS",
+        env={"TEMPORAL_ADDRESS": "127.0.0.1:1"},
+    )
+    assert code == 1 and "Traceback" not in err and "127.0.0.1:1" in err
+
+
+async def test_a_refusal_reads_as_the_reason_alone(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("shop", "charge 30")
+        call_id = (await wait_for(lambda: _pending(harness, run)))["call_id"]
+        code, _, err = await keel(harness, "approve", run, call_id, "--as", "mallory")
+        await harness.agents.cancel(run)
+    assert code == 1
+    assert err.strip() == "keel: 'mallory' may not decide this call (allowed: alice, bob)"

@@ -5,6 +5,7 @@ Each test checks what the scripted model received next, which is what DESIGN.md 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -288,3 +289,54 @@ async def test_cancel_during_an_interrupt_still_lets_side_effects_finish(harness
     assert [e.tool for e in state.effects] == ["slow_email"]
     assert len(harness.ledger.rows("outbox")) == 1
     assert [m.role for m in state.transcript[-2:]] == ["tool", "tool"]  # no dangling call
+
+
+async def test_many_senders_at_once_each_message_delivered_exactly_once(
+    harness: Harness,
+) -> None:
+    """More updates in flight than Temporal takes per run (10), on a run that continues as
+    new meanwhile: every sender gets a true receipt, every message arrives once."""
+    async with harness.running():
+        run = await harness.start("chat-long", "say hello")
+        await harness.agents.result(run, timeout=30)
+        first_run = (await harness.client.get_workflow_handle(run).describe()).run_id
+        texts = [f"note {i}" for i in range(60)]
+        receipts = await asyncio.gather(*(harness.agents.send_message(run, t) for t in texts))
+        state = await wait_for(lambda: _all_delivered(harness, run, texts), timeout=60)
+        # a resend with the same id (an answer lost on the way) is not delivered again,
+        # by the update or by the signal
+        first = await harness.agents.send_message(run, "resent", message_id="fixed")
+        again = await harness.agents.send_message(run, "resent", message_id="fixed")
+        handle = harness.client.get_workflow_handle(run)
+        await handle.signal("keel.submit_message", {"text": "resent", "id": "fixed"})
+        await handle.signal("keel.submit_message", {"text": "sentinel"})
+        state = await wait_for(lambda: _all_delivered(harness, run, [*texts, "sentinel"]))
+        last_run = (await handle.describe()).run_id
+        await harness.agents.cancel(run)
+    # each sender is told the truth: taken (queued or delivered), or taken before (a send the
+    # client retried across continue-as-new)
+    assert {r.status for r in receipts} <= {"queued", "delivered", "duplicate"}
+    users = [m.content for m in state.transcript if m.role == "user"]
+    assert sorted(u for u in users if u in texts) == sorted(texts)  # each once, none lost
+    assert first.status == "delivered" and again.status in ("delivered", "duplicate")
+    assert users.count("resent") == 1
+    assert last_run != first_run  # the run continued as new while the messages came in
+
+
+async def _all_delivered(h: Harness, run: str, texts: list[str]) -> object:
+    s = await h.agents.get_state(run)
+    users = {m.content for m in s.transcript if m.role == "user"}
+    return s if s.status == AgentStatus.IDLE and set(texts) <= users else None
+
+
+async def test_messages_that_cannot_fit_are_refused_at_the_door(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("chat-long", "say hello")
+        await harness.agents.result(run, timeout=30)
+        big = "x" * 99_999  # under the per-message limit
+        receipts = [await harness.agents.send_message(run, big, "queue") for _ in range(14)]
+        state = await harness.agents.get_state(run)
+        await harness.agents.cancel(run)
+    refused = [r for r in receipts if r.status == "rejected"]
+    assert refused and "more than one model request can carry" in refused[0].reason
+    assert state.status != AgentStatus.FAILED  # what was taken still fits a request

@@ -21,15 +21,36 @@ from keel.workflows.policy import effective_policy, turn_in_flight
 INTERRUPTED = "Interrupted by user: this tool call was not run to completion."
 ROLLBACK_KINDS = (MessagePolicy.INTERRUPT, MessagePolicy.ROLLBACK)
 MAX_MESSAGE_CHARS = 100_000  # a message lives in history and in every later model request
+MAX_QUEUED_MESSAGES = 100
+# The conversation a model request carries, in characters: past it a message is refused at
+# the door, rather than accepted and then failing the run's next step.
+MAX_CONTEXT_CHARS = 1_200_000
+MESSAGE_IDS_KEPT = 1000  # ids remembered for deduplication, carried across continue-as-new
 AUDIT_TEXT_CHARS = 500
+
+
+def context_chars(state: AgentState) -> int:
+    """The characters of the conversation the next model request would carry."""
+    return sum(len(m.content or "") for m in state.transcript) + sum(
+        len(q.text) for q in state.queued_messages
+    )
 
 
 def message_refusal(spec: AgentSpec | None, state: AgentState, m: MessageInput) -> str:
     """Why a message must be refused now ('' when it is accepted)."""
+    if m.id and m.id in state.message_ids:
+        return ""  # a duplicate is answered, never refused
     if not m.text.strip():
         return "the message is empty"
     if len(m.text) > MAX_MESSAGE_CHARS:
         return f"the message is {len(m.text)} characters, over the {MAX_MESSAGE_CHARS} limit"
+    if len(state.queued_messages) >= MAX_QUEUED_MESSAGES:
+        return f"{MAX_QUEUED_MESSAGES} messages are already queued; send it once they are read"
+    if context_chars(state) + len(m.text) > MAX_CONTEXT_CHARS:
+        return (
+            f"the conversation would pass {MAX_CONTEXT_CHARS} characters, more than one "
+            "model request can carry; start a new run"
+        )
     if state.status in TERMINAL_STATUSES:
         return f"the run has ended ({state.status.value})"
     policy = effective_policy(spec, m.policy)
@@ -49,6 +70,10 @@ class Inbox:
         """Queue a message (or refuse it), recording either in the audit trail."""
         st = self._state
         policy = effective_policy(spec, m.policy)
+        if m.id and m.id in st.message_ids:
+            return MessageReceipt(
+                status="duplicate", policy=policy, reason=f"message {m.id} was received before"
+            )
         refusal = message_refusal(spec, st, m)
         if refusal:
             st.record(
@@ -56,6 +81,9 @@ class Inbox:
             )
             return MessageReceipt(status="rejected", policy=policy, reason=refusal)
         in_flight = turn_in_flight(st)
+        if m.id:
+            st.message_ids.append(m.id)
+            del st.message_ids[:-MESSAGE_IDS_KEPT]
         st.queued_messages.append(
             QueuedMessage(text=m.text, policy=policy, sender=m.sender, received_at=now)
         )

@@ -357,6 +357,7 @@ class AgentState(BaseModel):
     # a custom loop's own progress (e.g. its plan), carried across continue-as-new with the rest
     loop_state: dict[str, Any] = Field(default_factory=dict)
     provider_error: str = ""  # while waiting_provider: what the provider last said
+    message_ids: list[str] = Field(default_factory=list)  # the latest ids received, bounded
     empty_replies: int = 0  # empty model replies in a row (one gets a corrective turn)
 
     def record(self, entry: AuditEntry) -> None:
@@ -421,6 +422,7 @@ class DecideReceipt(BaseModel):
     approver: str
     accepted: bool = True
     arguments: dict[str, Any] | None = None  # what the call runs with, once approved
+    note: str = ""  # e.g. sent as a signal: no worker serves the run yet
 
 
 class MessageInput(BaseModel):
@@ -429,10 +431,14 @@ class MessageInput(BaseModel):
     text: str
     policy: MessagePolicy | None = None  # None: the agent's default
     sender: str = Field(default="", max_length=200)
+    # made by the sender: a message sent again with the same id (a retry, a resend after an
+    # unknown outcome, an update replayed into the next history) is delivered only once
+    id: str = Field(default="", max_length=200)
 
 
 class MessageReceipt(BaseModel):
-    status: Literal["queued", "delivered", "rejected"]
+    # duplicate: a message with this id was received before, and delivered once
+    status: Literal["queued", "delivered", "rejected", "duplicate"]
     policy: MessagePolicy
     reason: str = ""
 
