@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import pytest
+from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.common import RawValue
 
 from keel.client.api import KeelClientError
@@ -41,6 +42,11 @@ async def test_approve(harness: Harness) -> None:
         )
         found = await wait_for(lambda: _count(harness, query), timeout=15)
         assert found == 1
+        # the Web UI shows what is to be approved, and what the run is about
+        handle = harness.client.get_workflow_handle(run)
+        metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+        assert f'`charge(amount=30.0, note="test")` (`{req.call_id}`)' in (metadata.current_details)
+        assert await (await handle.describe()).static_summary() == "shop for tester: charge 30"
         listed = await harness.agents.pending()
         assert [p.call_id for p in listed if p.run_id == run] == [req.call_id]
         receipt = await harness.agents.approve(run, req.call_id, "alice")

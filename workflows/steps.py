@@ -4,6 +4,7 @@ summary here. Activities are scheduled by name: workflow code never imports `act
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 from pydantic import BaseModel
@@ -252,8 +253,9 @@ def current_details(state: AgentState) -> str:
         lines.append(f"- the model provider keeps failing: {state.provider_error[:300]}")
     for r in state.pending_approvals:
         who = ", ".join(r.approvers) or "anyone"
+        args = short_args(json.dumps(r.arguments, ensure_ascii=False), 160)
         lines.append(
-            f"- approval needed: `{r.tool}` (`{r.call_id}`) — {r.reason}; "
+            f"- approval needed: `{r.tool}({args})` (`{r.call_id}`) — {r.reason}; "
             f"decided by {who}; expires {r.expires_at:%Y-%m-%d %H:%M} UTC"
         )
     if state.queued_messages:
