@@ -44,12 +44,14 @@ from keel.workflows.models import (
     AgentResult,
     AgentState,
     AgentStatus,
+    ChatMessage,
     DecideInput,
     DecideReceipt,
     Decision,
     MessageInput,
     MessagePolicy,
     MessageReceipt,
+    TranscriptPage,
     Usage,
 )
 
@@ -153,10 +155,29 @@ class AgentClient:
     async def get_state(self, run_id: str) -> AgentState:
         """The run's state: status, step, transcript, usage, approvals, effects, audit.
         Reading it needs a worker serving the run; without one, KeelClientError says so."""
+        handle = self._handle(run_id)
         try:
-            return await self._handle(run_id).query(
-                KeelWorkflow.get_state, rpc_timeout=QUERY_TIMEOUT
-            )
+            state = await handle.query(KeelWorkflow.get_state, rpc_timeout=QUERY_TIMEOUT)
+            if state.transcript_from or state.cut:
+                # the answer was bounded: read the rest, page by page
+                messages: list[ChatMessage] = []
+                while True:
+                    page = await handle.query(
+                        KeelWorkflow.get_transcript,
+                        TranscriptPage(start=len(messages)),
+                        rpc_timeout=QUERY_TIMEOUT,
+                    )
+                    messages += page.messages
+                    if len(messages) >= page.total or not page.messages:
+                        break
+                last = await handle.query(
+                    KeelWorkflow.get_transcript,
+                    TranscriptPage(start=len(messages)),
+                    rpc_timeout=QUERY_TIMEOUT,
+                )
+                state.transcript, state.final_answer = messages, last.final_answer
+                state.transcript_from, state.transcript_of, state.cut = 0, len(messages), False
+            return state
         except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError) as e:
             message = getattr(e, "message", str(e))
             if isinstance(e, RPCError) and e.status in (
@@ -221,7 +242,13 @@ class AgentClient:
 
         async def idle() -> AgentResult:
             while True:
-                state = await self._state_or_none(run_id)
+                try:  # the small view: its status is enough to know
+                    view = await handle.query(KeelWorkflow.get_state, rpc_timeout=QUERY_TIMEOUT)
+                except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError):
+                    view = None
+                state = (
+                    await self._state_or_none(run_id) if view and view.status == "idle" else None
+                )
                 if state is not None and state.status == AgentStatus.IDLE:
                     return AgentResult(
                         status=state.status,

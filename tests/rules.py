@@ -33,6 +33,11 @@ TEST_RULES: dict[str, Any] = {
             },
         },
         {
+            "name": "a lot",
+            "when": {"last_role": "user", "last_user": "(?i)say a lot"},
+            "reply": {"content": "y" * 1_400_000},
+        },
+        {
             "name": "nap",
             "when": {"last_role": "user", "last_user": "(?i)take a long nap"},
             "reply": {"tool_calls": [{"name": "nap", "arguments": {"seconds": 600}}]},
@@ -166,12 +171,12 @@ TEST_RULES: dict[str, Any] = {
         {
             "name": "slow think",
             "when": {"last_role": "user", "last_user": "(?i)think slowly"},
-            "reply": {"delay": 30, "content": "finally"},
+            "reply": {"hold": "slow", "content": "finally"},  # held: a model call in flight
         },
         {
             "name": "a moment",
             "when": {"last_role": "user", "last_user": "(?i)take a moment"},
-            "reply": {"delay": 3, "content": "Moment taken."},
+            "reply": {"hold": "moment", "content": "Moment taken."},  # until the test releases it
         },
         {
             "name": "short tool",

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.common import RawValue
 
@@ -162,10 +163,14 @@ async def test_decision_while_no_worker_runs(harness: Harness) -> None:
         run = await harness.start("shop", "charge 40")
         req = (await pending(harness, run)).pending_approvals[0]
     # the worker is gone; a plain JSON signal is accepted by the server and waits
-    await harness.client.get_workflow_handle(run).signal(
+    handle = harness.client.get_workflow_handle(run)
+    await handle.signal(
         "keel.decide", {"call_id": req.call_id, "decision": "approve", "approver": "bob"}
     )
-    await asyncio.sleep(0.5)
+    # the server keeps it: the signal is in the history, and no workflow task has run since
+    events = [e.event_type for e in (await handle.fetch_history()).events]
+    signaled = events.index(EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED)
+    assert EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED not in events[signaled:]
     assert harness.ledger.rows("refunds") == []
     async with harness.running():
         result = await harness.agents.result(run, timeout=30)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from temporalio.api.enums.v1 import EventType
+import asyncio
 
-from keel.workflows.models import AgentStatus
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowExecutionStatus
+
+from keel.workflows.models import RUN_TOOL, AgentState, AgentStatus, ModelResult, ToolInput
 from tests.conftest import Harness
 
 
@@ -24,19 +27,39 @@ async def test_continue_as_new_carries_everything(harness: Harness) -> None:
     runs = []
     handle = harness.client.get_workflow_handle(run, run_id=desc.run_id)
     history = await handle.fetch_history()
+    histories = [history]
     started = history.events[0].workflow_execution_started_event_attributes
     while started.continued_execution_run_id:
         runs.append(started.continued_execution_run_id)
         prev = harness.client.get_workflow_handle(run, run_id=started.continued_execution_run_id)
         prev_history = await prev.fetch_history()
+        histories.append(prev_history)
         assert prev_history.events[-1].event_type == (
             EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
         )
         started = prev_history.events[0].workflow_execution_started_event_attributes
     assert len(runs) >= 1
-    # the same run key across the chain: idempotency keys stay stable and unique
-    assert state.run_key and len(state.run_key) == 36
     assert harness.model.stats()["served"] == 30  # no step asked twice across the chain
+    # every tool call of every history in the chain: one run key, steps that go on
+    convert = harness.client.data_converter.payload_converter
+    keys, tokens = [], 0
+    for h in reversed(histories):
+        for e in h.events:
+            if e.HasField("activity_task_scheduled_event_attributes"):
+                a = e.activity_task_scheduled_event_attributes
+                if a.activity_type.name == RUN_TOOL:
+                    keys.append(
+                        convert.from_payload(a.input.payloads[0], ToolInput).idempotency_key
+                    )
+            if e.HasField("activity_task_completed_event_attributes"):
+                result = e.activity_task_completed_event_attributes.result.payloads[0]
+                value = convert.from_payload(result)
+                if isinstance(value, dict) and "usage" in value:  # a model step's result
+                    tokens += ModelResult.model_validate(value).usage.total_tokens
+    assert len(keys) == 30 and len(set(keys)) == 30
+    assert {k.rsplit(":", 2)[0] for k in keys} == {state.run_key}  # one key for the chain
+    assert [int(k.rsplit(":", 2)[1]) for k in keys] == list(range(1, 31))
+    assert state.usage.total_tokens == tokens  # usage carried whole, not restarted
 
 
 async def test_payload_limit_fails_fast_with_a_clear_error(harness: Harness) -> None:
@@ -50,3 +73,25 @@ async def test_payload_limit_fails_fast_with_a_clear_error(harness: Harness) -> 
     assert result.status == AgentStatus.FAILED
     assert "over Keel's 1800000-byte limit" in (result.error or "")
     assert 15 <= state.step < 30
+
+
+async def test_queries_answer_small_whatever_the_runs_size(harness: Harness) -> None:
+    """A 1.4 MB answer, read by several clients at once: each query's answer stays small
+    (the client pages the rest), and the run is unharmed."""
+    async with harness.running():
+        run = await harness.start("calc", "say a lot")
+        result = await harness.agents.result(run, timeout=60)
+        handle = harness.client.get_workflow_handle(run)
+        raw = await asyncio.gather(
+            *(handle.query("keel.get_state", result_type=AgentState) for _ in range(6))
+        )
+        full = await asyncio.gather(*(harness.agents.get_state(run) for _ in range(6)))
+        described = await handle.describe()
+    assert result.status == AgentStatus.COMPLETED
+    assert len(result.final_answer or "") == 1_400_000
+    for view in raw:
+        assert len(view.model_dump_json()) < 400_000 and view.cut
+    for state in full:
+        assert state.final_answer == "y" * 1_400_000
+        assert state.transcript[-1].content == "y" * 1_400_000 and not state.cut
+    assert described.status == WorkflowExecutionStatus.COMPLETED

@@ -36,6 +36,11 @@ async def in_model_call(h: Harness, n: int) -> bool:
     return h.model.stats()["requests"] >= n
 
 
+async def held(h: Harness, gate: str) -> bool:
+    """A model call waits at the scripted model's gate: it is surely in flight."""
+    return h.model.held(gate) >= 1
+
+
 async def tools_running(h: Harness, run: str) -> AgentState | None:
     s = await h.agents.get_state(run)
     return s if s.transcript and s.transcript[-1].tool_calls else None
@@ -44,9 +49,10 @@ async def tools_running(h: Harness, run: str) -> AgentState | None:
 async def test_queue_during_model_call(harness: Harness) -> None:
     async with harness.running():
         run = await harness.start("calc", "take a moment")
-        await wait_for(lambda: in_model_call(harness, 1))
+        await wait_for(lambda: held(harness, "moment"))
         receipt = await harness.agents.send_message(run, "follow up", "queue")
         assert receipt.status == "queued"
+        harness.model.release("moment")
         result = await harness.agents.result(run, timeout=30)
     assert result.final_answer == "You said: follow up"
     assert shape(sent(harness)[1]) == [
@@ -75,7 +81,7 @@ async def test_queue_during_tool_call(harness: Harness) -> None:
 async def test_interrupt_during_model_call(harness: Harness) -> None:
     async with harness.running():
         run = await harness.start("calc", "think slowly")
-        await wait_for(lambda: in_model_call(harness, 1))
+        await wait_for(lambda: held(harness, "slow"))
         receipt = await harness.agents.send_message(run, "say hello", "interrupt")
         assert receipt.status == "queued"
         result = await harness.agents.result(run, timeout=30)
@@ -127,7 +133,7 @@ async def test_rollback_during_tools(harness: Harness) -> None:
 async def test_rollback_during_model_call(harness: Harness) -> None:
     async with harness.running():
         run = await harness.start("calc", "think slowly")
-        await wait_for(lambda: in_model_call(harness, 1))
+        await wait_for(lambda: held(harness, "slow"))
         await harness.agents.send_message(run, "say hello", "rollback")
         result = await harness.agents.result(run, timeout=30)
     assert result.final_answer == "Hello!"
@@ -178,6 +184,7 @@ async def test_reject_policy_refuses_while_in_flight(
         await harness.client.get_workflow_handle(run).signal(
             "keel.submit_message", {"text": "hurry!"}
         )
+        harness.model.release("moment")
         result = await harness.agents.result(run, timeout=30)
         state = await harness.agents.get_state(run)
     assert result.final_answer == answer
@@ -190,13 +197,14 @@ async def test_reject_policy_refuses_while_in_flight(
 async def test_burst_of_messages_none_lost_order_kept(harness: Harness) -> None:
     async with harness.running():
         run = await harness.start("calc", "take a moment")
-        await wait_for(lambda: in_model_call(harness, 1))
+        await wait_for(lambda: held(harness, "moment"))
         handle = harness.client.get_workflow_handle(run)
         for i in range(30):
             if i % 2:
                 await handle.signal("keel.submit_message", {"text": f"msg {i}"})
             else:
                 await harness.agents.send_message(run, f"msg {i}")
+        harness.model.release("moment")  # all 30 came while the model call was in flight
         result = await harness.agents.result(run, timeout=30)
     assert result.final_answer == "You said: msg 29"
     users = [m["content"] for m in sent(harness)[1] if m["role"] == "user"]

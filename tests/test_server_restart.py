@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from temporalio.client import WorkflowHandle
+from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
@@ -56,11 +56,20 @@ async def test_approval_wait_survives_server_restart(
             await agents.approve(run, state.pending_approvals[0].call_id, "alice")
             result = await agents.result(run, timeout=60)
         handle: WorkflowHandle = env.client.get_workflow_handle(run)
-        assert (await handle.describe()).status is not None
+        described = await handle.describe()
+        history = await handle.fetch_history()
     finally:
         await env.shutdown()
     assert result.status == AgentStatus.COMPLETED
+    assert described.status == WorkflowExecutionStatus.COMPLETED
     assert [r["amount"] for r in ledger.rows("refunds")] == [30]
+    # one run, whose history from before the restart goes on after it
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert scheduled == ["keel.call_model", "keel.run_tool", "keel.call_model"]
 
 
 async def _pending(agents: AgentClient, run: str) -> AgentState | None:

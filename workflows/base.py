@@ -41,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.workflows.inbox import INTERRUPTED, Inbox, message_refusal
     from keel.workflows.models import (
         QUERY_STATE,
+        QUERY_TRANSCRIPT,
         SIGNAL_DECIDE,
         SIGNAL_MESSAGE,
         SIGNAL_RESUME,
@@ -68,6 +69,8 @@ with workflow.unsafe.imports_passed_through():
         SubAgentArgs,
         ToolCall,
         ToolSpec,
+        TranscriptPage,
+        TranscriptSlice,
     )
     from keel.workflows.policy import (
         approval_reason,
@@ -90,6 +93,7 @@ with workflow.unsafe.imports_passed_through():
         subagent_step,
         tool_step,
     )
+    from keel.workflows.views import state_view, transcript_slice
 
 M = TypeVar("M", bound=BaseModel)
 EMPTY_REPLY_NUDGE = "Your last reply was empty. Answer the user, or call one of the tools."
@@ -505,8 +509,16 @@ class KeelWorkflow:
 
     @workflow.query(name=QUERY_STATE)
     def get_state(self) -> AgentState:
-        """Status, step, pending approvals, queued messages, transcript, usage, effects, audit."""
-        return self.state
+        """Status, step, pending approvals, queued messages, transcript, usage, effects, audit.
+
+        The answer stays small whatever the run's size (a query's answer is one gRPC message):
+        the transcript's tail, with long texts cut. `keel.get_transcript` pages the rest."""
+        return state_view(self.state)
+
+    @workflow.query(name=QUERY_TRANSCRIPT)
+    def get_transcript(self, page: TranscriptPage) -> TranscriptSlice:
+        """The transcript from `page.start`, whole messages, about a megabyte at a time."""
+        return transcript_slice(self.state, page.start)
 
     @workflow.signal(dynamic=True)
     def on_signal(self, name: str, args: Sequence[RawValue]) -> None:

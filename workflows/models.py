@@ -26,7 +26,8 @@ SIGNAL_MESSAGE = "keel.submit_message"
 SIGNAL_RESUME = "keel.resume"  # an operator: ask the model provider again now
 UPDATE_DECIDE = "keel.decide_approval"
 UPDATE_MESSAGE = "keel.send_message"
-QUERY_STATE = "keel.get_state"
+QUERY_STATE = "keel.get_state"  # bounded: the transcript's tail, long texts cut
+QUERY_TRANSCRIPT = "keel.get_transcript"  # the transcript whole, page by page
 
 # --- the agent spec (a snapshot of it is recorded in each run's history) -------------------
 
@@ -357,6 +358,11 @@ class AgentState(BaseModel):
     # a custom loop's own progress (e.g. its plan), carried across continue-as-new with the rest
     loop_state: dict[str, Any] = Field(default_factory=dict)
     provider_error: str = ""  # while waiting_provider: what the provider last said
+    # set only in a query's answer: the transcript shown starts at this index of `of` messages,
+    # and long texts were cut (AgentClient.get_state fetches the rest page by page)
+    transcript_from: int = 0
+    transcript_of: int = 0
+    cut: bool = False
     message_ids: list[str] = Field(default_factory=list)  # the latest ids received, bounded
     empty_replies: int = 0  # empty model replies in a row (one gets a corrective turn)
 
@@ -378,6 +384,19 @@ class AgentState(BaseModel):
         """Call ids the run used outside its transcript: never handed out again."""
         ids = {d.call_id for d in self.decisions} | {e.call_id for e in self.effects}
         return sorted(ids | set(self.retired_call_ids))
+
+
+class TranscriptPage(BaseModel):
+    """Which part of the transcript to read (the `keel.get_transcript` query)."""
+
+    start: int = 0
+
+
+class TranscriptSlice(BaseModel):
+    start: int
+    messages: list[ChatMessage]
+    total: int  # messages in the whole transcript
+    final_answer: str | None = None  # whole, only on the page past the end (start == total)
 
 
 class AgentInput(BaseModel):

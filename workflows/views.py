@@ -1,0 +1,58 @@
+"""What queries answer: bounded views of a run's state (pure functions, no I/O)."""
+
+from __future__ import annotations
+
+from keel.workflows.models import AgentState, ChatMessage, TranscriptSlice
+
+VIEW_TEXT_CHARS = 20_000  # a message's text in the state view, cut past this
+VIEW_TRANSCRIPT_CHARS = 300_000  # the transcript's tail shown in the state view
+PAGE_CHARS = 1_000_000  # a transcript page: whole messages, about this much text
+
+
+def _cut(text: str | None, limit: int = VIEW_TEXT_CHARS) -> tuple[str | None, bool]:
+    if text is None or len(text) <= limit:
+        return text, False
+    return text[:limit] + f"…[{len(text) - limit} more characters]", True
+
+
+def state_view(state: AgentState) -> AgentState:
+    """The state with its transcript's tail (long texts cut) and a cut final answer: a few
+    hundred kilobytes at most, so any number of queries at once stay far below gRPC's limit."""
+    shown: list[ChatMessage] = []
+    budget = VIEW_TRANSCRIPT_CHARS
+    cut = False
+    for m in reversed(state.transcript):
+        content, was_cut = _cut(m.content)
+        size = len(content or "") + sum(len(c.arguments) for c in m.tool_calls)
+        if shown and size > budget:
+            break
+        shown.append(m.model_copy(update={"content": content}) if was_cut else m)
+        cut = cut or was_cut
+        budget -= size
+    shown.reverse()
+    answer, answer_cut = _cut(state.final_answer)
+    return state.model_copy(
+        update={
+            "transcript": shown,
+            "final_answer": answer,
+            "transcript_from": len(state.transcript) - len(shown),
+            "transcript_of": len(state.transcript),
+            "cut": cut or answer_cut,
+        }
+    )
+
+
+def transcript_slice(state: AgentState, start: int) -> TranscriptSlice:
+    """Whole messages from `start`, at least one, up to about PAGE_CHARS of text."""
+    start = max(start, 0)
+    out: list[ChatMessage] = []
+    size = 0
+    for m in state.transcript[start:]:
+        n = len(m.content or "") + sum(len(c.arguments) for c in m.tool_calls)
+        if out and size + n > PAGE_CHARS:
+            break
+        out.append(m)
+        size += n
+    total = len(state.transcript)
+    answer = state.final_answer if start >= total else None
+    return TranscriptSlice(start=start, messages=out, total=total, final_answer=answer)
