@@ -117,9 +117,12 @@ class AgentRegistry:
     """The agents a worker serves (with their sub-agents); `load_agent_spec` resolves a
     name to its spec."""
 
-    def __init__(self, agents: list[Agent], default_model: str = "") -> None:
+    def __init__(
+        self, agents: list[Agent], default_model: str = "", payload_storage: bool = False
+    ) -> None:
         self._agents = {a.name: a for a in with_subagents(agents)}
         self._default_model = default_model
+        self._payload_storage = payload_storage
 
     @property
     def names(self) -> list[str]:
@@ -145,6 +148,7 @@ class AgentRegistry:
                 non_retryable=True,
             )
         spec = agent.spec()
+        spec.payload_storage = self._payload_storage
         if not spec.model.model and self._default_model:
             # the snapshot names the model the run really talks to
             spec.model = spec.model.model_copy(update={"model": self._default_model})

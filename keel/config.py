@@ -62,6 +62,11 @@ class Settings:
         return not self.openai_base_url and not self.openai_api_key
 
     @property
+    def stores_payloads(self) -> bool:
+        """Large payloads go outside the history (a directory or an S3 bucket)."""
+        return bool(self.payload_dir or self.payload_s3_bucket)
+
+    @property
     def scripted_model_url(self) -> str:
         return f"http://127.0.0.1:{self.model_port}/v1"
 

@@ -98,7 +98,11 @@ class KeelPlugin(SimplePlugin):
         elif model is not None:
             provider = model
         self.provider = provider
-        self.registry = AgentRegistry(list(agents), default_model=provider.model)
+        self.registry = AgentRegistry(
+            list(agents),
+            default_model=provider.model,
+            payload_storage=self.settings.stores_payloads,
+        )
         self.model_activities = ModelActivities(provider.base_url, provider.api_key, provider.model)
         self._register = register_search_attributes
         super().__init__(

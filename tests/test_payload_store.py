@@ -16,7 +16,7 @@ from keel.client.model_server import ScriptedModelServer
 from keel.config import Settings
 from keel.storage import close_s3_clients
 from keel.workflows.models import CALL_MODEL, AgentStatus
-from tests.conftest import Harness
+from tests.conftest import Harness, wait_for
 
 
 async def model_input_sizes(client: Client, run: str) -> list[int]:
@@ -120,3 +120,41 @@ async def test_driver_refuses_claims_it_did_not_make(tmp_path: Path) -> None:
         raise AssertionError("a missing payload must raise")
     except PayloadNotFound as e:
         assert "KEEL_PAYLOAD_DIR" in str(e)
+
+
+async def test_a_conversation_past_two_megabytes_keeps_going_with_storage(
+    env: WorkflowEnvironment, model: ScriptedModelServer, ledger: Ledger, tmp_path: Path
+) -> None:
+    """With payload storage on, no 2 MB limit bounds a conversation: every message is taken,
+    each model request carries the latest turns that fit, the record keeps everything."""
+    h = Harness(env, model, ledger)
+    h.settings = Settings(task_queue=h.settings.task_queue, payload_dir=str(tmp_path / "p"))
+    h.client = await Client.connect(
+        env.client.service_client.config.target_host,
+        data_converter=h.settings.data_converter(),
+    )
+    h.agents = AgentClient(h.client, h.settings)
+    async with h.running():
+        run = await h.start("chat-long", "say hello")
+        await h.agents.result(run, timeout=30)
+        receipts = []
+        for i in range(25):  # 25 × 100,000 characters, each echoed back: 5 MB
+            receipts.append(await h.agents.send_message(run, f"{i:02d}" + "x" * 99_997))
+            await wait_for(lambda n=i: _answered(h, run, n), timeout=60)
+        state = await h.agents.get_state(run)
+        runs = [w async for w in h.client.list_workflows(f"WorkflowId = '{run}'")]
+        await h.agents.cancel(run)
+    assert {r.status for r in receipts} == {"delivered"}
+    assert len(state.transcript) == 3 + 2 * 25 and state.status == AgentStatus.IDLE
+    assert sum(len(m.content or "") for m in state.transcript) > 2_000_000
+    last = model.requests()[-1]["body"]["messages"]
+    assert sum(len(m["content"] or "") for m in last) <= 1_250_000
+    assert "earlier messages of this conversation are left out" in last[0]["content"]
+    assert last[-1]["content"].startswith("24")  # the latest message is always sent
+    assert len(runs) >= 2  # it continued as new on the way, carrying 5 MB by reference
+
+
+async def _answered(h: Harness, run: str, n: int) -> object:
+    s = await h.agents.get_state(run)
+    done = s.status == AgentStatus.IDLE and (s.final_answer or "").startswith(f"You said: {n:02d}")
+    return s if done else None

@@ -206,3 +206,28 @@ def test_a_loops_own_message_after_an_answer_starts_the_turn_a_rollback_drops() 
         "make a plan",
         "- step one",
     ]
+
+
+def test_a_long_conversation_sends_its_latest_turns_that_fit() -> None:
+    from keel.workflows.models import ChatMessage, ToolCall
+    from keel.workflows.views import context_window
+
+    def user(t: str) -> ChatMessage:
+        return ChatMessage(role="user", content=t)
+
+    calls = [ToolCall(id="c1", name="add", arguments="{}")]
+    t = [
+        ChatMessage(role="system", content="rules"),
+        user("a" * 50),
+        ChatMessage(role="assistant", content="b" * 50),
+        user("c" * 50),
+        ChatMessage(role="assistant", tool_calls=calls),
+        ChatMessage(role="tool", tool_call_id="c1", content="d" * 30),
+        ChatMessage(role="assistant", content="e" * 10),
+    ]
+    assert context_window(t, 10_000) == t  # it fits: all of it
+    window = context_window(t, 130)
+    assert [m.content for m in window[1:]] == ["c" * 50, None, "d" * 30, "e" * 10]
+    assert "2 earlier messages" in (window[0].content or "") and t[0].content == "rules"
+    # even when the latest turn alone is too long, it is sent from its user message
+    assert context_window(t, 20)[1].content == "c" * 50

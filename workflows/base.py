@@ -462,7 +462,8 @@ class KeelWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
         st = self.state
         carry = AgentInput(agent=st.agent, message="", user=st.user, carry=st)
-        size = payload_bytes(carry)
+        stored = self.spec is not None and self.spec.payload_storage
+        size = 0 if stored else payload_bytes(carry)  # stored: the history keeps a reference
         if size > MAX_PAYLOAD_BYTES:
             self.fail(
                 f"the run's state is {size} bytes, too large to carry into a new history",

@@ -22,8 +22,8 @@ INTERRUPTED = "Interrupted by user: this tool call was not run to completion."
 ROLLBACK_KINDS = (MessagePolicy.INTERRUPT, MessagePolicy.ROLLBACK)
 MAX_MESSAGE_CHARS = 100_000  # a message lives in history and in every later model request
 MAX_QUEUED_MESSAGES = 100
-# The conversation a model request carries, in characters: past it a message is refused at
-# the door, rather than accepted and then failing the run's next step.
+# Without payload storage the whole run must fit Temporal's 2 MB payloads: past this many
+# characters a message is refused at the door, rather than accepted and then fatal.
 MAX_CONTEXT_CHARS = 1_200_000
 MESSAGE_IDS_KEPT = 1000  # ids remembered for deduplication, carried across continue-as-new
 AUDIT_TEXT_CHARS = 500
@@ -46,7 +46,8 @@ def message_refusal(spec: AgentSpec | None, state: AgentState, m: MessageInput) 
         return f"the message is {len(m.text)} characters, over the {MAX_MESSAGE_CHARS} limit"
     if len(state.queued_messages) >= MAX_QUEUED_MESSAGES:
         return f"{MAX_QUEUED_MESSAGES} messages are already queued; send it once they are read"
-    if context_chars(state) + len(m.text) > MAX_CONTEXT_CHARS:
+    stored = spec is not None and spec.payload_storage  # then old turns leave the request
+    if not stored and context_chars(state) + len(m.text) > MAX_CONTEXT_CHARS:
         return (
             f"the conversation would pass {MAX_CONTEXT_CHARS} characters, more than one "
             "model request can carry; start a new run"

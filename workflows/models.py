@@ -133,6 +133,9 @@ class AgentSpec(BaseModel):
     keep_open_seconds: float = 0.0  # > 0: go idle after a turn and wait for the next message
     approval_timeout_seconds: float = 24 * 3600.0
     on_approval_timeout: ApprovalTimeoutAction = ApprovalTimeoutAction.REJECT
+    # the worker stores large payloads outside the history (KEEL_PAYLOAD_DIR, S3): Temporal's
+    # 2 MB limit no longer bounds the conversation
+    payload_storage: bool = False
 
     def tool(self, name: str) -> ToolSpec | None:
         """The tool of that name, if the agent has it."""

@@ -45,6 +45,7 @@ from keel.workflows.models import (
     ToolSpec,
 )
 from keel.workflows.policy import short_args
+from keel.workflows.views import MAX_CONTEXT_CHARS, context_window
 
 LOAD_SPEC_TIMEOUT = timedelta(seconds=10)
 MODEL_HEARTBEAT_TIMEOUT = timedelta(seconds=5)
@@ -127,12 +128,12 @@ async def model_step(
         agent=spec.name,
         step=state.step,
         settings=s,
-        messages=state.transcript,
+        messages=context_window(state.transcript, MAX_CONTEXT_CHARS),
         tools=spec.tools if not tools else tools,
         tool_choice="none" if tools == [] else "",
         reserved_call_ids=state.used_call_ids(),
     )
-    size = payload_bytes(request)
+    size = 0 if spec.payload_storage else payload_bytes(request)  # stored: a reference
     if size > MAX_PAYLOAD_BYTES:
         raise errors.KeelError(
             f"the model request for step {state.step} is {size} bytes, over Keel's "

@@ -7,6 +7,9 @@ from keel.workflows.models import AgentState, ChatMessage, TranscriptSlice
 VIEW_TEXT_CHARS = 20_000  # a message's text in the state view, cut past this
 VIEW_TRANSCRIPT_CHARS = 300_000  # the transcript's tail shown in the state view
 PAGE_CHARS = 1_000_000  # a transcript page: whole messages, about this much text
+# What one model request carries of the conversation, in characters: older turns past it are
+# left out of the request (never out of the run's record)
+MAX_CONTEXT_CHARS = 1_200_000
 
 
 def _cut(text: str | None, limit: int = VIEW_TEXT_CHARS) -> tuple[str | None, bool]:
@@ -40,6 +43,35 @@ def state_view(state: AgentState) -> AgentState:
             "cut": cut or answer_cut,
         }
     )
+
+
+def context_window(transcript: list[ChatMessage], limit: int) -> list[ChatMessage]:
+    """What a model request carries: the whole transcript when it fits in `limit`
+    characters; else the instructions (saying that earlier messages are left out) and the
+    latest turns that fit, starting at a user message so no tool result loses its call.
+    The run's record keeps everything."""
+    if sum(_size(m) for m in transcript) <= limit or len(transcript) < 3:
+        return transcript
+    head, rest = transcript[0], transcript[1:]
+    budget = limit - _size(head)
+    start: int | None = None
+    used = 0
+    for i in range(len(rest) - 1, -1, -1):
+        used += _size(rest[i])
+        if used > budget:
+            break
+        if rest[i].role == "user":
+            start = i
+    if start is None:  # the latest turn alone is over the limit: it goes whole, as it must
+        users = [i for i, m in enumerate(rest) if m.role == "user"]
+        start = users[-1] if users else len(rest) - 1
+    note = f"\n\n[{start} earlier messages of this conversation are left out: too long]"
+    first = head.model_copy(update={"content": (head.content or "") + note})
+    return [first, *rest[start:]]
+
+
+def _size(m: ChatMessage) -> int:
+    return len(m.content or "") + sum(len(c.arguments) for c in m.tool_calls)
 
 
 def transcript_slice(state: AgentState, start: int) -> TranscriptSlice:
