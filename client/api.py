@@ -56,7 +56,8 @@ from keel.workflows.models import (
 )
 
 POLL_EVERY = 0.25
-QUERY_TIMEOUT = timedelta(seconds=10)  # a run with no worker cannot answer: say so promptly
+QUERY_TIMEOUT = timedelta(seconds=30)  # a busy worker replaying a long history still answers
+LIST_QUERY_TIMEOUT = timedelta(seconds=10)  # per run, when listing many
 ACCEPT_TIMEOUT = timedelta(seconds=5)  # a worker takes an update at once, or there is none
 UPDATE_TIMEOUT = timedelta(seconds=30)
 WORKER_SEEN_SECONDS = 70.0  # workers long-poll for up to a minute
@@ -152,12 +153,12 @@ class AgentClient:
         )
         return run_id
 
-    async def get_state(self, run_id: str) -> AgentState:
+    async def get_state(self, run_id: str, *, timeout: timedelta = QUERY_TIMEOUT) -> AgentState:
         """The run's state: status, step, transcript, usage, approvals, effects, audit.
         Reading it needs a worker serving the run; without one, KeelClientError says so."""
         handle = self._handle(run_id)
         try:
-            state = await handle.query(KeelWorkflow.get_state, rpc_timeout=QUERY_TIMEOUT)
+            state = await handle.query(KeelWorkflow.get_state, rpc_timeout=timeout)
             if state.transcript_from or state.cut:
                 # the answer was bounded: read the rest, page by page
                 messages: list[ChatMessage] = []
@@ -165,7 +166,7 @@ class AgentClient:
                     page = await handle.query(
                         KeelWorkflow.get_transcript,
                         TranscriptPage(start=len(messages)),
-                        rpc_timeout=QUERY_TIMEOUT,
+                        rpc_timeout=timeout,
                     )
                     messages += page.messages
                     if len(messages) >= page.total or not page.messages:
@@ -173,7 +174,7 @@ class AgentClient:
                 last = await handle.query(
                     KeelWorkflow.get_transcript,
                     TranscriptPage(start=len(messages)),
-                    rpc_timeout=QUERY_TIMEOUT,
+                    rpc_timeout=timeout,
                 )
                 state.transcript, state.final_answer = messages, last.final_answer
                 state.transcript_from, state.transcript_of, state.cut = 0, len(messages), False
@@ -185,12 +186,15 @@ class AgentClient:
                 RPCStatusCode.INVALID_ARGUMENT,
             ):
                 raise KeelClientError(f"run {run_id}: {message}") from e
-            if isinstance(e, RPCError) or "poller" in message:
+            if "poller" in message or not await self.has_worker(run_id):
                 raise NoWorker(
                     f"run {run_id}: no worker is serving it, so its record cannot be read "
                     f"now ({message}); start a worker for its task queue"
                 ) from e
-            raise KeelClientError(f"run {run_id}: {message}") from e
+            raise NoWorker(
+                f"run {run_id}: no worker answered within {timeout.total_seconds():.0f} s "
+                f"({message}); is one serving its task queue?"
+            ) from e
 
     async def summary(self, run_id: str) -> RunSummary:
         """What Temporal itself knows of a run (no worker needed): status, agent, counts,
@@ -458,7 +462,9 @@ class AgentClient:
         query = f"{KEEL_RUNS} AND ExecutionStatus = 'Running' AND PendingApprovals > 0"
         async for wf in self.client.list_workflows(query):
             try:
-                state = await self.get_state(wf.id)
+                if not await self.has_worker(wf.id):  # do not wait for an answer that cannot come
+                    raise NoWorker("no worker is serving it")
+                state = await self.get_state(wf.id, timeout=LIST_QUERY_TIMEOUT)
             except KeelClientError as e:
                 n = wf.typed_search_attributes.get(PENDING_APPROVALS) or 0
                 out.append(

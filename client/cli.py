@@ -79,6 +79,8 @@ async def cmd_status(a: argparse.Namespace, s: Settings) -> int:
     except NoWorker as e:
         # what Temporal itself knows, which needs no worker
         summary = await agents.summary(a.run)
+        if summary.temporal_status == "running":
+            raise
         if a.json:
             _json(summary.model_dump())
             return 0
