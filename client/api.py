@@ -36,6 +36,7 @@ from keel.workflows.models import (
     AGENT_USER,
     PENDING_APPROVALS,
     SIGNAL_DECIDE,
+    SIGNAL_MESSAGE,
     SIGNAL_RESUME,
     TERMINAL_STATUSES,
     TOTAL_TOKENS,
@@ -413,9 +414,16 @@ class AgentClient:
         delay = SEND_RETRY_FIRST
         for attempt in range(1, SEND_ATTEMPTS + 1):
             try:
-                return await handle.execute_update(
-                    KeelWorkflow.send_message, m, id=f"message-{m.id}"
+                if not await self.has_worker(run_id):
+                    return await self._send_as_signal(handle, m)
+                update = await handle.start_update(
+                    KeelWorkflow.send_message,
+                    m,
+                    id=f"message-{m.id}",
+                    wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+                    rpc_timeout=ACCEPT_TIMEOUT,
                 )
+                return await update.result(rpc_timeout=UPDATE_TIMEOUT)
             except WorkflowUpdateFailedError as e:
                 return MessageReceipt(
                     status="rejected", policy=m.policy or MessagePolicy.QUEUE, reason=_cause(e)
@@ -434,15 +442,25 @@ class AgentClient:
                         f"run {run_id} {why} ({e.message}); the message may not have arrived: "
                         f"send it again with message_id={m.id!r}, it is delivered only once"
                     ) from e
-            except WorkflowUpdateRPCTimeoutOrCancelledError as e:
-                if attempt == SEND_ATTEMPTS:
-                    raise KeelClientError(
-                        f"run {run_id} did not answer in time; send the message again with "
-                        f"message_id={m.id!r}, it is delivered only once"
-                    ) from e
+            except WorkflowUpdateRPCTimeoutOrCancelledError:
+                # no worker took it in time: a signal keeps it (its id keeps it single)
+                return await self._send_as_signal(handle, m)
             await asyncio.sleep(delay)
             delay = min(delay * 2, SEND_RETRY_MAX)
         raise AssertionError("unreachable")
+
+    async def _send_as_signal(
+        self, handle: WorkflowHandle[Any, AgentResult], m: MessageInput
+    ) -> MessageReceipt:
+        await handle.signal(SIGNAL_MESSAGE, m)
+        return MessageReceipt(
+            status="queued",
+            policy=m.policy or MessagePolicy.QUEUE,
+            reason=(
+                "no worker is serving this run: the message is kept and delivered once when "
+                "one does (it may still be refused then, as the run's audit trail will say)"
+            ),
+        )
 
     async def resume(self, run_id: str) -> None:
         """Ask a run waiting on its model provider (a key fixed, an outage over) to try now."""

@@ -130,7 +130,14 @@ TEST_AGENTS = [
     CALC,
     Agent(name="adder", instructions=INSTRUCTIONS, tools=[add]),
     Agent(name="fast", instructions=INSTRUCTIONS, tools=TOOLS, model=FAST),
-    Agent(name="patient", instructions=INSTRUCTIONS, tools=TOOLS, model=PATIENT),
+    # one step only: an outage on the last allowed step must wait, not spend the budget
+    Agent(
+        name="patient",
+        instructions=INSTRUCTIONS,
+        tools=TOOLS,
+        model=PATIENT,
+        limits=Limits(max_steps=1),
+    ),
     Agent(name="falling-back", instructions=INSTRUCTIONS, tools=TOOLS, model=FALLING_BACK),
     SHOP,
     BOSS,

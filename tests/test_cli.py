@@ -120,6 +120,9 @@ async def test_every_door_answers_clearly_when_no_worker_serves_the_run(
     code, out, err = await keel(harness, "approve", run, call_id, "--as", "alice")
     assert code == 0, err
     assert "no worker is serving this run" in out and "applies when a worker" in out
+    # so does a message: kept, delivered once a worker serves the run
+    code, out, err = await keel(harness, "say", run, "hello there")
+    assert code == 0 and out.startswith("queued") and "no worker" in out, err
     # pending lists the run as unreachable rather than leaving it out
     code, out, _ = await keel(harness, "pending", "--json")
     listed = next(p for p in json.loads(out) if p["run_id"] == run)
@@ -130,6 +133,7 @@ async def test_every_door_answers_clearly_when_no_worker_serves_the_run(
     async with harness.running():  # a worker comes back: the decision applies
         result = await harness.agents.result(run, timeout=60)
     assert result.status == AgentStatus.COMPLETED
+    assert result.final_answer == "You said: hello there"
     assert [r["amount"] for r in harness.ledger.rows("refunds")] == [30]
 
 

@@ -34,6 +34,17 @@ async def test_an_outage_longer_than_any_retry_policy_waits_and_the_run_complete
     assert state.provider_error == "" and state.step == 1
 
 
+async def test_cancelling_a_run_that_waits_on_its_provider(harness: Harness) -> None:
+    harness.model.set_faults([{"kind": "503", "count": 10_000}])
+    async with harness.running():
+        run = await harness.start("patient", "say hello")
+        await wait_for(lambda: status_is(harness, run, AgentStatus.WAITING_PROVIDER, "503"))
+        await harness.agents.cancel(run)
+        result = await harness.agents.result(run, timeout=30)
+        state = await harness.agents.get_state(run)
+    assert result.status == AgentStatus.CANCELLED and state.status == AgentStatus.CANCELLED
+
+
 async def _listed(h: Harness, run: str, status: str) -> object:
     return next((r for r in await h.agents.list(status=status) if r.run_id == run), None)
 

@@ -77,6 +77,7 @@ with workflow.unsafe.imports_passed_through():
         budget_exhausted,
         idempotency_key,
         parse_arguments,
+        time_exhausted,
         validate_arguments,
     )
     from keel.workflows.steps import (
@@ -97,7 +98,8 @@ with workflow.unsafe.imports_passed_through():
 
 M = TypeVar("M", bound=BaseModel)
 EMPTY_REPLY_NUDGE = "Your last reply was empty. Answer the user, or call one of the tools."
-ENDINGS_PATCH = "keel-endings-agree"  # runs recorded before it completed on a spent budget
+ENDINGS_PATCH = "keel-endings-agree"
+EMPTY_PATCH = "keel-empty-reply"  # runs recorded before it ended a turn on an empty reply  # runs recorded before it completed on a spent budget
 EFFECT_RESULT_CHARS = 2000  # the run's record keeps a bounded copy of each effect's result
 Loop = Callable[[AgentSpec], Awaitable[AgentResult]]
 
@@ -248,14 +250,16 @@ class KeelWorkflow:
         st.transcript.append(result.message)
         self.publish()
         calls = result.message.tool_calls
+        said = bool(calls or (result.message.content or "").strip())
+        if said:
+            st.empty_replies = 0
         if not calls:
-            if (result.message.content or "").strip():
-                st.empty_replies = 0
-            elif st.empty_replies == 0:
-                st.empty_replies = 1  # one corrective turn, then a clear ending
-                self.say(EMPTY_REPLY_NUDGE)
-            else:
-                self.fail("the model answered with nothing, twice in a row", errors.EMPTY_REPLY)
+            if not said and workflow.patched(EMPTY_PATCH):
+                if st.empty_replies == 0:
+                    st.empty_replies = 1  # one corrective turn, then a clear ending
+                    self.say(EMPTY_REPLY_NUDGE)
+                else:
+                    self.fail("the model answered with nothing, twice in a row", errors.EMPTY_REPLY)
             return result
         offered = spec.tools if tools is None else tools
         slots = [_CallSlot(c) for c in calls]
@@ -286,8 +290,9 @@ class KeelWorkflow:
             settings = chain[i]
             try:
                 result = await model_step(spec, st, tools, settings)
-                if st.provider_error:
+                if st.provider_error or st.status == AgentStatus.WAITING_PROVIDER:
                     st.provider_error = ""
+                    st.status = AgentStatus.RUNNING
                     self.publish()
                 return result
             except errors.KeelError as e:
@@ -318,15 +323,15 @@ class KeelWorkflow:
         """Wait (durably) before asking the provider again: the run shows `waiting_provider`
         and the error; `keel resume` cuts the wait short; the time budget ends it."""
         st = self.state
-        spent = budget_exhausted(spec, st, workflow.now() + timedelta(seconds=seconds))
+        spent = time_exhausted(spec, st, workflow.now())
         if spent:
             raise EndRun(
                 AgentStatus.BUDGET_EXHAUSTED, f"{spent}; the provider kept failing: {error}"
             )
+        # the status stays waiting_provider until a model call succeeds
         st.status = AgentStatus.WAITING_PROVIDER
         st.provider_error = error
         self.publish()
-        self._resume = False
         try:
             await workflow.wait_condition(
                 lambda: self._resume,
@@ -336,10 +341,15 @@ class KeelWorkflow:
         except TimeoutError:
             pass
         except asyncio.CancelledError:
-            st.status = AgentStatus.RUNNING  # an interrupt or a cancellation ends the wait
+            if st.status == AgentStatus.WAITING_PROVIDER:  # an interrupt ends the wait
+                st.status = AgentStatus.RUNNING
             raise
-        st.status = AgentStatus.RUNNING
-        self.publish()
+        self._resume = False
+        if workflow.info().is_continue_as_new_suggested():
+            # a long outage must not grow one history without bound: the step starts again
+            # in a fresh history (none of its model calls had an answer)
+            st.step -= 1
+            await self.continue_as_new()
 
     async def _settle(self, slots: list[_CallSlot], cancelled: bool = False) -> None:
         """Stop the calls still open (withdraw approvals, cancel interruptible tools), wait for
@@ -476,7 +486,7 @@ class KeelWorkflow:
         st = self.state
         st.status = status
         st.error = error
-        if error:
+        if error and status in TERMINAL_STATUSES:
             st.record(AuditEntry(at=workflow.now(), kind=AuditKind(status.value), detail=error))
         self.publish()
         return AgentResult(

@@ -18,13 +18,14 @@ from keel.workflows.models import (
 )
 from keel.workflows.policy import effective_policy, turn_in_flight
 
+# Without payload storage the whole run must fit Temporal's 2 MB payloads: past what one
+# model request carries, a message is refused at the door, rather than accepted and fatal.
+from keel.workflows.views import MAX_CONTEXT_CHARS
+
 INTERRUPTED = "Interrupted by user: this tool call was not run to completion."
 ROLLBACK_KINDS = (MessagePolicy.INTERRUPT, MessagePolicy.ROLLBACK)
 MAX_MESSAGE_CHARS = 100_000  # a message lives in history and in every later model request
 MAX_QUEUED_MESSAGES = 100
-# Without payload storage the whole run must fit Temporal's 2 MB payloads: past this many
-# characters a message is refused at the door, rather than accepted and then fatal.
-MAX_CONTEXT_CHARS = 1_200_000
 MESSAGE_IDS_KEPT = 1000  # ids remembered for deduplication, carried across continue-as-new
 AUDIT_TEXT_CHARS = 500
 
@@ -72,9 +73,11 @@ class Inbox:
         st = self._state
         policy = effective_policy(spec, m.policy)
         if m.id and m.id in st.message_ids:
-            return MessageReceipt(
-                status="duplicate", policy=policy, reason=f"message {m.id} was received before"
+            reason = f"message {m.id} was received before"
+            st.record(
+                AuditEntry(at=now, kind=AuditKind.MESSAGE_DUPLICATE, detail=reason, actor=m.sender)
             )
+            return MessageReceipt(status="duplicate", policy=policy, reason=reason)
         refusal = message_refusal(spec, st, m)
         if refusal:
             st.record(

@@ -293,10 +293,16 @@ class AuditKind(StrEnum):
     DECISION_REFUSED = "decision_refused"
     SIGNAL_REFUSED = "signal_refused"
     MESSAGE_REJECTED = "message_rejected"
+    MESSAGE_DUPLICATE = "message_duplicate"  # sent again with the same id: ignored
 
 
 REFUSALS = frozenset(
-    {AuditKind.DECISION_REFUSED, AuditKind.SIGNAL_REFUSED, AuditKind.MESSAGE_REJECTED}
+    {
+        AuditKind.DECISION_REFUSED,
+        AuditKind.SIGNAL_REFUSED,
+        AuditKind.MESSAGE_REJECTED,
+        AuditKind.MESSAGE_DUPLICATE,
+    }
 )
 DecisionOutcome = Literal["approved", "rejected", "edited", "expired", "withdrawn"]
 

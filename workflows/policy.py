@@ -137,6 +137,12 @@ def budget_exhausted(spec: AgentSpec, state: AgentState, now: datetime) -> str:
         return f"step budget spent: {state.step} of {limits.max_steps} model steps"
     if state.usage.total_tokens >= limits.max_tokens:
         return f"token budget spent: {state.usage.total_tokens} of {limits.max_tokens} tokens"
+    return time_exhausted(spec, state, now)
+
+
+def time_exhausted(spec: AgentSpec, state: AgentState, now: datetime) -> str:
+    """Whether the time budget is spent at `now` ('' when it is not)."""
+    limits = spec.limits
     if state.started_at is not None:
         elapsed = (now - state.started_at).total_seconds() - state.paused_seconds
         if elapsed >= limits.max_seconds:

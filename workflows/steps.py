@@ -124,14 +124,17 @@ async def model_step(
     Raises ActivityError when the provider fails, KeelError when the request would not fit
     in a Temporal payload. `settings` picks a model of the agent's chain (default: its own)."""
     s = settings or spec.model
+    window = context_window(state.transcript, MAX_CONTEXT_CHARS)
+    shown = {c.id for m in window for c in m.tool_calls}
+    left_out = {c.id for m in state.transcript for c in m.tool_calls} - shown
     request = ModelInput(
         agent=spec.name,
         step=state.step,
         settings=s,
-        messages=context_window(state.transcript, MAX_CONTEXT_CHARS),
+        messages=window,
         tools=spec.tools if not tools else tools,
         tool_choice="none" if tools == [] else "",
-        reserved_call_ids=state.used_call_ids(),
+        reserved_call_ids=sorted({*state.used_call_ids(), *left_out}),
     )
     size = 0 if spec.payload_storage else payload_bytes(request)  # stored: a reference
     if size > MAX_PAYLOAD_BYTES:

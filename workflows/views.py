@@ -7,6 +7,8 @@ from keel.workflows.models import AgentState, ChatMessage, TranscriptSlice
 VIEW_TEXT_CHARS = 20_000  # a message's text in the state view, cut past this
 VIEW_TRANSCRIPT_CHARS = 300_000  # the transcript's tail shown in the state view
 PAGE_CHARS = 1_000_000  # a transcript page: whole messages, about this much text
+VIEW_LIST_ITEMS = 300  # the latest entries of each record (audit, effects, decisions) shown
+VIEW_QUEUED_CHARS = 2_000  # a queued message's text in the view
 # What one model request carries of the conversation, in characters: older turns past it are
 # left out of the request (never out of the run's record)
 MAX_CONTEXT_CHARS = 1_200_000
@@ -19,8 +21,10 @@ def _cut(text: str | None, limit: int = VIEW_TEXT_CHARS) -> tuple[str | None, bo
 
 
 def state_view(state: AgentState) -> AgentState:
-    """The state with its transcript's tail (long texts cut) and a cut final answer: a few
-    hundred kilobytes at most, so any number of queries at once stay far below gRPC's limit."""
+    """The state with its transcript's tail (long texts cut), a cut final answer, the latest
+    entries of its records and queued texts cut: well under a megabyte whatever the run's
+    size, so queries at once stay far below gRPC's limit. (`keel.get_transcript` pages the
+    whole transcript; the run itself keeps everything.)"""
     shown: list[ChatMessage] = []
     budget = VIEW_TRANSCRIPT_CHARS
     cut = False
@@ -34,10 +38,21 @@ def state_view(state: AgentState) -> AgentState:
         budget -= size
     shown.reverse()
     answer, answer_cut = _cut(state.final_answer)
+    queued = [
+        q.model_copy(update={"text": _cut(q.text, VIEW_QUEUED_CHARS)[0]})
+        for q in state.queued_messages
+    ]
+    tail = -VIEW_LIST_ITEMS
     return state.model_copy(
         update={
             "transcript": shown,
             "final_answer": answer,
+            "queued_messages": queued,
+            "audit": state.audit[tail:],
+            "effects": state.effects[tail:],
+            "decisions": state.decisions[tail:],
+            "retired_call_ids": state.retired_call_ids[tail:],
+            "message_ids": [],
             "transcript_from": len(state.transcript) - len(shown),
             "transcript_of": len(state.transcript),
             "cut": cut or answer_cut,
