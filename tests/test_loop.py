@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from temporalio.api.enums.v1 import EventType
 
-from keel.workflows.models import AgentStatus
+from keel.workflows.models import AGENT_STEPS, TOTAL_TOKENS, AgentStatus
 from tests.conftest import Harness
 
 
@@ -208,3 +208,25 @@ async def test_any_openai_compatible_server_from_the_environment(
     assert request["body"]["model"] == "llama3.1"
     summaries = await activity_summaries(harness, run)
     assert summaries == ["model llama3.1 · step 1"]
+
+
+async def test_status_costs_no_upsert_per_step_and_is_right_at_the_end(
+    harness: Harness,
+) -> None:
+    """An upsert is a history event and a visibility write: a six-step turn makes a few
+    (status changes), not two per step; steps and tokens are published when it ends."""
+    async with harness.running():
+        run = await harness.start("six", "loop forever")
+        result = await harness.agents.result(run, timeout=60)
+        handle = harness.client.get_workflow_handle(run)
+        described = await handle.describe()
+        history = await handle.fetch_history()
+    upserts = [
+        set(e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields)
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES
+    ]
+    keels = [u for u in upserts if u != {"TemporalChangeVersion"}]  # (patch markers aside)
+    assert result.steps == 6 and len(keels) == 2  # was 13: two per step, and the end
+    sa = described.typed_search_attributes
+    assert sa.get(AGENT_STEPS) == 6 and sa.get(TOTAL_TOKENS) == result.usage.total_tokens

@@ -212,6 +212,7 @@ class KeelWorkflow:
             self.deliver()
             if self.answered():
                 self.state.final_answer = self.state.transcript[-1].content or ""
+                self.publish(counts=True)
                 return self.state.final_answer
             await self.checkpoint()
             await self.step(tools)
@@ -221,9 +222,10 @@ class KeelWorkflow:
         after an answer it starts a new turn, which is what a rollback drops."""
         self.inbox.add(text)
 
-    def publish(self) -> None:
-        """Reflect the run's state in its search attributes and current details."""
-        self.publisher.publish(self.state)
+    def publish(self, *, counts: bool = False) -> None:
+        """Reflect the run's state in its search attributes and current details (steps and
+        tokens too when `counts`: at a turn's end)."""
+        self.publisher.publish(self.state, counts=counts)
 
     # --- one step: the model, then the tool calls it asks for -----------------------------
 

@@ -267,14 +267,23 @@ def current_details(state: AgentState) -> str:
     return "\n".join(lines)
 
 
+LEAN_STATUS_PATCH = "keel-lean-status"  # runs recorded before it upserted on every count
+
+
 class StatusPublisher:
-    """Keeps the run's search attributes current, upserting only what changed."""
+    """Keeps the run's search attributes current, upserting only what changed.
+
+    An upsert is a history event and a visibility write, so the counts operators rarely
+    filter on while a turn runs (AgentSteps, TotalTokens) are published with the next change
+    of status or pending approvals, and at every turn's end; the current details always show
+    them live."""
 
     def __init__(self) -> None:
         self._last: tuple[str, int, int, int] | None = None
 
-    def publish(self, state: AgentState) -> None:
-        """Reflect status, pending approvals, steps and tokens in the run's search attributes."""
+    def publish(self, state: AgentState, *, counts: bool = False) -> None:
+        """Reflect status and pending approvals in the run's search attributes at once, and
+        steps and tokens with them, or when `counts` (a turn ended)."""
         if state.pending_approvals and state.status == AgentStatus.RUNNING:
             state.status = AgentStatus.WAITING_APPROVAL
         elif not state.pending_approvals and state.status == AgentStatus.WAITING_APPROVAL:
@@ -287,6 +296,9 @@ class StatusPublisher:
             state.usage.total_tokens,
         )
         if now == self._last:
+            return
+        only_counts = self._last is not None and now[:2] == self._last[:2]
+        if only_counts and not counts and workflow.patched(LEAN_STATUS_PATCH):
             return
         updates = [
             AGENT_STATUS.value_set(now[0]),
