@@ -89,6 +89,19 @@ class RunSummary(BaseModel):
     temporal_status: str = ""
     error: str = ""
 
+    @classmethod
+    def of(cls, run_id: str, sa: TypedSearchAttributes, started: datetime | None) -> RunSummary:
+        """A run as its search attributes describe it."""
+        return cls(
+            run_id=run_id,
+            agent=sa.get(AGENT_NAME) or "",
+            status=sa.get(AGENT_STATUS) or "",
+            user=sa.get(AGENT_USER) or "",
+            steps=sa.get(AGENT_STEPS) or 0,
+            tokens=sa.get(TOTAL_TOKENS) or 0,
+            started=started,
+        )
+
 
 class PendingApproval(BaseModel):
     run_id: str
@@ -213,17 +226,10 @@ class AgentClient:
                 ending = _cause(e)
             except RPCError:
                 pass
-        return RunSummary(
-            run_id=run_id,
-            agent=sa.get(AGENT_NAME) or "",
-            status=sa.get(AGENT_STATUS) or "",
-            user=sa.get(AGENT_USER) or "",
-            steps=sa.get(AGENT_STEPS) or 0,
-            tokens=sa.get(TOTAL_TOKENS) or 0,
-            started=desc.start_time,
-            temporal_status=desc.status.name.lower() if desc.status else "",
-            error=ending,
-        )
+        summary = RunSummary.of(run_id, sa, desc.start_time)
+        summary.temporal_status = desc.status.name.lower() if desc.status else ""
+        summary.error = ending
+        return summary
 
     async def result(self, run_id: str, timeout: float | None = None) -> AgentResult:
         """Wait for the run's latest answer: when it ends, or goes idle after a turn."""
@@ -287,18 +293,7 @@ class AgentClient:
             query += f" AND AgentStatus = '{AgentStatus(status).value}'"
         out: list[RunSummary] = []
         async for wf in self.client.list_workflows(query, limit=limit):
-            sa = wf.typed_search_attributes
-            out.append(
-                RunSummary(
-                    run_id=wf.id,
-                    agent=sa.get(AGENT_NAME) or "",
-                    status=sa.get(AGENT_STATUS) or "",
-                    user=sa.get(AGENT_USER) or "",
-                    steps=sa.get(AGENT_STEPS) or 0,
-                    tokens=sa.get(TOTAL_TOKENS) or 0,
-                    started=wf.start_time,
-                )
-            )
+            out.append(RunSummary.of(wf.id, wf.typed_search_attributes, wf.start_time))
         return out
 
     async def approve(
