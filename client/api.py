@@ -168,8 +168,9 @@ class AgentClient:
         return run_id
 
     async def get_state(self, run_id: str, *, timeout: timedelta = QUERY_TIMEOUT) -> AgentState:
-        """The run's state: status, step, transcript, usage, approvals, effects, audit.
-        Reading it needs a worker serving the run; without one, KeelClientError says so."""
+        """The run's state: status, step, the whole transcript, usage, approvals, and the
+        latest 300 entries of its effects, decisions and audit trail. Reading it needs a
+        worker serving the run; without one, NoWorker says so."""
         handle = self._handle(run_id)
         try:
             state = await handle.query(KeelWorkflow.get_state, rpc_timeout=timeout)
@@ -200,6 +201,8 @@ class AgentClient:
                 RPCStatusCode.INVALID_ARGUMENT,
             ):
                 raise KeelClientError(f"run {run_id}: {message}") from e
+            if not isinstance(e, RPCError):  # the run answered: with a refusal or an error
+                raise KeelClientError(f"run {run_id}: the query failed: {message}") from e
             if "poller" in message or not await self.has_worker(run_id):
                 raise NoWorker(
                     f"run {run_id}: no worker is serving it, so its record cannot be read "
@@ -447,7 +450,16 @@ class AgentClient:
     async def _send_as_signal(
         self, handle: WorkflowHandle[Any, AgentResult], m: MessageInput
     ) -> MessageReceipt:
-        await handle.signal(SIGNAL_MESSAGE, m)
+        try:
+            await handle.signal(SIGNAL_MESSAGE, m)
+        except RPCError as e:
+            if e.status != RPCStatusCode.NOT_FOUND:
+                raise KeelClientError(f"run {handle.id}: {e.message}") from e
+            return MessageReceipt(
+                status="rejected",
+                policy=m.policy or MessagePolicy.QUEUE,
+                reason=f"run {handle.id}: {e.message}",
+            )
         return MessageReceipt(
             status="queued",
             policy=m.policy or MessagePolicy.QUEUE,

@@ -78,6 +78,7 @@ with workflow.unsafe.imports_passed_through():
         idempotency_key,
         parse_arguments,
         time_exhausted,
+        time_left,
         validate_arguments,
     )
     from keel.workflows.steps import (
@@ -98,8 +99,8 @@ with workflow.unsafe.imports_passed_through():
 
 M = TypeVar("M", bound=BaseModel)
 EMPTY_REPLY_NUDGE = "Your last reply was empty. Answer the user, or call one of the tools."
-ENDINGS_PATCH = "keel-endings-agree"
-EMPTY_PATCH = "keel-empty-reply"  # runs recorded before it ended a turn on an empty reply  # runs recorded before it completed on a spent budget
+ENDINGS_PATCH = "keel-endings-agree"  # runs recorded before it completed on a spent budget
+EMPTY_PATCH = "keel-empty-reply"  # runs recorded before it ended a turn on an empty reply
 EFFECT_RESULT_CHARS = 2000  # the run's record keeps a bounded copy of each effect's result
 Loop = Callable[[AgentSpec], Awaitable[AgentResult]]
 
@@ -198,7 +199,8 @@ class KeelWorkflow:
             raise EndRun(AgentStatus.BUDGET_EXHAUSTED, spent)
         if workflow.info().is_continue_as_new_suggested():
             await self.continue_as_new()
-        self.state.status = AgentStatus.RUNNING
+        if not self.state.provider_error:  # a run still waiting on its provider says so
+            self.state.status = AgentStatus.RUNNING
 
     def answered(self) -> bool:
         """Whether the model's last word is an answer (no tool calls pending on it)."""
@@ -330,6 +332,7 @@ class KeelWorkflow:
             raise EndRun(
                 AgentStatus.BUDGET_EXHAUSTED, f"{spent}; the provider kept failing: {error}"
             )
+        seconds = max(min(seconds, time_left(spec, st, workflow.now())), 0.001)
         # the status stays waiting_provider until a model call succeeds
         st.status = AgentStatus.WAITING_PROVIDER
         st.provider_error = error
@@ -350,8 +353,7 @@ class KeelWorkflow:
         if workflow.info().is_continue_as_new_suggested():
             # a long outage must not grow one history without bound: the step starts again
             # in a fresh history (none of its model calls had an answer)
-            st.step -= 1
-            await self.continue_as_new()
+            await self.continue_as_new(redo_step=True)
 
     async def _settle(self, slots: list[_CallSlot], cancelled: bool = False) -> None:
         """Stop the calls still open (withdraw approvals, cancel interruptible tools), wait for
@@ -468,11 +470,14 @@ class KeelWorkflow:
 
     # --- ending a history, ending a run ---------------------------------------------------
 
-    async def continue_as_new(self) -> NoReturn:
+    async def continue_as_new(self, *, redo_step: bool = False) -> NoReturn:
         """Start a fresh history at this step boundary, carrying the whole state (including
-        a custom loop's `state.loop_state`)."""
+        a custom loop's `state.loop_state`). `redo_step`: the step in flight had no answer,
+        so the next history takes it again under the same number."""
         await workflow.wait_condition(workflow.all_handlers_finished)
         st = self.state
+        if redo_step:  # only now, when nothing can interrupt: the number is never reused
+            st.step -= 1
         carry = AgentInput(agent=st.agent, message="", user=st.user, carry=st)
         stored = self.spec is not None and self.spec.payload_storage
         size = 0 if stored else payload_bytes(carry)  # stored: the history keeps a reference

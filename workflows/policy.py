@@ -140,6 +140,14 @@ def budget_exhausted(spec: AgentSpec, state: AgentState, now: datetime) -> str:
     return time_exhausted(spec, state, now)
 
 
+def time_left(spec: AgentSpec, state: AgentState, now: datetime) -> float:
+    """Seconds of working time the run has left."""
+    if state.started_at is None:
+        return spec.limits.max_seconds
+    elapsed = (now - state.started_at).total_seconds() - state.paused_seconds
+    return spec.limits.max_seconds - elapsed
+
+
 def time_exhausted(spec: AgentSpec, state: AgentState, now: datetime) -> str:
     """Whether the time budget is spent at `now` ('' when it is not)."""
     limits = spec.limits

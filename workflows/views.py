@@ -43,6 +43,8 @@ def state_view(state: AgentState) -> AgentState:
         for q in state.queued_messages
     ]
     tail = -VIEW_LIST_ITEMS
+    lists = (state.audit, state.effects, state.decisions, state.retired_call_ids)
+    cut = cut or any(len(x) > VIEW_LIST_ITEMS for x in lists)
     return state.model_copy(
         update={
             "transcript": shown,
