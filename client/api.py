@@ -59,7 +59,7 @@ from keel.workflows.models import (
 POLL_EVERY = 0.25
 QUERY_TIMEOUT = timedelta(seconds=30)  # a busy worker replaying a long history still answers
 LIST_QUERY_TIMEOUT = timedelta(seconds=10)  # per run, when listing many
-ACCEPT_TIMEOUT = timedelta(seconds=5)  # a worker takes an update at once, or there is none
+ACCEPT_TIMEOUT = timedelta(seconds=15)  # a worker takes an update at once (busy: in seconds)
 UPDATE_TIMEOUT = timedelta(seconds=30)
 WORKER_SEEN_SECONDS = 70.0  # workers long-poll for up to a minute
 SEND_ATTEMPTS = 8  # a message is idempotent by its id: resending it is always safe
