@@ -409,11 +409,11 @@ class AgentClient:
             id=message_id or uuid.uuid4().hex,
         )
         handle = self._handle(run_id)
+        if not await self.has_worker(run_id):  # once: retries below are for busy runs
+            return await self._send_as_signal(handle, m)
         delay = SEND_RETRY_FIRST
         for attempt in range(1, SEND_ATTEMPTS + 1):
             try:
-                if not await self.has_worker(run_id):
-                    return await self._send_as_signal(handle, m)
                 update = await handle.start_update(
                     KeelWorkflow.send_message,
                     m,

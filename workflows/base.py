@@ -448,7 +448,7 @@ class KeelWorkflow:
             if tool.is_subagent:
                 task = SubAgentArgs.model_validate(args)
                 child = subagent_run_id(tool.agent, key)
-                result = await subagent_step(spec, st, call, tool, task, key)
+                result = await subagent_step(spec, st, tool, task, child)
             else:
                 result = await tool_step(spec, st, call, tool, key)
             slot.result = edited + result.content

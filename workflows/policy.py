@@ -150,22 +150,22 @@ def time_left(spec: AgentSpec, state: AgentState, now: datetime) -> float:
 
 def time_exhausted(spec: AgentSpec, state: AgentState, now: datetime) -> str:
     """Whether the time budget is spent at `now` ('' when it is not)."""
-    limits = spec.limits
-    if state.started_at is not None:
-        elapsed = (now - state.started_at).total_seconds() - state.paused_seconds
-        if elapsed >= limits.max_seconds:
-            return (
-                f"time budget spent: {elapsed:.0f}s of {limits.max_seconds:.0f}s "
-                "(time waiting for people not counted)"
-            )
-    return ""
+    limit = spec.limits.max_seconds
+    left = time_left(spec, state, now)
+    if state.started_at is None or left > 0:
+        return ""
+    return (
+        f"time budget spent: {limit - left:.0f}s of {limit:.0f}s "
+        "(time waiting for people not counted)"
+    )
 
 
-def short_args(raw: str, limit: int = 60) -> str:
-    """Arguments compacted for an activity summary: `order_id=A-1, amount=20.0`."""
-    args, _ = parse_arguments(raw)
+def short_args(raw: str | dict[str, Any], limit: int = 60) -> str:
+    """Arguments (the model's JSON text, or decoded) compacted for a summary:
+    `order_id=A-1, amount=20.0`."""
+    args, _ = parse_arguments(raw) if isinstance(raw, str) else (raw, "")
     if args is None:
-        text = raw
+        text = str(raw)
     else:
         text = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in args.items())
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -4,7 +4,6 @@ summary here. Activities are scheduled by name: workflow code never imports `act
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 
 from pydantic import BaseModel
@@ -208,12 +207,12 @@ def subagent_run_id(agent: str, key: str) -> str:
 
 
 async def subagent_step(
-    spec: AgentSpec, state: AgentState, call: ToolCall, tool: ToolSpec, task: SubAgentArgs, key: str
+    spec: AgentSpec, state: AgentState, tool: ToolSpec, task: SubAgentArgs, run_id: str
 ) -> ToolResult:
     """Run a sub-agent as a child workflow with its own history, budgets and approvals; its
     answer is the tool's result. Cancelling this step (interrupt, the parent's cancellation)
-    cancels the child; a parent that ends any other way asks the child to cancel too."""
-    run_id = subagent_run_id(tool.agent, key)
+    cancels the child; a parent that ends any other way asks the child to cancel too.
+    `run_id` is the child's: `subagent_run_id`."""
     try:
         result: AgentResult = await workflow.execute_child_workflow(
             WORKFLOW_TYPE,
@@ -257,7 +256,7 @@ def current_details(state: AgentState) -> str:
         lines.append(f"- the model provider keeps failing: {state.provider_error[:300]}")
     for r in state.pending_approvals:
         who = ", ".join(r.approvers) or "anyone"
-        args = short_args(json.dumps(r.arguments, ensure_ascii=False), 160)
+        args = short_args(r.arguments, 160)
         lines.append(
             f"- approval needed: `{r.tool}({args})` (`{r.call_id}`) — {r.reason}; "
             f"decided by {who}; expires {r.expires_at:%Y-%m-%d %H:%M} UTC"
