@@ -21,7 +21,7 @@ async def heartbeat_while(coro: Awaitable[T]) -> T:
             done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY_SECONDS)
             if done:
                 return task.result()
-            if activity.in_activity():
+            if activity.in_activity() and not activity.info().is_local:
                 activity.heartbeat()
     finally:
         if not task.done():

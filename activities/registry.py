@@ -12,6 +12,7 @@ from keel.workflows import errors
 from keel.workflows.models import (
     LOAD_AGENT_SPEC,
     AgentSpec,
+    ApprovalMode,
     ApprovalPolicy,
     ApprovalTimeoutAction,
     Limits,
@@ -37,6 +38,15 @@ class Agent:
     approval_timeout_seconds: float = 24 * 3600.0
     on_approval_timeout: ApprovalTimeoutAction = ApprovalTimeoutAction.REJECT
     approvals: dict[str, ApprovalPolicy] = field(default_factory=dict)  # per-tool overrides
+
+    def __post_init__(self) -> None:
+        for t in self.tools:
+            policy = self.approvals.get(t.name)
+            if t.spec.local and policy is not None and policy.mode != ApprovalMode.NEVER:
+                raise ValueError(
+                    f"agent {self.name!r}: tool {t.name!r} runs locally (local=True), so it "
+                    "cannot need an approval; make it an ordinary tool"
+                )
 
     def as_tool(
         self,

@@ -12,7 +12,14 @@ from pydantic import BaseModel, ValidationError
 from temporalio import activity
 
 from keel.activities.heartbeat import heartbeat_while
-from keel.workflows.models import RUN_TOOL, ApprovalPolicy, ToolInput, ToolResult, ToolSpec
+from keel.workflows.models import (
+    RUN_TOOL,
+    ApprovalMode,
+    ApprovalPolicy,
+    ToolInput,
+    ToolResult,
+    ToolSpec,
+)
 from keel.workflows.policy import parse_arguments
 
 
@@ -29,7 +36,7 @@ class ToolContext:
 
     def heartbeat(self, *details: Any) -> None:
         """Tell Temporal the tool is alive (and learn of a cancellation)."""
-        if activity.in_activity():
+        if activity.in_activity() and not activity.info().is_local:
             activity.heartbeat(*details)
 
 
@@ -63,12 +70,28 @@ def tool(
     max_attempts: int = 5,
     initial_retry_seconds: float = 1.0,
     approval: ApprovalPolicy | None = None,
+    local: bool = False,
 ) -> Any:
     """Make a `Tool` of `async def f(args: SomeModel, ctx: ToolContext) -> str | model | dict`.
 
     The JSON schema the model sees comes from the arguments model; the description from
     the docstring. Side-effecting tools are not interruptible unless said otherwise.
+
+    `local=True` runs a read-only tool as a local activity: in the worker that handles the
+    model's reply, inside that same workflow task, so the step costs one task instead of
+    two. What it gives up: its result enters the history with the step (a marker, not an
+    activity's own events); its retries run in that worker (a retry longer than a minute
+    waits on a timer), and no other worker can take it over mid-attempt; it does not
+    heartbeat (a worker's death is noticed by the workflow task's timeout, 10 s). Refused for
+    tools with side effects or an approval policy.
     """
+    if local and side_effects:
+        raise ValueError(
+            "local=True is for read-only tools: a tool with side effects runs as an activity "
+            "of its own (its own retries, heartbeats and history events)"
+        )
+    if local and approval is not None and approval.mode != ApprovalMode.NEVER:
+        raise ValueError("local=True is for tools that run at once: this one has an approval")
 
     def wrap(f: ToolFn) -> Tool:
         if not inspect.iscoroutinefunction(f):
@@ -89,6 +112,7 @@ def tool(
             max_attempts=max_attempts,
             initial_retry_seconds=initial_retry_seconds,
             approval=approval or ApprovalPolicy(),
+            local=local,
         )
         return Tool(fn=f, args_model=args_model, spec=spec)
 

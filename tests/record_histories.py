@@ -52,6 +52,7 @@ SCENARIOS = [
     ("continue-as-new", "long", "loop forever"),
     ("stored", "calc", "add 2 and 3"),
     ("plan", "planner", "My laptop will not boot and the VPN is down"),
+    ("parked", "shop", "charge twice"),
 ]
 
 
@@ -109,6 +110,16 @@ async def scenario(h: Harness, name: str, agent: str, text: str) -> None:
         if name == "provider":
             await wait_for(lambda: _status(h, run, "waiting_provider"))
             h.model.set_faults([])
+        if name == "parked":  # refused signals until the parked run moves to a new history
+            state = await wait_for(lambda: _pending(h, run))
+            handle = h.client.get_workflow_handle(run)
+            started = (await handle.describe()).run_id
+            for i in range(400):
+                await handle.signal("keel.decide", f"garbage {i}")
+                if i % 5 == 4 and (await handle.describe()).run_id != started:
+                    break
+            call_id = state.pending_approvals[0].call_id
+            await h.agents.approve(run, call_id, "alice")
         await h.agents.result(run, timeout=120)
         first = (await h.client.get_workflow_handle(run).describe()).run_id
     # continue-as-new: the first history of the chain, which ends in the new one
@@ -116,6 +127,12 @@ async def scenario(h: Harness, name: str, agent: str, text: str) -> None:
     if name == "continue-as-new":
         runs = [w async for w in h.client.list_workflows(f"WorkflowId = '{run}'")]
         first = min(runs, key=lambda w: w.start_time).run_id
+        handle = h.client.get_workflow_handle(run, run_id=first)
+    if name == "parked":  # the parked history, and the one that takes the step up
+        runs = [w async for w in h.client.list_workflows(f"WorkflowId = '{run}'")]
+        first = min(runs, key=lambda w: w.start_time).run_id
+        resumed = await h.client.get_workflow_handle(run).fetch_history()
+        (HERE / f"{name}.resumed.json").write_text(resumed.to_json())
         handle = h.client.get_workflow_handle(run, run_id=first)
     history = await handle.fetch_history()
     (HERE / f"{name}.json").write_text(history.to_json())

@@ -8,7 +8,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus
 
 from keel.workflows.models import RUN_TOOL, AgentState, AgentStatus, ModelResult, ToolInput
-from tests.conftest import Harness
+from tests.conftest import Harness, wait_for
 
 
 async def test_continue_as_new_carries_everything(harness: Harness) -> None:
@@ -95,3 +95,51 @@ async def test_queries_answer_small_whatever_the_runs_size(harness: Harness) -> 
         assert state.final_answer == "y" * 1_400_000
         assert state.transcript[-1].content == "y" * 1_400_000 and not state.cut
     assert described.status == WorkflowExecutionStatus.COMPLETED
+
+
+async def test_a_run_parked_on_an_approval_continues_as_new(harness: Harness) -> None:
+    # refused signals are history events: a run waiting for a person must still move to a
+    # fresh history (the session's server suggests it after 120 events), keeping its open
+    # approval and deadline, and the call that already ran is not run again
+    async with harness.running():
+        run = await harness.start("shop", "charge twice")
+
+        async def parked() -> AgentState | None:
+            s = await harness.agents.get_state(run)
+            return s if s.pending_approvals and harness.ledger.rows("refunds") else None
+
+        before = await wait_for(parked)
+        request = before.pending_approvals[0]
+        handle = harness.client.get_workflow_handle(run)
+        first = (await handle.describe()).run_id
+        for i in range(400):  # bounded: the server suggests a new history long before
+            await handle.signal("keel.decide", f"garbage {i}")
+            if i % 10 == 9 and (await handle.describe()).run_id != first:
+                break
+        latest = await handle.describe()
+        assert latest.run_id != first, "the parked run never continued-as-new"
+        after = await harness.agents.get_state(run)
+        assert after.status == AgentStatus.WAITING_APPROVAL
+        assert [(r.call_id, r.expires_at) for r in after.pending_approvals] == [
+            (request.call_id, request.expires_at)
+        ]
+        assert after.audit_dropped + sum(e.kind == "signal_refused" for e in after.audit) >= 10
+        receipt = await harness.agents.approve(run, request.call_id, "alice")
+        assert receipt.accepted
+        result = await harness.agents.result(run, timeout=60)
+        state = await harness.agents.get_state(run)
+    assert result.status == AgentStatus.COMPLETED
+    # the 5 ran once, before the new history; the 30 once, after the approval
+    assert sorted(r["amount"] for r in harness.ledger.rows("refunds")) == [5, 30]
+    assert sorted(e.arguments["amount"] for e in state.effects) == [5, 30]
+    calls = [c.id for c in state.transcript[2].tool_calls]
+    assert [m.tool_call_id for m in state.transcript if m.role == "tool"] == calls
+    assert state.step == 2 and state.transcript[-1].role == "assistant"
+    # the new history ran only the approved call: one tool activity
+    history = await harness.client.get_workflow_handle(run, run_id=latest.run_id).fetch_history()
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+    assert scheduled.count(RUN_TOOL) == 1

@@ -38,7 +38,16 @@ async def test_replay(path: Path) -> None:
 
 def test_histories_are_there() -> None:
     names = {p.name.split(".")[0] for p in HISTORIES}
-    assert {"approve", "edit", "reject", "cancel", "continue-as-new", "stored", "plan"} <= names
+    assert {
+        "approve",
+        "edit",
+        "reject",
+        "cancel",
+        "continue-as-new",
+        "stored",
+        "plan",
+        "parked",
+    } <= names
 
 
 @workflow.defn(name=WORKFLOW_TYPE)

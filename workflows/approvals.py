@@ -102,22 +102,29 @@ class Approvals:
         st = self._state
         now = workflow.now()
         timeout = timedelta(seconds=spec.approval_timeout_seconds)
-        if not st.pending_approvals:
-            self._waiting_since = now
-        self._decisions.pop(call_id, None)  # nothing stale may answer this request
-        st.pending_approvals.append(
-            ApprovalRequest(
-                call_id=call_id,
-                tool=tool.name,
-                arguments=args,
-                reason=reason,
-                approvers=tool.approval.approvers,
-                requested_at=now,
-                expires_at=now + timeout,
-                step=step,
+        carried = next((r for r in st.pending_approvals if r.call_id == call_id), None)
+        if carried is not None or call_id in self._decisions:
+            # opened before continue-as-new: it keeps its deadline, and a decision accepted
+            # just before the new history began still answers it
+            if carried is not None:
+                timeout = max(carried.expires_at - now, timedelta(milliseconds=1))
+        else:
+            if not st.pending_approvals:
+                self._waiting_since = now
+            self._decisions.pop(call_id, None)  # nothing stale may answer this request
+            st.pending_approvals.append(
+                ApprovalRequest(
+                    call_id=call_id,
+                    tool=tool.name,
+                    arguments=args,
+                    reason=reason,
+                    approvers=tool.approval.approvers,
+                    requested_at=now,
+                    expires_at=now + timeout,
+                    step=step,
+                )
             )
-        )
-        self._on_change()
+            self._on_change()
         try:
             await workflow.wait_condition(
                 lambda: call_id in self._decisions,
@@ -150,6 +157,26 @@ class Approvals:
         # (no `finally`: on eviction the coroutine is closed outside the workflow's loop)
         self._remove(call_id)
         return self._decisions.pop(call_id)
+
+    def carry(self) -> dict[str, DecideInput]:
+        """Before continue-as-new while parked: count the time waited so far as paused, and
+        hand over the decisions accepted but not yet acted on."""
+        if self._waiting_since is not None:
+            now = workflow.now()
+            self._state.paused_seconds += (now - self._waiting_since).total_seconds()
+            self._waiting_since = now
+        return dict(self._decisions)
+
+    def resume(self, decided: dict[str, DecideInput]) -> None:
+        """In the new history: the carried requests wait on, from now."""
+        self._decisions.update(decided)
+        if self._state.pending_approvals:
+            self._waiting_since = workflow.now()
+
+    def undecided(self, call_id: str) -> bool:
+        """Still waiting for a person: open, and no decision accepted for it."""
+        open_ = any(r.call_id == call_id for r in self._state.pending_approvals)
+        return open_ and call_id not in self._decisions
 
     def _remove(self, call_id: str) -> None:
         st = self._state

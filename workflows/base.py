@@ -65,6 +65,7 @@ with workflow.unsafe.imports_passed_through():
         MessagePolicy,
         MessageReceipt,
         ModelResult,
+        OpenStep,
         QueuedMessage,
         SubAgentArgs,
         ToolCall,
@@ -101,6 +102,7 @@ M = TypeVar("M", bound=BaseModel)
 EMPTY_REPLY_NUDGE = "Your last reply was empty. Answer the user, or call one of the tools."
 ENDINGS_PATCH = "keel-endings-agree"  # runs recorded before it completed on a spent budget
 EMPTY_PATCH = "keel-empty-reply"  # runs recorded before it ended a turn on an empty reply
+PARKED_PATCH = "keel-parked-continue"  # runs recorded before a parked step could move on
 EFFECT_RESULT_CHARS = 2000  # the run's record keeps a bounded copy of each effect's result
 Loop = Callable[[AgentSpec], Awaitable[AgentResult]]
 
@@ -139,6 +141,7 @@ class KeelWorkflow:
         self.approvals = Approvals(self.state, self.publish)
         self._abort: str | None = None  # an approval expired under the "cancel" policy
         self._resume = False  # an operator asked to try the provider again now
+        self._stay_parked = False  # replaying a history from before PARKED_PATCH
 
     # --- the frame every loop runs in -----------------------------------------------------
 
@@ -183,7 +186,10 @@ class KeelWorkflow:
 
     def deliver(self) -> None:
         """At a step boundary: finish an interrupt or rollback, then move queued messages
-        into the transcript, in arrival order."""
+        into the transcript, in arrival order. Not while a carried step waits on approvals:
+        its calls' results come first."""
+        if self.state.open_step is not None:
+            return
         if self.inbox.stop_turn is not None:
             self.inbox.apply_stop(workflow.now())
         self.inbox.deliver()
@@ -192,6 +198,8 @@ class KeelWorkflow:
         """Before a model step: end the run if a budget is spent or an expired approval
         cancelled it (`EndRun`), and continue-as-new when the server suggests it."""
         assert self.spec is not None
+        if self.state.open_step is not None:  # a carried step finishes first
+            return
         if self._abort:
             raise EndRun(AgentStatus.CANCELLED, self._abort)
         spent = budget_exhausted(self.spec, self.state, workflow.now())
@@ -237,6 +245,8 @@ class KeelWorkflow:
         spec = self.spec
         assert spec is not None
         st = self.state
+        if st.open_step is not None:
+            return await self._resume_step(spec, st.open_step)
         st.step += 1
         self.publish()
         model = asyncio.create_task(self._ask_model(spec, tools))
@@ -269,16 +279,72 @@ class KeelWorkflow:
         slots = [_CallSlot(c) for c in calls]
         for i, slot in enumerate(slots):
             slot.task = asyncio.create_task(self._call(spec, offered, slot, i))
-        try:
-            await workflow.wait_condition(
-                lambda: all(s.phase == "done" for s in slots) or self.inbox.stop_turn is not None
-            )
-        except asyncio.CancelledError:
-            # the run is cancelled: stop what may stop, let side effects finish and record them
-            await self._settle(slots, cancelled=True)
-            raise
-        await self._settle(slots)
+        await self._run_calls(slots, tools)
         return result
+
+    async def _resume_step(self, spec: AgentSpec, carried: OpenStep) -> ModelResult:
+        """Take up the tool step carried into this history (it continued-as-new while parked
+        on approvals): the calls that had results keep them, the rest wait on their open
+        requests (same deadlines) or act on a decision accepted just before. Returns the
+        carried reply (its usage was counted in its own history)."""
+        st = self.state
+        st.open_step = None
+        reply = st.transcript[-1]
+        offered = spec.tools if carried.offered is None else carried.offered
+        self.approvals.resume(carried.decided)
+        slots = []
+        for i, call in enumerate(reply.tool_calls):
+            slot = _CallSlot(call)
+            if call.id in carried.results:
+                slot.result, slot.phase = carried.results[call.id], "done"
+            else:
+                slot.task = asyncio.create_task(self._call(spec, offered, slot, i))
+            slots.append(slot)
+        self.publish()
+        await self._run_calls(slots, carried.offered)
+        return ModelResult(message=reply)
+
+    async def _run_calls(self, slots: list[_CallSlot], tools: list[ToolSpec] | None) -> None:
+        """Wait for the step's calls (or an interrupt), then settle them. While every open
+        call waits on a person and the history has grown (refused signals, messages), the
+        step moves to a new history, carrying its approvals with their deadlines."""
+        while True:
+            try:
+                await workflow.wait_condition(
+                    lambda: (
+                        all(s.phase == "done" for s in slots)
+                        or self.inbox.stop_turn is not None
+                        or self._parked(slots)
+                    )
+                )
+            except asyncio.CancelledError:
+                # the run is cancelled: stop what may stop, let side effects finish and record
+                await self._settle(slots, cancelled=True)
+                raise
+            if all(s.phase == "done" for s in slots) or self.inbox.stop_turn is not None:
+                break
+            if not workflow.patched(PARKED_PATCH):
+                self._stay_parked = True  # recorded before: it waited in one history
+                continue
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            if self._parked(slots):  # still (a decision may have come meanwhile)
+                self.state.open_step = OpenStep(
+                    offered=tools,
+                    results={s.call.id: s.result for s in slots if s.result is not None},
+                    decided=self.approvals.carry(),
+                )
+                self._carry_over()
+        await self._settle(slots)
+
+    def _parked(self, slots: list[_CallSlot]) -> bool:
+        """Every call is done or waits on a person, at least one waits, and the server
+        suggests a new history."""
+        if self._stay_parked or not workflow.info().is_continue_as_new_suggested():
+            return False
+        waiting = [s for s in slots if s.phase != "done"]
+        return bool(waiting) and all(
+            s.phase == "approval" and self.approvals.undecided(s.call.id) for s in waiting
+        )
 
     async def _ask_model(self, spec: AgentSpec, tools: list[ToolSpec] | None) -> ModelResult:
         """The model's reply for this step. A failure another model could survive (overloaded,
@@ -475,9 +541,13 @@ class KeelWorkflow:
         a custom loop's `state.loop_state`). `redo_step`: the step in flight had no answer,
         so the next history takes it again under the same number."""
         await workflow.wait_condition(workflow.all_handlers_finished)
-        st = self.state
         if redo_step:  # only now, when nothing can interrupt: the number is never reused
-            st.step -= 1
+            self.state.step -= 1
+        self._carry_over()
+
+    def _carry_over(self) -> NoReturn:
+        """Continue-as-new now (no await: nothing can change the state in between)."""
+        st = self.state
         carry = AgentInput(agent=st.agent, message="", user=st.user, carry=st)
         stored = self.spec is not None and self.spec.payload_storage
         size = 0 if stored else payload_bytes(carry)  # stored: the history keeps a reference

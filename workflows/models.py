@@ -69,6 +69,7 @@ class ToolSpec(BaseModel):
     initial_retry_seconds: float = 1.0
     approval: ApprovalPolicy = Field(default_factory=ApprovalPolicy)
     agent: str = ""  # set: a sub-agent, run as a child workflow of that agent instead
+    local: bool = False  # read-only: runs as a local activity, in the model step's task
 
     @property
     def is_subagent(self) -> bool:
@@ -339,6 +340,15 @@ class QueuedMessage(BaseModel):
     received_at: datetime | None = None
 
 
+class OpenStep(BaseModel):
+    """A tool step carried into a new history while it waits on people: continue-as-new while
+    parked on approvals. The model's reply (the calls) is the transcript's last message."""
+
+    offered: list[ToolSpec] | None = None  # the tools the step offered (None: all the agent's)
+    results: dict[str, str] = Field(default_factory=dict)  # call id → result, calls done
+    decided: dict[str, DecideInput] = Field(default_factory=dict)  # accepted, not yet acted on
+
+
 class AgentState(BaseModel):
     """Everything a run is; carried whole across continue-as-new, and what `get_state` shows."""
 
@@ -374,6 +384,7 @@ class AgentState(BaseModel):
     cut: bool = False
     message_ids: list[str] = Field(default_factory=list)  # the latest ids received, bounded
     empty_replies: int = 0  # empty model replies in a row (one gets a corrective turn)
+    open_step: OpenStep | None = None  # a tool step parked on approvals, carried (see OpenStep)
 
     def record(self, entry: AuditEntry) -> None:
         """Append to the audit trail. Refusals of bad input are bounded: past MAX_REFUSALS

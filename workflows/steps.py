@@ -163,30 +163,42 @@ async def tool_step(
 ) -> ToolResult:
     """Run one tool call with that tool's own timeouts and retries; failures become results."""
     t = tool or ToolSpec(name=call.name, max_attempts=1)
-    # Keel heartbeats for every tool (it awaits the tool beside a heartbeat loop), so a
-    # worker's death is noticed within seconds, not after the tool's whole timeout
-    heartbeat = timedelta(seconds=t.heartbeat_seconds or TOOL_HEARTBEAT_SECONDS)
+    input = ToolInput(
+        agent=spec.name,
+        tool=call.name,
+        arguments=call.arguments,
+        call_id=call.id,
+        idempotency_key=key,
+        run_id=workflow.info().workflow_id,
+        user=state.user,
+    )
+    retry = RetryPolicy(
+        initial_interval=timedelta(seconds=t.initial_retry_seconds),
+        maximum_interval=TOOL_RETRY_MAX_INTERVAL,
+        maximum_attempts=t.max_attempts,
+    )
+    timeout = timedelta(seconds=t.start_to_close_seconds)
+    summary = f"tool {call.name}({short_args(call.arguments)})"
     try:
+        if t.local:  # read-only, in this workflow task (see `tool(local=True)`)
+            return await workflow.execute_local_activity(
+                RUN_TOOL,
+                input,
+                result_type=ToolResult,
+                start_to_close_timeout=timeout,
+                retry_policy=retry,
+                summary=summary,
+            )
+        # Keel heartbeats for every tool (it awaits the tool beside a heartbeat loop), so a
+        # worker's death is noticed within seconds, not after the tool's whole timeout
         return await workflow.execute_activity(
             RUN_TOOL,
-            ToolInput(
-                agent=spec.name,
-                tool=call.name,
-                arguments=call.arguments,
-                call_id=call.id,
-                idempotency_key=key,
-                run_id=workflow.info().workflow_id,
-                user=state.user,
-            ),
+            input,
             result_type=ToolResult,
-            start_to_close_timeout=timedelta(seconds=t.start_to_close_seconds),
-            heartbeat_timeout=heartbeat,
-            retry_policy=RetryPolicy(
-                initial_interval=timedelta(seconds=t.initial_retry_seconds),
-                maximum_interval=TOOL_RETRY_MAX_INTERVAL,
-                maximum_attempts=t.max_attempts,
-            ),
-            summary=f"tool {call.name}({short_args(call.arguments)})",
+            start_to_close_timeout=timeout,
+            heartbeat_timeout=timedelta(seconds=t.heartbeat_seconds or TOOL_HEARTBEAT_SECONDS),
+            retry_policy=retry,
+            summary=summary,
         )
     except ActivityError as e:
         if isinstance(e.cause, CancelledError):
