@@ -53,6 +53,7 @@ SCENARIOS = [
     ("stored", "calc", "add 2 and 3"),
     ("plan", "planner", "My laptop will not boot and the VPN is down"),
     ("parked", "shop", "charge twice"),
+    ("expiry", "shop-brief", "charge 30"),  # no decision: the approval expires (1 s)
 ]
 
 
@@ -140,9 +141,17 @@ async def scenario(h: Harness, name: str, agent: str, text: str) -> None:
 
 
 def _test_agents() -> list:  # type: ignore[type-arg]
-    from tests.agents import TEST_AGENTS
+    from keel.activities.registry import Agent
+    from tests.agents import CHARGE, INSTRUCTIONS, TEST_AGENTS, TOOLS
 
-    return TEST_AGENTS
+    brief = Agent(
+        name="shop-brief",
+        instructions=INSTRUCTIONS,
+        tools=TOOLS,
+        approvals=CHARGE,
+        approval_timeout_seconds=1,
+    )
+    return [*TEST_AGENTS, brief]
 
 
 async def _pending(h: Harness, run: str) -> object:
