@@ -47,6 +47,7 @@ def test_histories_are_there() -> None:
         "stored",
         "plan",
         "parked",
+        "expiry",
     } <= names
 
 
