@@ -71,12 +71,29 @@ def approval_reason(tool: ToolSpec, args: dict[str, Any]) -> str | None:
     return None
 
 
+_VALIDATORS: dict[str, Any] = {}  # schema (as canonical JSON) → its checked validator
+
+
+def _validator(schema: dict[str, Any]) -> Any:
+    """The validator of a tool's schema, built and checked once per process: checking a
+    schema against its meta-schema costs far more than checking arguments against it."""
+    key = json.dumps(schema, sort_keys=True)
+    found = _VALIDATORS.get(key)
+    if found is None:
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+        found = _VALIDATORS.setdefault(key, cls(schema))
+    return found
+
+
 def validate_arguments(tool: ToolSpec, args: dict[str, Any]) -> str:
     """Check arguments against the tool's JSON schema: '' when valid, else what is wrong."""
     if not tool.parameters:
         return ""
     try:
-        jsonschema.validate(args, tool.parameters)
+        error = jsonschema.exceptions.best_match(_validator(tool.parameters).iter_errors(args))
+        if error is not None:
+            raise error
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "arguments"
         return f"{where}: {e.message}"
