@@ -6,12 +6,18 @@ gunicorn name an app; the current directory is importable, as it is for them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import inspect
+import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from keel.activities.registry import Agent, with_subagents
@@ -19,6 +25,110 @@ from keel.config import Settings, SettingsError, connect
 from keel.plugin import build_worker
 
 log = logging.getLogger("keel.worker")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How a `keel worker` process runs (KEEL_WORKER_* variables).
+
+    On SIGTERM (or SIGINT) the worker stops taking work and gives the activities in flight
+    `graceful_seconds` to finish; what is still running then is cancelled and retried by
+    another worker (Temporal's own retry), so nothing is lost either way. The health
+    endpoint answers 200 while the worker serves and 503 once it is stopping."""
+
+    graceful_seconds: float = 30.0
+    health_port: int | None = None
+    health_host: str = "127.0.0.1"
+    max_concurrent_activities: int | None = None
+    max_concurrent_workflow_tasks: int | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerOptions:
+        env = os.environ if env is None else env
+
+        def number(name: str, kind: Callable[[str], Any]) -> Any:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return None
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+            if value < 0:
+                raise SettingsError(f"{name} must not be negative, got {raw!r}")
+            return value
+
+        graceful = number("KEEL_WORKER_GRACEFUL_SECONDS", float)
+        return cls(
+            graceful_seconds=30.0 if graceful is None else graceful,
+            health_port=number("KEEL_WORKER_HEALTH_PORT", int),
+            health_host=env.get("KEEL_WORKER_HEALTH_HOST") or "127.0.0.1",
+            max_concurrent_activities=number("KEEL_WORKER_MAX_ACTIVITIES", int),
+            max_concurrent_workflow_tasks=number("KEEL_WORKER_MAX_WORKFLOW_TASKS", int),
+        )
+
+    def worker_options(self) -> dict[str, Any]:
+        """The Temporal `Worker` options these settings give."""
+        options: dict[str, Any] = {
+            "graceful_shutdown_timeout": timedelta(seconds=self.graceful_seconds)
+        }
+        if self.max_concurrent_activities:
+            options["max_concurrent_activities"] = self.max_concurrent_activities
+        if self.max_concurrent_workflow_tasks:
+            # Temporal needs at least two: one for the sticky queue, one for the normal
+            options["max_concurrent_workflow_tasks"] = max(2, self.max_concurrent_workflow_tasks)
+        return options
+
+
+class HealthEndpoint:
+    """`GET /healthz` (or `/`): 200 and what the worker serves while it serves; 503 while it
+    shuts down. A few lines of HTTP/1.1 on asyncio, for a load balancer or Kubernetes probe."""
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.info = info
+        self.stopping = False
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        try:
+            self._server = await asyncio.start_server(self._answer, host, port)
+        except OSError as e:
+            raise SettingsError(f"health endpoint: cannot listen on {host}:{port}: {e}") from e
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=5)
+            parts = line.decode("latin-1").split()
+            while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (b"\r\n", b""):
+                pass  # the headers: nothing in them changes the answer
+            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+                code, body = 405, {"error": "GET /healthz"}
+            elif parts[1].split("?")[0] not in ("/", "/healthz"):
+                code, body = 404, {"error": f"no {parts[1]}; GET /healthz"}
+            elif self.stopping:
+                code, body = 503, {**self.info, "status": "stopping"}
+            else:
+                code, body = 200, {**self.info, "status": "serving"}
+            data = json.dumps(body).encode()
+            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(
+                code, "Service Unavailable"
+            )
+            head = (
+                f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + (b"" if parts[:1] == ["HEAD"] else data))
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeError):
+            pass
+        finally:
+            writer.close()
 
 
 def load_object(ref: str, what: str) -> Any:
@@ -82,9 +192,10 @@ async def run_worker(
     agents: str | None = None,
     resources: str | None = None,
     workflows: str | None = None,
+    options: WorkerOptions | None = None,
 ) -> None:
     """Connect, and serve the named agents (and loops) on the settings' task queue until
-    cancelled."""
+    SIGTERM or SIGINT, then shut down gracefully (see `WorkerOptions`)."""
     ref = agents or settings.agents
     if not ref:
         raise SettingsError(
@@ -94,12 +205,48 @@ async def run_worker(
     served = load_agents(ref)
     loops = load_workflows(workflows or settings.workflows)
     res = load_resources(resources or settings.resources)
+    opts = options or WorkerOptions.from_env()
     client = await connect(settings)
-    worker = build_worker(client, settings=settings, agents=served, resources=res, workflows=loops)
+    worker = build_worker(
+        client,
+        settings=settings,
+        agents=served,
+        resources=res,
+        workflows=loops,
+        **opts.worker_options(),
+    )
+    names = [a.name for a in with_subagents(served)]
+    health = HealthEndpoint({"task_queue": settings.task_queue, "agents": names})
+    if opts.health_port is not None:
+        port = await health.start(opts.health_host, opts.health_port)
+        log.info("health endpoint on http://%s:%d/healthz", opts.health_host, port)
     log.info(
         "worker serving %s on task queue %s at %s",
-        ", ".join(a.name for a in with_subagents(served)),
+        ", ".join(names),
         settings.task_queue,
         settings.address,
     )
-    await worker.run()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = asyncio.create_task(worker.run())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set() and not running.done():
+            health.stopping = True
+            log.info(
+                "stopping: no new work; activities in flight get %.0f s to finish, then go "
+                "back to Temporal to be retried elsewhere",
+                opts.graceful_seconds,
+            )
+            await worker.shutdown()
+        await running
+        log.info("worker stopped")
+    finally:
+        stopping.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        with contextlib.suppress(Exception):
+            await health.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 from pydantic import BaseModel, Field
 from temporalio import activity
@@ -89,6 +90,25 @@ async def nap(args: WaitArgs, ctx: ToolContext) -> str:
     return json.dumps({"napped": activity.info().attempt})
 
 
+@tool(timeout_seconds=300)
+async def held(args: WaitArgs, ctx: ToolContext) -> str:
+    """Notes each attempt in the ledger, then waits until the test opens its gate (a file
+    named `gate` beside the ledger)."""
+    ledger: Ledger = ctx.resources
+    attempt = activity.info().attempt
+    await asyncio.to_thread(
+        ledger.email, "held@example.com", "held", f"attempt {attempt}", f"held-{attempt}"
+    )
+    while not (ledger.path.parent / "gate").exists():
+        await asyncio.sleep(0.05)
+    return json.dumps({"attempt": attempt})
+
+
+def ledger_from_env() -> Ledger:
+    """The resources of a `keel worker` a test starts: the ledger KEEL_TEST_LEDGER names."""
+    return Ledger(os.environ["KEEL_TEST_LEDGER"])
+
+
 class BlobArgs(BaseModel):
     size: int
 
@@ -162,6 +182,7 @@ TEST_AGENTS = [
         tools=TOOLS,
         limits=Limits(max_steps=30, max_tokens=10**9),
     ),
+    Agent(name="holder", instructions=INSTRUCTIONS, tools=[held]),
     Agent(name="six", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_steps=6)),
     Agent(name="steps", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_steps=3)),
     Agent(name="tokens", instructions=INSTRUCTIONS, tools=TOOLS, limits=Limits(max_tokens=150)),

@@ -43,6 +43,11 @@ TEST_RULES: dict[str, Any] = {
             "reply": {"tool_calls": [{"name": "nap", "arguments": {"seconds": 600}}]},
         },
         {
+            "name": "held tool",
+            "when": {"last_role": "user", "last_user": "(?i)hold the tool"},
+            "reply": {"tool_calls": [{"name": "held", "arguments": {}}]},
+        },
+        {
             "name": "always silent",
             "when": {"any_user": "(?i)stay silent"},
             "reply": {"content": ""},
