@@ -19,8 +19,9 @@ WORKDIR /app
 
 # Dependencies get their own layer, so a code change does not reinstall them.
 COPY pyproject.toml ./
-# The `s3` extra is included, so KEEL_PAYLOAD_S3_BUCKET works in any container.
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['s3']))" \
+# The `s3` and `otel` extras are included, so KEEL_PAYLOAD_S3_BUCKET and KEEL_TRACING work in
+# any container.
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; print('\n'.join(p['dependencies'] + x['s3'] + x['otel']))" \
         > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt

@@ -10,6 +10,18 @@ from temporalio import activity
 
 T = TypeVar("T")
 
+try:  # tracing is optional (keel[otel])
+    from opentelemetry import trace as otel
+except ImportError:  # pragma: no cover
+    otel = None  # type: ignore[assignment]
+
+
+def annotate_span(attributes: dict[str, str | int | float | bool]) -> None:
+    """Add Keel's attributes to the activity's span, when tracing is on."""
+    if otel is not None:
+        otel.get_current_span().set_attributes(attributes)
+
+
 HEARTBEAT_EVERY_SECONDS = 1.0
 
 

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
 import re
+import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
 import openai
 from openai import AsyncOpenAI
 from temporalio import activity
+from temporalio.common import MetricCounter, MetricMeter
 from temporalio.exceptions import ApplicationError
 
-from keel.activities.heartbeat import heartbeat_while
+from keel.activities.heartbeat import annotate_span, heartbeat_while
 from keel.workflows import errors
 from keel.workflows.models import (
     CALL_MODEL,
@@ -162,14 +166,49 @@ def normalise_tool_calls(
     return calls
 
 
+class Pace:
+    """At most `per_second` calls start each second in this process (0: no limit), spaced
+    evenly: a worker's share of a provider's rate limit (KEEL_MODEL_CALLS_PER_SECOND). A
+    call waiting its turn heartbeats, so it is not mistaken for a dead worker."""
+
+    def __init__(
+        self,
+        per_second: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.interval = 1.0 / per_second if per_second > 0 else 0.0
+        self._next = 0.0
+        self._lock = asyncio.Lock()
+        self._clock = clock
+        self._sleep = sleep
+
+    async def wait(self) -> None:
+        if not self.interval:
+            return
+        async with self._lock:
+            now = self._clock()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            await self._sleep(start - now)
+
+
 class ModelActivities:
     """The `call_model` activity; the client comes from the worker's settings."""
 
-    def __init__(self, base_url: str | None, api_key: str | None, default_model: str) -> None:
+    def __init__(
+        self,
+        base_url: str | None,
+        api_key: str | None,
+        default_model: str,
+        calls_per_second: float = 0.0,
+    ) -> None:
         self._base_url = base_url
         self._api_key = api_key or "not-needed"
         self._default_model = default_model
         self._clients: dict[tuple[str | None, str, float], AsyncOpenAI] = {}
+        self._pace = Pace(calls_per_second)
 
     def _client(self, s: ModelSettings) -> AsyncOpenAI:
         base_url = s.base_url or self._base_url
@@ -222,6 +261,11 @@ class ModelActivities:
                 type=errors.KEEL_INTERNAL,
                 non_retryable=True,
             ) from e
+        meter = activity.metric_meter().with_additional_attributes(
+            {"agent": input.agent, "model": str(kwargs.get("model", ""))}
+        )
+        await heartbeat_while(self._pace.wait())  # this worker's share of the provider
+        began = time.monotonic()
         try:
             completion = await heartbeat_while(client.chat.completions.create(**kwargs))
             choice = completion.choices[0]
@@ -247,7 +291,35 @@ class ModelActivities:
             )
         except (openai.APIError, ValueError, AttributeError, IndexError, TypeError) as e:
             # pydantic's ValidationError is a ValueError: a body of the wrong shape lands here
-            raise classify(e) from e
+            failure = classify(e)
+            annotate_span(
+                {
+                    "keel.agent": input.agent,
+                    "keel.step": input.step,
+                    "keel.attempt": activity.info().attempt,
+                    "keel.error": failure.type or "error",
+                }
+            )
+            _requests(meter).add(1, {"outcome": failure.type or "error"})
+            raise failure from e
+        elapsed = timedelta(seconds=time.monotonic() - began)
+        annotate_span(
+            {
+                "keel.agent": input.agent,
+                "keel.step": input.step,
+                "keel.model": model,
+                "keel.tokens": result.usage.total_tokens,
+                "keel.attempt": activity.info().attempt,
+                "keel.tool_calls": len(result.message.tool_calls),
+            }
+        )
+        _requests(meter).add(1, {"outcome": "ok"})
+        meter.create_histogram_timedelta(
+            "keel_model_latency", "a model call, from request to reply", "ms"
+        ).record(elapsed)
+        tokens = meter.create_counter("keel_model_tokens", "tokens used")
+        tokens.add(result.usage.prompt_tokens, {"kind": "prompt"})
+        tokens.add(result.usage.completion_tokens, {"kind": "completion"})
         size = len(result.model_dump_json().encode())
         if size > MAX_RESULT_BYTES:
             raise ApplicationError(
@@ -256,3 +328,7 @@ class ModelActivities:
                 non_retryable=True,
             )
         return result
+
+
+def _requests(meter: MetricMeter) -> MetricCounter:
+    return meter.create_counter("keel_model_requests", "model calls, by outcome")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from keel.activities.tools import Tool, ToolContext
 from keel.workflows import errors
+from keel.workflows.authz import PolicyError, allowed_tools, parse_policy
 from keel.workflows.models import (
     LOAD_AGENT_SPEC,
     AgentSpec,
@@ -19,6 +23,7 @@ from keel.workflows.models import (
     LoadAgentInput,
     MessagePolicy,
     ModelSettings,
+    Policy,
     SubAgentArgs,
     ToolSpec,
 )
@@ -123,16 +128,66 @@ def with_subagents(agents: list[Agent]) -> list[Agent]:
     return list(found.values())
 
 
+def load_policy(path: str | Path) -> Policy:
+    """A policy file (`.toml`, or `.json`), checked; PolicyError says what is wrong."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PolicyError(f"cannot read the policy file {p}: {e}") from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise PolicyError(
+            f"the policy file {p} is not valid {p.suffix[1:] or 'TOML'}: {e}"
+        ) from None
+    if not isinstance(data, dict):
+        raise PolicyError(f"the policy file {p} must hold an object")
+    try:
+        return parse_policy(data)
+    except PolicyError as e:
+        raise PolicyError(f"{p}: {e}") from None
+
+
+def check_policy(policy: Policy, agents: list[Agent]) -> None:
+    """Refuse a policy that names tools an agent served here does not have (a typo would
+    otherwise take a tool away unnoticed). Agents it names but this worker does not serve
+    are left alone: one policy may serve several workers."""
+    by_name = {a.name: a for a in agents}
+    for name, entry in policy.agents.items():
+        agent = by_name.get(name)
+        if agent is None or entry.tools is None:
+            continue
+        have = {t.name for t in agent.tools}
+        unknown = sorted(set(entry.tools) - have)
+        if unknown:
+            raise PolicyError(
+                f"policy: agents.{name}.tools names {', '.join(unknown)}, which agent {name!r} "
+                f"does not have (its tools: {', '.join(sorted(have)) or 'none'})"
+            )
+
+
 class AgentRegistry:
     """The agents a worker serves (with their sub-agents); `load_agent_spec` resolves a
-    name to its spec."""
+    name to its spec, with the worker's policy (if any) in it."""
 
     def __init__(
-        self, agents: list[Agent], default_model: str = "", payload_storage: bool = False
+        self,
+        agents: list[Agent],
+        default_model: str = "",
+        payload_storage: bool = False,
+        task_queues: tuple[str, str] = ("", ""),
+        policy: Policy | None = None,
     ) -> None:
         self._agents = {a.name: a for a in with_subagents(agents)}
         self._default_model = default_model
         self._payload_storage = payload_storage
+        self._task_queues = task_queues  # (model calls, tool calls); "": the run's own
+        if policy is not None:
+            # checked and named (digest) the same way whether it came from a file or from code
+            policy = parse_policy(policy.model_dump(mode="json", exclude={"digest"}))
+            check_policy(policy, list(self._agents.values()))
+        self.policy = policy
 
     @property
     def names(self) -> list[str]:
@@ -149,7 +204,8 @@ class AgentRegistry:
 
     @activity.defn(name=LOAD_AGENT_SPEC)
     async def load_agent_spec(self, input: LoadAgentInput) -> AgentSpec:
-        """The agent's spec, or a clear non-retryable error naming the agents there are."""
+        """The agent's spec, or a clear non-retryable error naming the agents there are.
+        With a policy, the spec offers only the tools it allows and records the policy."""
         agent = self._agents.get(input.agent)
         if agent is None:
             raise ApplicationError(
@@ -159,7 +215,11 @@ class AgentRegistry:
             )
         spec = agent.spec()
         spec.payload_storage = self._payload_storage
+        spec.model_task_queue, spec.tool_task_queue = self._task_queues
         if not spec.model.model and self._default_model:
             # the snapshot names the model the run really talks to
             spec.model = spec.model.model_copy(update={"model": self._default_model})
+        if self.policy is not None:
+            spec.tools = allowed_tools(self.policy, spec.name, spec.tools)
+            spec.policy = self.policy
         return spec

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Awaitable, Callable
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, get_type_hints
 
 from pydantic import BaseModel, ValidationError
 from temporalio import activity
 
-from keel.activities.heartbeat import heartbeat_while
+from keel.activities.heartbeat import annotate_span, heartbeat_while
 from keel.workflows.models import (
     RUN_TOOL,
     ApprovalMode,
@@ -33,6 +36,21 @@ class ToolContext:
     run_id: str
     user: str
     resources: Any = None  # whatever the worker was given (a database, an HTTP client, ...)
+    secrets: tuple[str, ...] = ()  # the names this tool declared (`tool(secrets=[...])`)
+
+    def secret(self, name: str) -> str:
+        """A secret from the worker's environment, by reference: the run's history and
+        payloads only ever hold its name. The tool must declare it (`tool(secrets=[...])`);
+        a value that shows up in the tool's result is replaced by `[secret NAME]`."""
+        if name not in self.secrets:
+            raise SecretError(
+                f"tool may read only the secrets it declares ({', '.join(self.secrets) or 'none'}),"
+                f" not {name!r}: add it to @tool(secrets=[...])"
+            )
+        value = os.environ.get(name)
+        if not value:
+            raise SecretError(f"secret {name!r} is not set in this worker's environment")
+        return value
 
     def heartbeat(self, *details: Any) -> None:
         """Tell Temporal the tool is alive (and learn of a cancellation)."""
@@ -41,6 +59,19 @@ class ToolContext:
 
 
 ToolFn = Callable[[Any, ToolContext], Awaitable[Any]]
+
+
+class SecretError(RuntimeError):
+    """A tool asked for a secret it did not declare, or one the worker does not have."""
+
+
+def redact(text: str, names: Sequence[str]) -> str:
+    """`text` with the values of these secrets (from the worker's environment) replaced."""
+    for name in names:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, f"[secret {name}]")
+    return text
 
 
 @dataclass(frozen=True)
@@ -71,6 +102,7 @@ def tool(
     initial_retry_seconds: float = 1.0,
     approval: ApprovalPolicy | None = None,
     local: bool = False,
+    secrets: Sequence[str] = (),
 ) -> Any:
     """Make a `Tool` of `async def f(args: SomeModel, ctx: ToolContext) -> str | model | dict`.
 
@@ -113,6 +145,7 @@ def tool(
             initial_retry_seconds=initial_retry_seconds,
             approval=approval or ApprovalPolicy(),
             local=local,
+            secrets=list(secrets),
         )
         return Tool(fn=f, args_model=args_model, spec=spec)
 
@@ -181,8 +214,28 @@ class ToolActivities:
             run_id=input.run_id,
             user=input.user,
             resources=self._resources,
+            secrets=tuple(t.spec.secrets),
         )
         # heartbeats while the tool runs: a dead worker is noticed within seconds, and a
         # cancellation (interrupt, keel cancel) reaches the tool
-        result = await heartbeat_while(t.fn(args, ctx))
-        return ToolResult(ok=True, content=_render(result))
+        meter = activity.metric_meter().with_additional_attributes(
+            {"agent": input.agent, "tool": t.name}
+        )
+        calls = meter.create_counter("keel_tool_calls", "tool calls, by outcome")
+        began = time.monotonic()
+        try:
+            result = await heartbeat_while(t.fn(args, ctx))
+        except BaseException as e:
+            calls.add(1, {"outcome": "raised"})  # retried by its policy, or cancelled
+            annotate_span({"keel.tool": t.name, "keel.outcome": f"raised {type(e).__name__}"})
+            said = str(e)
+            if isinstance(e, Exception) and redact(said, t.spec.secrets) != said:
+                # the failure's message goes into the history: never with a secret in it
+                raise RuntimeError(f"{type(e).__name__}: {redact(said, t.spec.secrets)}") from None
+            raise
+        annotate_span({"keel.tool": t.name, "keel.call_id": input.call_id, "keel.outcome": "ok"})
+        meter.create_histogram_timedelta("keel_tool_latency", "a tool call", "ms").record(
+            timedelta(seconds=time.monotonic() - began)
+        )
+        calls.add(1, {"outcome": "ok"})
+        return ToolResult(ok=True, content=redact(_render(result), t.spec.secrets))

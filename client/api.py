@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 from temporalio.api.enums.v1 import TaskQueueType
@@ -23,16 +24,29 @@ from temporalio.client import (
     WorkflowUpdateStage,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.contrib.workflow_streams import WorkflowStreamClient
 from temporalio.exceptions import ApplicationError, CancelledError, FailureError
 from temporalio.service import RPCError, RPCStatusCode
 
-from keel.config import Settings, connect
+from keel.config import Settings, SettingsError, connect
 from keel.workflows import errors
+from keel.workflows.authz import (
+    DecisionTarget,
+    PolicyError,
+    load_signing_key,
+    sign_decision,
+    start_refusal,
+    tenant_of,
+    visibility,
+    visibility_query,
+)
 from keel.workflows.base import KeelWorkflow
+from keel.workflows.events import TOPIC, EventKind, RunEvent
 from keel.workflows.models import (
     AGENT_NAME,
     AGENT_STATUS,
     AGENT_STEPS,
+    AGENT_TENANT,
     AGENT_USER,
     PENDING_APPROVALS,
     SIGNAL_DECIDE,
@@ -52,9 +66,16 @@ from keel.workflows.models import (
     MessageInput,
     MessagePolicy,
     MessageReceipt,
+    Policy,
     TranscriptPage,
     Usage,
+    Visibility,
 )
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from keel.client.schedules import Schedules
 
 POLL_EVERY = 0.25
 QUERY_TIMEOUT = timedelta(seconds=30)  # a busy worker replaying a long history still answers
@@ -121,11 +142,28 @@ class AgentClient:
     workflow id. `client` must use Keel's data converter (KeelPlugin or keel.connect)."""
 
     def __init__(
-        self, client: Client, settings: Settings | None = None, *, task_queue: str | None = None
+        self,
+        client: Client,
+        settings: Settings | None = None,
+        *,
+        task_queue: str | None = None,
+        as_user: str | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.client = client
         self.settings = settings or Settings.from_env()
         self.task_queue = task_queue or self.settings.task_queue
+        # who calls (KEEL_USER): `start` runs as them, `list` and `pending` show what they
+        # may see. Their identity is the caller's word; see docs/security.md
+        self.as_user = as_user if as_user is not None else self.settings.user
+        if policy is None and self.settings.policy_file:
+            from keel.activities.registry import load_policy
+
+            try:
+                policy = load_policy(self.settings.policy_file)
+            except PolicyError as e:
+                raise SettingsError(f"KEEL_POLICY: {e}") from None
+        self.policy = policy  # the workers' policy, to refuse early (workers decide)
 
     @classmethod
     async def connect(cls, settings: Settings | None = None) -> AgentClient:
@@ -147,7 +185,27 @@ class AgentClient:
         loop: str | type = WORKFLOW_TYPE,
     ) -> str:
         """Start a run of `agent` on `message`; returns the run id. `loop` is the workflow
-        that runs it: Keel's default loop, or a KeelWorkflow of your own (class or type name)."""
+        that runs it: Keel's default loop, or a KeelWorkflow of your own (class or type name).
+
+        `user` defaults to the caller (`as_user`). With the workers' policy known here, a
+        user it does not let start this agent is refused at once (the run would fail at its
+        start), a caller may start runs only as themselves unless a role of theirs sees all
+        runs, and the run carries the user's tenant (`AgentTenant`)."""
+        user = user or self.as_user or ""
+        options = self.start_options(agent, message, user)
+        if self.policy is not None:
+            refused = start_refusal(self.policy, agent, user)
+            if refused:
+                raise KeelClientError(refused)
+            caller = self.as_user
+            if caller and user != caller and visibility(self.policy, caller) != Visibility.ALL:
+                raise KeelClientError(f"{caller!r} may start runs only as themselves, not {user!r}")
+            tenant = tenant_of(self.policy, user)
+            if tenant:
+                pairs = options["search_attributes"].search_attributes
+                options["search_attributes"] = TypedSearchAttributes(
+                    [*pairs, SearchAttributePair(AGENT_TENANT, tenant)]
+                )
         run_id = run_id or f"{agent}-{uuid.uuid4().hex[:12]}"
         await self.client.start_workflow(
             _workflow_type(loop),
@@ -156,16 +214,53 @@ class AgentClient:
             task_queue=self.task_queue,
             result_type=AgentResult,
             execution_timeout=execution_timeout,
-            static_summary=f"{agent} for {user or 'anyone'}: {message[:120]}",
-            search_attributes=TypedSearchAttributes(
+            **options,
+        )
+        return run_id
+
+    @staticmethod
+    def start_options(agent: str, message: str, user: str, schedule: str = "") -> dict[str, Any]:
+        """What every run starts with: its static summary (the Web UI's list shows it) and
+        the search attributes operators filter on."""
+        by = f" (schedule {schedule})" if schedule else ""
+        return {
+            "static_summary": f"{agent} for {user or 'anyone'}{by}: {message[:120]}",
+            "search_attributes": TypedSearchAttributes(
                 [
                     SearchAttributePair(AGENT_NAME, agent),
                     SearchAttributePair(AGENT_USER, user),
                     SearchAttributePair(AGENT_STATUS, AgentStatus.RUNNING.value),
                 ]
             ),
-        )
-        return run_id
+        }
+
+    @property
+    def schedules(self) -> Schedules:
+        """Schedules that start runs of agents (cron or interval, explicit overlap)."""
+        from keel.client.schedules import Schedules
+
+        return Schedules(self)
+
+    async def events(
+        self, run_id: str, *, from_offset: int = 0, follow: bool = True
+    ) -> AsyncIterator[tuple[int, RunEvent]]:
+        """The run's events from `from_offset` (its latest 300 at most, for a long run), each
+        with its offset, in order, each once; then, with `follow`, live as they happen, across
+        continue-as-new, until the run ends. Pass the last offset seen + 1 to resume."""
+        stream = WorkflowStreamClient.create(self.client, run_id)
+        if not follow:
+            upto = await stream.get_offset()
+            if from_offset >= upto:
+                return
+        try:
+            async for item in stream.subscribe(TOPIC, from_offset, result_type=RunEvent):
+                yield item.offset, item.data
+                if item.data.kind == EventKind.ENDED or (not follow and item.offset + 1 >= upto):
+                    return
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                raise KeelClientError(f"run {run_id}: {e.message}") from e
+            raise
 
     async def get_state(self, run_id: str, *, timeout: timedelta = QUERY_TIMEOUT) -> AgentState:
         """The run's state: status, step, the whole transcript, usage, approvals, and the
@@ -255,22 +350,40 @@ class AgentClient:
                 )
 
         async def idle() -> AgentResult:
+            # no polling: read where the run's event stream is, look at its status once,
+            # then follow the stream from there until it says idle (a status it reached
+            # after that look is in the stream past that offset)
+            stream = WorkflowStreamClient.create(self.client, run_id)
             while True:
-                try:  # the small view: its status is enough to know
+                try:
+                    start = await stream.get_offset()
                     view = await handle.query(KeelWorkflow.get_state, rpc_timeout=QUERY_TIMEOUT)
                 except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError):
-                    view = None
-                state = (
-                    await self._state_or_none(run_id) if view and view.status == "idle" else None
-                )
-                if state is not None and state.status == AgentStatus.IDLE:
-                    return AgentResult(
-                        status=state.status,
-                        final_answer=state.final_answer,
-                        steps=state.step,
-                        usage=state.usage,
-                    )
-                await asyncio.sleep(POLL_EVERY)
+                    await asyncio.sleep(POLL_EVERY)  # no worker yet, or the run just started
+                    continue
+                if view.status == AgentStatus.IDLE:
+                    state = await self._state_or_none(run_id)
+                    if state is not None and state.status == AgentStatus.IDLE:
+                        return AgentResult(
+                            status=state.status,
+                            final_answer=state.final_answer,
+                            steps=state.step,
+                            usage=state.usage,
+                        )
+                    continue
+                if view.spec is None:  # not loaded yet: the first task is under way
+                    await asyncio.sleep(POLL_EVERY)
+                    continue
+                closes = view.spec.keep_open_seconds <= 0
+                if closes or view.status in TERMINAL_STATUSES:
+                    # it never goes idle (or has ended): `ended` answers, and the run's
+                    # history gets no watcher's polls
+                    await asyncio.Event().wait()
+                async for _, event in self.events(run_id, from_offset=start):
+                    if event.kind == EventKind.STATUS and event.status == AgentStatus.IDLE:
+                        break
+                else:
+                    await asyncio.Event().wait()  # the run ended: `ended` answers
 
         waits = [asyncio.create_task(ended()), asyncio.create_task(idle())]
         try:
@@ -289,15 +402,30 @@ class AgentClient:
         except KeelClientError:
             return None
 
-    async def list(self, status: str | None = None, limit: int = 100) -> list[RunSummary]:
-        """Recent runs, newest first, optionally only those with this AgentStatus."""
+    async def list(
+        self, status: str | None = None, limit: int = 100, *, as_user: str | None = None
+    ) -> list[RunSummary]:
+        """Recent runs, newest first, optionally only those with this AgentStatus; with a
+        caller (`as_user`, default the client's), only the runs they may see."""
         query = KEEL_RUNS
         if status:
             query += f" AND AgentStatus = '{AgentStatus(status).value}'"
+        query += self._visible(as_user)
         out: list[RunSummary] = []
         async for wf in self.client.list_workflows(query, limit=limit):
             out.append(RunSummary.of(wf.id, wf.typed_search_attributes, wf.start_time))
         return out
+
+    def _visible(self, as_user: str | None) -> str:
+        """The filter of what the caller may list ('' for a client that names no caller).
+        A convenience, not isolation: anyone with the namespace can list every run."""
+        who = as_user if as_user is not None else self.as_user
+        if who is None:
+            return ""
+        try:
+            return visibility_query(self.policy, who)
+        except PolicyError as e:
+            raise KeelClientError(str(e)) from None
 
     async def approve(
         self,
@@ -307,6 +435,7 @@ class AgentClient:
         edit: dict[str, Any] | None = None,
         *,
         wait: bool = True,
+        signing_key: Ed25519PrivateKey | None = None,
     ) -> DecideReceipt:
         """Approve a pending tool call, optionally changing some of its arguments."""
         decision = Decision.EDIT if edit is not None else Decision.APPROVE
@@ -314,10 +443,18 @@ class AgentClient:
             run_id,
             DecideInput(call_id=call_id, decision=decision, approver=approver, arguments=edit),
             wait=wait,
+            signing_key=signing_key,
         )
 
     async def reject(
-        self, run_id: str, call_id: str, approver: str, reason: str, *, wait: bool = True
+        self,
+        run_id: str,
+        call_id: str,
+        approver: str,
+        reason: str,
+        *,
+        wait: bool = True,
+        signing_key: Ed25519PrivateKey | None = None,
     ) -> DecideReceipt:
         """Reject a pending tool call; the model sees the reason as the tool's result."""
         return await self.decide(
@@ -326,17 +463,44 @@ class AgentClient:
                 call_id=call_id, decision=Decision.REJECT, approver=approver, reason=reason
             ),
             wait=wait,
+            signing_key=signing_key,
         )
 
     async def decide(
-        self, run_id: str, decision: DecideInput, *, wait: bool = True
+        self,
+        run_id: str,
+        decision: DecideInput,
+        *,
+        wait: bool = True,
+        signing_key: Ed25519PrivateKey | None = None,
     ) -> DecideReceipt:
         """Send a decision through the `decide_approval` update; a refusal raises.
+
+        Signed with `signing_key` (default: the key file KEEL_APPROVER_KEY names, if any)
+        for this run, this call and this moment: a run whose policy names the approver's
+        public key accepts only what verifies against it.
 
         With no worker serving the run (or `wait=False`), the decision goes as the
         `keel.decide` signal instead: it is kept, and applies (or is refused, as the run's
         audit trail then says) when a worker serves the run; the receipt's note says so."""
+        if signing_key is None and self.settings.approver_key:
+            try:
+                with open(self.settings.approver_key, "rb") as f:
+                    signing_key = load_signing_key(f.read())
+            except (OSError, ValueError) as e:
+                raise KeelClientError(
+                    f"KEEL_APPROVER_KEY={self.settings.approver_key}: {e}"
+                ) from None
         handle = self._handle(run_id)
+        if signing_key is not None:
+            # bound to this run: its chain's first run id tells it from a later run that
+            # reuses the workflow id
+            try:
+                info = (await handle.describe()).raw_description.workflow_execution_info
+            except RPCError as e:
+                raise KeelClientError(f"run {run_id}: {e.message}") from e
+            target = DecisionTarget(self.client.namespace, run_id, info.first_run_id)
+            decision = sign_decision(signing_key, decision, target, datetime.now(UTC))
         why = "sent without waiting"
         try:
             if wait and await self.has_worker(run_id):
@@ -480,11 +644,13 @@ class AgentClient:
         """Cancel the run: in-flight activities are cancelled, the record is kept."""
         await self._handle(run_id).cancel()
 
-    async def pending(self) -> list[PendingApproval]:
-        """Every open approval across runs, oldest first."""
+    async def pending(self, *, as_user: str | None = None) -> list[PendingApproval]:
+        """Every open approval across runs, oldest first; with a caller (`as_user`, default
+        the client's), only in the runs they may see."""
         now = datetime.now(UTC)
         out: list[PendingApproval] = []
         query = f"{KEEL_RUNS} AND ExecutionStatus = 'Running' AND PendingApprovals > 0"
+        query += self._visible(as_user)
         async for wf in self.client.list_workflows(query):
             try:
                 if not await self.has_worker(wf.id):  # do not wait for an answer that cannot come

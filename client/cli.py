@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 from temporalio.service import RPCError
 
-from keel.client.api import AgentClient, KeelClientError, NoWorker
+from keel.client.api import QUERY_TIMEOUT, AgentClient, KeelClientError, NoWorker
 from keel.config import Settings, SettingsError
-from keel.workflows.models import WORKFLOW_TYPE, AgentStatus
+from keel.workflows.events import EventKind, RunEvent
+from keel.workflows.models import TERMINAL_STATUSES, WORKFLOW_TYPE, AgentStatus
+
+TERMINAL_VALUES = {st.value for st in TERMINAL_STATUSES}
+CLOSED_QUERY_TIMEOUT = timedelta(seconds=5)  # a finished run's record: else its summary
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
@@ -51,7 +57,9 @@ async def cmd_worker(a: argparse.Namespace, s: Settings) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        await run_worker(s, agents=a.agents, resources=a.resources, workflows=a.workflows)
+        await run_worker(
+            s, agents=a.agents, resources=a.resources, workflows=a.workflows, role=a.role
+        )
     except RuntimeError as e:  # the SDK's "failed client connect" and the like
         raise KeelClientError(f"worker: {e} (TEMPORAL_ADDRESS is {s.address})") from e
     return 0
@@ -74,12 +82,15 @@ async def cmd_start(a: argparse.Namespace, s: Settings) -> int:
 
 async def cmd_status(a: argparse.Namespace, s: Settings) -> int:
     agents = await _agents(s)
+    summary = await agents.summary(a.run)
+    closed = summary.temporal_status != "running"  # then a worker is nice to have, not needed
     try:
-        state = await agents.get_state(a.run)
+        state = await agents.get_state(
+            a.run, timeout=CLOSED_QUERY_TIMEOUT if closed else QUERY_TIMEOUT
+        )
     except NoWorker as e:
         # what Temporal itself knows, which needs no worker
-        summary = await agents.summary(a.run)
-        if summary.temporal_status == "running":
+        if not closed:
             raise
         if a.json:
             _json(summary.model_dump())
@@ -119,7 +130,7 @@ async def cmd_result(a: argparse.Namespace, s: Settings) -> int:
 
 
 async def cmd_list(a: argparse.Namespace, s: Settings) -> int:
-    runs = await (await _agents(s)).list(status=a.status)
+    runs = await (await _agents(s)).list(status=a.status, as_user=a.as_user)
     if a.json:
         _json([r.model_dump() for r in runs])
         return 0
@@ -132,6 +143,74 @@ async def cmd_list(a: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+def event_line(run: str, offset: int, e: RunEvent) -> str:
+    """One event as `keel watch` prints it."""
+    head = f"{e.at:%H:%M:%S} #{offset:<4} step {e.step:<3}"
+    k = e.kind
+    if k == EventKind.STATUS:
+        body = f"status {e.status}" + (f": {e.text}" if e.text else "")
+    elif k == EventKind.MODEL_REPLY:
+        said = f" {e.text!r}" if e.text else ""
+        calls = f" → {e.detail}" if e.detail else ""
+        body = f"model {e.model or ''} ({e.tokens} tokens){said}{calls}"
+    elif k == EventKind.TOOL_STARTED:
+        body = f"tool {e.tool}({e.arguments}) running  [{e.call_id}]"
+    elif k == EventKind.TOOL_RESULT:
+        body = f"tool {e.tool} → {e.text}"
+    elif k == EventKind.APPROVAL_REQUESTED:
+        body = (
+            f"APPROVAL NEEDED {e.tool} {e.arguments} — {e.detail}\n"
+            f"{'':28}keel approve {run} {e.call_id} --as NAME  |  "
+            f"keel reject {run} {e.call_id} --as NAME --reason WHY"
+        )
+    elif k == EventKind.APPROVAL_DECIDED:
+        body = f"approval of {e.tool} [{e.call_id}]: {e.detail}" + (f" by {e.by}" if e.by else "")
+    elif k == EventKind.MESSAGE:
+        body = f"message from {e.by or 'anyone'}: {e.text!r} — {e.detail}"
+    else:
+        body = f"ENDED {e.status}" + (f": {e.text}" if e.text else "")
+    return f"{head} {body}"
+
+
+async def cmd_watch(a: argparse.Namespace, s: Settings) -> int:
+    agents = await _agents(s)
+    if a.run:
+        async for offset, event in agents.events(
+            a.run, from_offset=a.from_offset, follow=not a.no_follow
+        ):
+            print(event_line(a.run, offset, event), flush=True)
+        return 0
+    # every active run, in one table, redrawn when it changes
+    shown = None
+    while True:
+        runs = [r for r in await agents.list() if r.status not in TERMINAL_VALUES]
+        table = [f"{'RUN':32} {'AGENT':12} {'STATUS':17} {'STEPS':>5} {'TOKENS':>8} USER"] + [
+            f"{r.run_id:32} {r.agent:12} {r.status:17} {r.steps:>5} {r.tokens:>8} {r.user}"
+            for r in runs
+        ]
+        if table != shown:
+            if sys.stdout.isatty():
+                print("\033[2J\033[H", end="")
+            print("\n".join(table) if runs else "no active runs", flush=True)
+            shown = table
+        if a.once:
+            return 0
+        await asyncio.sleep(a.every)
+
+
+async def cmd_transcript(a: argparse.Namespace, s: Settings) -> int:
+    state = await (await _agents(s)).get_state(a.run)
+    if a.json:
+        _json([m.model_dump(exclude_none=True) for m in state.transcript])
+        return 0
+    for m in state.transcript:
+        calls = "".join(f"\n    → {c.name}({c.arguments}) [{c.id}]" for c in m.tool_calls)
+        who = f"tool {m.name} [{m.tool_call_id}]" if m.role == "tool" else m.role
+        print(f"{who}: {m.content or ''}{calls}")
+    print(f"-- {state.status.value}, {state.step} steps, {state.usage.total_tokens} tokens")
+    return 0
+
+
 async def cmd_approve(a: argparse.Namespace, s: Settings) -> int:
     edit = None
     if a.edit:
@@ -141,8 +220,11 @@ async def cmd_approve(a: argparse.Namespace, s: Settings) -> int:
             raise KeelClientError(f"--edit is not valid JSON: {e}") from e
         if not isinstance(edit, dict):
             raise KeelClientError("--edit must be a JSON object of arguments")
+    key = _approver_key(a.key or s.approver_key)
     agents = await _agents(s)
-    receipt = await agents.approve(a.run, a.call_id, a.as_user, edit=edit, wait=not a.no_wait)
+    receipt = await agents.approve(
+        a.run, a.call_id, a.as_user, edit=edit, wait=not a.no_wait, signing_key=key
+    )
     if receipt.note:
         print(f"sent {receipt.decision.value} of {receipt.call_id} as {receipt.approver}")
         print(f"  {receipt.note}")
@@ -152,9 +234,25 @@ async def cmd_approve(a: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+def _approver_key(path: str | None) -> Any:
+    """The signing key in the file --key (or KEEL_APPROVER_KEY) names; None without one."""
+    if not path:
+        return None
+    from keel.workflows.authz import load_signing_key
+
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            return load_signing_key(f.read())
+    except (OSError, ValueError) as e:
+        raise KeelClientError(f"--key {path}: {e}") from None
+
+
 async def cmd_reject(a: argparse.Namespace, s: Settings) -> int:
+    key = _approver_key(a.key or s.approver_key)
     agents = await _agents(s)
-    receipt = await agents.reject(a.run, a.call_id, a.as_user, a.reason, wait=not a.no_wait)
+    receipt = await agents.reject(
+        a.run, a.call_id, a.as_user, a.reason, wait=not a.no_wait, signing_key=key
+    )
     print(f"rejected {receipt.call_id} as {receipt.approver}")
     if receipt.note:
         print(f"  {receipt.note}")
@@ -184,7 +282,7 @@ async def cmd_cancel(a: argparse.Namespace, s: Settings) -> int:
 
 
 async def cmd_pending(a: argparse.Namespace, s: Settings) -> int:
-    pending = await (await _agents(s)).pending()
+    pending = await (await _agents(s)).pending(as_user=a.as_user)
     if a.json:
         _json([p.model_dump() for p in pending])
         return 0
@@ -198,6 +296,115 @@ async def cmd_pending(a: argparse.Namespace, s: Settings) -> int:
             f"{p.run_id} {p.call_id} {p.tool}({json.dumps(p.arguments)}) "
             f"age={p.age_seconds:.0f}s — {p.reason}"
         )
+    return 0
+
+
+async def cmd_codec_server(a: argparse.Namespace, s: Settings) -> int:
+    import dataclasses
+
+    from keel.codec_server import codec_server_from_settings, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if a.cors_origin:
+        s = dataclasses.replace(s, codec_cors_origins=tuple(a.cors_origin))
+    await serve(codec_server_from_settings(s, host=a.host, port=a.port))
+    return 0
+
+
+async def cmd_keygen(a: argparse.Namespace, s: Settings) -> int:
+    from keel.codec import new_key, new_token
+
+    if a.signing:
+        return _signing_keygen(a)
+    print(new_token() if a.token else new_key(a.id))
+    return 0
+
+
+def _signing_keygen(a: argparse.Namespace) -> int:
+    """An approver's key pair: the private key into a file of its own (0600), and the
+    public key as the policy names it."""
+    from keel.workflows.authz import new_signing_key
+
+    if not a.id:
+        raise KeelClientError("--signing needs --id NAME: the approver, as the policy names them")
+    pem, public = new_signing_key()
+    line = f'[users.{a.id}]\npublic_key = "{public}"'
+    if a.out == "-":
+        print(pem.decode(), end="")
+        print(line)
+        return 0
+    path = os.path.expanduser(a.out or f"~/.keel/{a.id}.key")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise KeelClientError(f"{path} exists: keep it, or remove it first") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    print(f"# the private key of {a.id} is in {path}: keep it secret (keel approve --key {path})")
+    print("# add to the workers' policy (KEEL_POLICY):")
+    print(line)
+    return 0
+
+
+async def cmd_chaos(a: argparse.Namespace, s: Settings) -> int:
+    from keel.client.chaos import ChaosOptions, run_chaos
+
+    opts = ChaosOptions(
+        runs=a.runs,
+        workers=a.workers,
+        kill_every=a.kill_every,
+        fault_rate=a.fault_rate,
+        seed=a.seed,
+        duration=a.duration,
+        deadline=a.deadline,
+        server_restart=not a.no_server_restart,
+        address=a.address or os.environ.get("TEMPORAL_ADDRESS") or None,
+        keep=a.keep,
+    )
+    return await run_chaos(opts, s)
+
+
+async def cmd_schedule(a: argparse.Namespace, s: Settings) -> int:
+    from keel.client.schedules import parse_every
+
+    every = parse_every(a.every) if getattr(a, "every", None) else None
+    schedules = (await _agents(s)).schedules
+    if a.action == "create":
+        await schedules.create(
+            a.name,
+            a.agent,
+            a.message,
+            cron=a.cron,
+            every=every,
+            user=a.user,
+            overlap=a.overlap,
+            paused=a.paused,
+            note=a.note,
+        )
+        print(
+            f"schedule {a.name}: {a.agent} on {a.cron or 'every ' + a.every}, overlap {a.overlap}"
+        )
+    elif a.action == "list":
+        found = await schedules.list()
+        if a.json:
+            _json([dataclasses.asdict(f) for f in found])
+            return 0
+        if not found:
+            print("no schedules")
+        for f in found:
+            state = "paused" if f.paused else "active"
+            nxt = f.next_runs[0].isoformat(timespec="seconds") if f.next_runs else "-"
+            print(
+                f"{f.name} [{state}] {f.agent} for {f.user or 'anyone'}: {f.message[:60]!r} "
+                f"{f.when}, overlap {f.overlap}, next {nxt}"
+            )
+    elif a.action in ("pause", "unpause"):
+        await getattr(schedules, a.action)(a.name, a.note)
+        print(f"schedule {a.name}: {a.action}d")
+    else:
+        await getattr(schedules, a.action)(a.name)
+        print(f"schedule {a.name}: {'triggered' if a.action == 'trigger' else 'deleted'}")
     return 0
 
 
@@ -232,10 +439,17 @@ def parser() -> argparse.ArgumentParser:
         help="loops of your own to serve beside Keel's, as module:attribute of a "
         "KeelWorkflow class or a list (default: $KEEL_WORKFLOWS)",
     )
+    sp.add_argument(
+        "--role",
+        default=os.environ.get("KEEL_WORKER_ROLE") or "all",
+        choices=["all", "workflows", "model", "tools"],
+        help="what this process serves when model and tool calls have task queues of their "
+        "own (KEEL_MODEL_TASK_QUEUE, KEEL_TOOL_TASK_QUEUE); default all",
+    )
     sp = add("start", cmd_start, "start a run")
     sp.add_argument("agent")
     sp.add_argument("message")
-    sp.add_argument("--user", default="")
+    sp.add_argument("--user", default="", help="who the run is for (default: $KEEL_USER)")
     sp.add_argument("--id", default=None, help="the run id (default: generated)")
     sp.add_argument("--wait", action="store_true", help="print the final answer")
     sp.add_argument(
@@ -250,10 +464,29 @@ def parser() -> argparse.ArgumentParser:
     sp = add("list", cmd_list, "recent runs")
     sp.add_argument("--status", default=None, choices=[st.value for st in AgentStatus])
     sp.add_argument("--json", action="store_true")
+    sp.add_argument(
+        "--as",
+        dest="as_user",
+        default=None,
+        help="only the runs this user may see, as KEEL_POLICY says (default: $KEEL_USER)",
+    )
+    sp = add("watch", cmd_watch, "follow a run's events live (or, with no run, every active run)")
+    sp.add_argument("run", nargs="?", default=None)
+    sp.add_argument("--from", dest="from_offset", type=int, default=0, help="the first offset")
+    sp.add_argument(
+        "--no-follow", action="store_true", help="print what happened so far, then stop"
+    )
+    sp.add_argument("--once", action="store_true", help="(no run) print the table once")
+    sp.add_argument("--every", type=float, default=2.0, help="(no run) seconds between refreshes")
+    sp = add("transcript", cmd_transcript, "a run's whole conversation")
+    sp.add_argument("run")
+    sp.add_argument("--json", action="store_true")
+    key_help = "sign the decision with this key file (default: $KEEL_APPROVER_KEY)"
     sp = add("approve", cmd_approve, "approve a pending tool call")
     sp.add_argument("run")
     sp.add_argument("call_id")
     sp.add_argument("--as", dest="as_user", required=True)
+    sp.add_argument("--key", default=None, help=key_help)
     sp.add_argument(
         "--edit", default=None, help="the arguments to change, as a JSON object (others stay)"
     )
@@ -264,6 +497,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("run")
     sp.add_argument("call_id")
     sp.add_argument("--as", dest="as_user", required=True)
+    sp.add_argument("--key", default=None, help=key_help)
     sp.add_argument("--reason", required=True)
     sp.add_argument(
         "--no-wait", action="store_true", help="send the decision and return (a signal)"
@@ -280,22 +514,126 @@ def parser() -> argparse.ArgumentParser:
     add("resume", cmd_resume, "a run waiting on its model provider tries again now").add_argument(
         "run"
     )
-    add("pending", cmd_pending, "open approvals across runs").add_argument(
+    sp = add("pending", cmd_pending, "open approvals across runs")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument(
+        "--as",
+        dest="as_user",
+        default=None,
+        help="only in the runs this user may see, as KEEL_POLICY says (default: $KEEL_USER)",
+    )
+    sp = add(
+        "codec-server",
+        cmd_codec_server,
+        "decrypt payloads for the Web UI and `temporal --codec-endpoint` (needs "
+        "KEEL_ENCRYPTION_KEYS and KEEL_CODEC_AUTH_TOKEN)",
+    )
+    sp.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    sp.add_argument("--port", type=int, default=None, help="default: $KEEL_CODEC_PORT or 8081")
+    sp.add_argument(
+        "--cors-origin",
+        action="append",
+        default=None,
+        help="a Web UI origin allowed to call it (repeatable; default: "
+        "$KEEL_CODEC_CORS_ORIGINS, or the origin of $KEEL_UI_URL)",
+    )
+    sp = add("keygen", cmd_keygen, "print a new encryption key as id:base64key")
+    sp.add_argument("--id", default=None, help="the key's id (default: k<date>-<random>)")
+    sp.add_argument(
+        "--token", action="store_true", help="print a codec server token instead of a key"
+    )
+    sp.add_argument(
+        "--signing",
+        action="store_true",
+        help="an approver's signing key pair instead (--id NAME): writes the private key "
+        "to --out and prints the public key for the policy",
+    )
+    sp.add_argument(
+        "--out",
+        default=None,
+        help="with --signing: the key file (default ~/.keel/ID.key; -: print)",
+    )
+    sp = add(
+        "chaos",
+        cmd_chaos,
+        "runs with side effects while workers are SIGKILLed, the server restarts and the "
+        "model fails; then checks that nothing was lost or done twice",
+    )
+    sp.add_argument("--runs", type=int, default=20, help="concurrent runs (%(default)s)")
+    sp.add_argument("--workers", type=int, default=3, help="worker processes (%(default)s)")
+    sp.add_argument(
+        "--kill-every", type=float, default=8.0, help="mean seconds between kills (0: none)"
+    )
+    sp.add_argument(
+        "--fault-rate", type=float, default=0.1, help="share of model calls that fail (0.1)"
+    )
+    sp.add_argument("--seed", type=int, default=1, help="the random plan's seed (%(default)s)")
+    sp.add_argument("--duration", type=float, default=60.0, help="seconds of chaos (60)")
+    sp.add_argument(
+        "--deadline", type=float, default=120.0, help="then seconds for runs to finish (120)"
+    )
+    sp.add_argument(
+        "--no-server-restart", action="store_true", help="do not restart the Temporal server"
+    )
+    sp.add_argument(
+        "--address",
+        default=None,
+        help="an existing deployment's host:port (default: $TEMPORAL_ADDRESS, else an "
+        "embedded dev server of its own)",
+    )
+    sp.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    sp = add("schedule", cmd_schedule, "start runs of an agent on a schedule (Temporal Schedules)")
+    schedule = sp.add_subparsers(dest="action", required=True)
+    sc = schedule.add_parser("create", help="a schedule that starts AGENT on MESSAGE")
+    sc.add_argument("name")
+    sc.add_argument("agent")
+    sc.add_argument("message")
+    when = sc.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='a cron expression, e.g. "0 9 * * 1-5" (UTC)')
+    when.add_argument("--every", help="an interval: 30s, 15m, 2h, 1d")
+    sc.add_argument("--user", default="")
+    sc.add_argument(
+        "--overlap",
+        default="skip",
+        choices=[
+            "skip",
+            "buffer_one",
+            "buffer_all",
+            "cancel_other",
+            "terminate_other",
+            "allow_all",
+        ],
+        help="when a run is still going at the next time (default: skip it)",
+    )
+    sc.add_argument("--paused", action="store_true", help="create it paused")
+    sc.add_argument("--note", default="")
+    schedule.add_parser("list", help="the schedules that start Keel runs").add_argument(
         "--json", action="store_true"
     )
+    for action, help in (
+        ("pause", "stop starting runs"),
+        ("unpause", "start runs again"),
+        ("trigger", "start a run now (the overlap policy applies)"),
+        ("delete", "delete the schedule (runs it started go on)"),
+    ):
+        sc = schedule.add_parser(action, help=help)
+        sc.add_argument("name")
+        if action in ("pause", "unpause"):
+            sc.add_argument("--note", default="")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `keel` console script."""
     from keel.client.dev import DevStackError
+    from keel.codec import PayloadDecryptError
 
     args = parser().parse_args(argv)
     try:
         code = asyncio.run(args.fn(args, Settings.from_env()))
     except KeyboardInterrupt:
         code = 130
-    except (KeelClientError, DevStackError, SettingsError) as e:
+    except (KeelClientError, DevStackError, SettingsError, PayloadDecryptError) as e:
         print(f"keel: {e}", file=sys.stderr)
         code = 1
     except RPCError as e:

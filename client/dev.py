@@ -1,9 +1,11 @@
-"""The embedded dev stack: Temporal dev server (SQLite under .keel/), scripted model, worker."""
+"""The embedded dev stack: Temporal dev server (SQLite under .keel/), scripted model, worker;
+with encryption keys set, also the codec server the Web UI decodes payloads through."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import shutil
 import signal
@@ -18,7 +20,9 @@ from temporalio.worker import Worker
 
 from keel.activities.support import AGENTS, Ledger
 from keel.client.model_server import RuleSet, ScriptedModelServer
-from keel.config import UI_PORT, Settings, connect
+from keel.codec import EncryptionCodec
+from keel.codec_server import CodecServer, CodecServerError, dev_token
+from keel.config import DEFAULT_METRICS_PORT, UI_PORT, Settings, connect
 from keel.plugin import build_worker, ensure_search_attributes
 from keel.workflows.models import SEARCH_ATTRIBUTES
 
@@ -92,7 +96,9 @@ class DevStack:
         self._server: asyncio.subprocess.Process | None = None
         self._model: ScriptedModelServer | None = None
         self._worker: Worker | None = None
+        self._counts_task: asyncio.Task[None] | None = None
         self._worker_task: asyncio.Task[None] | None = None
+        self._codec: CodecServer | None = None
 
     def say(self, text: str) -> None:
         if not self.quiet:
@@ -106,6 +112,7 @@ class DevStack:
 
     async def __aenter__(self) -> DevStack:
         try:
+            self._start_codec()
             await self._start_temporal()
             self._start_model()
             await self._start_worker()
@@ -124,6 +131,10 @@ class DevStack:
         self.client = await try_connect(s)
         if self.client is not None:
             self.say(f"Temporal: using the server already at {s.address}")
+            if self._codec is not None:
+                self.say(
+                    f"          (point its Web UI's Codec Server settings at {self.codec_url})"
+                )
             await ensure_search_attributes(self.client)
             return
         host, port = split_address(s.address)
@@ -153,6 +164,8 @@ class DevStack:
             "error",
             *dev_server_args(s.durable_fsync),
         ]
+        if self._codec is not None:
+            args += ["--ui-codec-endpoint", self.codec_url]
         for key in SEARCH_ATTRIBUTES:
             args += ["--search-attribute", f"{key.name}={key.indexed_value_type.name.capitalize()}"]
         log = open(self.settings.home / "temporal.log", "ab")  # noqa: SIM115 - closed with the process
@@ -176,6 +189,35 @@ class DevStack:
             f"Temporal: dev server at {s.address}, data in {self.settings.home / 'temporal.db'}"
         )
         self.say(f"Web UI:   {s.ui_url}")
+
+    @property
+    def codec_url(self) -> str:
+        """The codec server as the browser reaches it: on the Web UI's host, so that the
+        session cookie is same-site."""
+        scheme, _, rest = self.settings.ui_url.partition("://")
+        host = rest.split("/", 1)[0].rsplit(":", 1)[0]
+        return f"{scheme}://{host}:{self._codec.port if self._codec else self.settings.codec_port}"
+
+    def _start_codec(self) -> None:
+        keys = self.settings.key_ring()
+        if keys is None:
+            return
+        token, where = dev_token(self.settings)
+        self._codec = CodecServer(
+            EncryptionCodec(keys),
+            token,
+            port=self.settings.codec_port,
+            cors_origins=self.settings.cors_origins,
+        )
+        try:
+            self._codec.start()
+        except CodecServerError as e:
+            self._codec = None
+            raise DevStackError(str(e)) from e
+        self.say(
+            f"Codec:    {self.codec_url} (payloads encrypted with key {keys.current.id}); "
+            f"sign in there with the token {f'in {where}' if where else 'KEEL_CODEC_AUTH_TOKEN'}"
+        )
 
     def _start_model(self) -> None:
         if not self.settings.uses_scripted_model:
@@ -201,6 +243,12 @@ class DevStack:
         )
         self._worker_task = asyncio.create_task(self._worker.run())
         self.say(f"Worker:   serving task queue {self.settings.task_queue}")
+        s = self.settings
+        if s.metrics_port:
+            from keel.metrics import publish_run_counts
+
+            self._counts_task = asyncio.create_task(publish_run_counts(self.client))
+            self.say(f"Metrics:  http://{s.metrics_host}:{s.metrics_port}/metrics")
 
     def web_url(self, run_id: str) -> str:
         """The Web UI page of a run."""
@@ -208,6 +256,9 @@ class DevStack:
 
     async def stop(self) -> None:
         """Stop the worker, the model server and the dev server, in that order."""
+        if self._counts_task is not None:
+            self._counts_task.cancel()
+            self._counts_task = None
         if self._worker is not None and self._worker_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._worker.shutdown(), 15)
@@ -225,6 +276,9 @@ class DevStack:
                 self._server.kill()
                 await self._server.wait()
         self._server = None
+        if self._codec is not None:
+            self._codec.stop()
+            self._codec = None
 
 
 async def run_dev(settings: Settings | None = None) -> None:
@@ -233,6 +287,9 @@ async def run_dev(settings: Settings | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    settings = settings or Settings.from_env()
+    if not settings.metrics_port:  # the embedded default shows its metrics
+        settings = dataclasses.replace(settings, metrics_port=DEFAULT_METRICS_PORT)
     async with DevStack(settings) as stack:
         stack.say("Ready. Try: keel demo   (Ctrl-C stops everything)")
         await stop.wait()

@@ -11,7 +11,7 @@ TEMPORAL_ADDRESS="${TEMPORAL_ADDRESS:-temporal:7233}"
 export TEMPORAL_ADDRESS
 
 # name:type. Keep this list the same as SEARCH_ATTRIBUTES in workflows/models.py.
-attributes="AgentName:Keyword AgentStatus:Keyword AgentUser:Keyword PendingApprovals:Int AgentSteps:Int TotalTokens:Int"
+attributes="AgentName:Keyword AgentStatus:Keyword AgentUser:Keyword PendingApprovals:Int AgentSteps:Int TotalTokens:Int AgentTenant:Keyword"
 
 # retry SECONDS COMMAND...: a new namespace takes a few seconds to reach the server's cache.
 retry() {

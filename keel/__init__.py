@@ -42,6 +42,11 @@ _EXPORTS = {
     "Limits": "keel.workflows.models",
     "MessagePolicy": "keel.workflows.models",
     "ModelSettings": "keel.workflows.models",
+    "Policy": "keel.workflows.models",
+    "load_policy": "keel.activities.registry",
+    "sign_decision": "keel.workflows.authz",
+    "RunEvent": "keel.workflows.events",
+    "EventKind": "keel.workflows.events",
 }
 
 __all__ = [
@@ -57,6 +62,7 @@ __all__ = [
     "ApprovalTimeoutAction",
     "Condition",
     "EndRun",
+    "EventKind",
     "KeelClientError",
     "KeelPlugin",
     "KeelWorkflow",
@@ -64,10 +70,14 @@ __all__ = [
     "MessagePolicy",
     "ModelProvider",
     "ModelSettings",
+    "Policy",
+    "RunEvent",
     "Settings",
     "Tool",
     "ToolContext",
     "connect",
+    "load_policy",
+    "sign_decision",
     "tool",
 ]
 
@@ -86,13 +96,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from keel.activities.registry import Agent
+    from keel.activities.registry import Agent, load_policy
     from keel.activities.tools import Tool, ToolContext, tool
     from keel.client.api import AgentClient, KeelClientError
     from keel.config import Settings, connect
     from keel.plugin import KeelPlugin, ModelProvider
     from keel.workflows.agent import AgentWorkflow
+    from keel.workflows.authz import sign_decision
     from keel.workflows.base import EndRun, KeelWorkflow
+    from keel.workflows.events import EventKind, RunEvent
     from keel.workflows.models import (
         AgentInput,
         AgentResult,
@@ -105,4 +117,5 @@ if TYPE_CHECKING:
         Limits,
         MessagePolicy,
         ModelSettings,
+        Policy,
     )

@@ -4,9 +4,10 @@
     worker = Worker(client, task_queue="my-queue", workflows=[MyWorkflow])
 
 adds Keel's workflows, activities (bound to these agents, their resources and the model),
-the pydantic data converter (with payload storage when configured), the sandbox passthrough
-Keel's workflow code needs, its failure types, and registers Keel's search attributes when
-the worker starts.
+the pydantic data converter (with payload storage and encryption when configured), the
+sandbox passthrough Keel's workflow code needs, its failure types, and registers Keel's
+search attributes when the worker starts. A worker encrypts with its client's converter, so
+one whose client lacks the plugin's keys is refused.
 """
 
 from __future__ import annotations
@@ -31,23 +32,30 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from keel.activities import build_activities
 from keel.activities.model import ModelActivities
-from keel.activities.registry import Agent, AgentRegistry
-from keel.config import Settings
+from keel.activities.registry import Agent, AgentRegistry, load_policy
+from keel.codec import EncryptionCodec, keel_codec_of
+from keel.config import Settings, SettingsError
 from keel.workflows import WORKFLOWS
+from keel.workflows.authz import PolicyError
 from keel.workflows.errors import WORKFLOW_FAILURE_TYPES
-from keel.workflows.models import SEARCH_ATTRIBUTES
+from keel.workflows.models import SEARCH_ATTRIBUTES, Policy
 
 log = logging.getLogger("keel.worker")
 
 # Deterministic and stateless at module level, so the sandbox may share them with the host:
 # Keel's own modules (its error types must be the same classes the worker registers), and
 # the libraries its workflow code uses.
-PASSTHROUGH_MODULES = ("keel", "pydantic", "pydantic_core", "jsonschema")
+PASSTHROUGH_MODULES = ("keel", "pydantic", "pydantic_core", "jsonschema", "cryptography")
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
 # A dead worker's workflow tasks wait this long on its sticky queue before another worker
 # takes them (the SDK's default is 10 s); a longer value set on the worker is kept.
 STICKY_TIMEOUT = timedelta(seconds=3)
 SDK_DEFAULT_STICKY_TIMEOUT = timedelta(seconds=10)
+# The SDK sends an activity's heartbeats at most every 80% of its heartbeat timeout (4 s of
+# a 5 s one): on a busy worker, one late send and a live attempt is timed out and retried
+# beside itself. Sending every second leaves 4 s of slack.
+HEARTBEAT_THROTTLE = timedelta(seconds=1)
+SDK_DEFAULT_HEARTBEAT_THROTTLE = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,7 @@ class KeelPlugin(SimplePlugin):
         settings: Keel's settings (default: from the environment).
         register_search_attributes: add Keel's search attributes when the worker starts,
             where the server allows it (not on Temporal Cloud: create them there yourself).
+        policy: who may do what (default: the file KEEL_POLICY names; none: no policy).
     """
 
     def __init__(
@@ -90,20 +99,36 @@ class KeelPlugin(SimplePlugin):
         model: str | ModelProvider | None = None,
         settings: Settings | None = None,
         register_search_attributes: bool = True,
+        policy: Policy | None = None,
     ) -> None:
         self.settings = settings or Settings.from_env()
+        if policy is None and self.settings.policy_file:
+            try:
+                policy = load_policy(self.settings.policy_file)
+            except PolicyError as e:
+                raise SettingsError(f"KEEL_POLICY: {e}") from None
         provider = ModelProvider.from_settings(self.settings)
         if isinstance(model, str):
             provider = dataclasses.replace(provider, model=model)
         elif model is not None:
             provider = model
         self.provider = provider
-        self.registry = AgentRegistry(
-            list(agents),
-            default_model=provider.model,
-            payload_storage=self.settings.stores_payloads,
+        try:
+            self.registry = AgentRegistry(
+                list(agents),
+                default_model=provider.model,
+                payload_storage=self.settings.stores_payloads,
+                task_queues=(self.settings.model_task_queue, self.settings.tool_task_queue),
+                policy=policy,
+            )
+        except PolicyError as e:  # a policy naming tools these agents do not have
+            raise SettingsError(str(e)) from None
+        self.model_activities = ModelActivities(
+            provider.base_url,
+            provider.api_key,
+            provider.model,
+            calls_per_second=self.settings.model_calls_per_second,
         )
-        self.model_activities = ModelActivities(provider.base_url, provider.api_key, provider.model)
         self._register = register_search_attributes
         super().__init__(
             "keel.KeelPlugin",
@@ -140,9 +165,35 @@ class KeelPlugin(SimplePlugin):
                     "payloads need: pass KeelPlugin to Client.connect(plugins=[...]) (or "
                     "connect with keel.connect) rather than to the Worker only"
                 )
+            self._check_encryption(converter)
         if config.get("sticky_queue_schedule_to_start_timeout") == SDK_DEFAULT_STICKY_TIMEOUT:
             config["sticky_queue_schedule_to_start_timeout"] = STICKY_TIMEOUT
+        if config.get("max_heartbeat_throttle_interval") == SDK_DEFAULT_HEARTBEAT_THROTTLE:
+            config["max_heartbeat_throttle_interval"] = HEARTBEAT_THROTTLE
         return super().configure_worker(config)
+
+    def _check_encryption(self, converter: DataConverter) -> None:
+        """A worker encrypts with its client's converter: refuse one whose client does not
+        use the keys this plugin's settings name (it would write plain text, or use another
+        key), rather than find out from a run's history."""
+        keys = self.settings.key_ring()
+        if keys is None:
+            return
+        codec = keel_codec_of(converter.payload_codec)
+        have = codec.keys if isinstance(codec, EncryptionCodec) else None
+        if have != keys:
+            uses = (
+                "does not encrypt payloads"
+                if have is None
+                else f"encrypts with keys {have.ids}"
+                if have.ids != keys.ids
+                else "has other keys under the same ids"
+            )
+            raise ValueError(
+                f"KeelPlugin's settings encrypt with keys {keys.ids}, but this worker's client "
+                f"{uses}: connect the client with the same settings (keel.connect(settings), "
+                "or KeelPlugin on Client.connect) so the worker writes what clients can read"
+            )
 
     async def run_worker(self, worker: Worker, next: Callable[[Worker], Awaitable[None]]) -> None:
         """Register Keel's search attributes (where allowed), then run the worker."""
@@ -199,11 +250,12 @@ def build_worker(
     model: str | ModelProvider | None = None,
     workflows: Sequence[type] = (),
     activities: Sequence[Callable[..., Any]] = (),
+    policy: Policy | None = None,
     **worker_options: Any,
 ) -> Worker:
     """A worker on the settings' task queue serving `agents`, beside any `workflows` and
-    `activities` of the caller's own."""
-    plugin = KeelPlugin(agents, resources=resources, model=model, settings=settings)
+    `activities` of the caller's own (under `policy`, or the one KEEL_POLICY names)."""
+    plugin = KeelPlugin(agents, resources=resources, model=model, settings=settings, policy=policy)
     return Worker(
         client,
         task_queue=settings.task_queue,

@@ -15,16 +15,21 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from temporalio.client import Client
+from temporalio.worker import Worker
+
 from keel.activities.registry import Agent, with_subagents
-from keel.config import Settings, SettingsError, connect
-from keel.plugin import build_worker
+from keel.activities.tools import ToolActivities
+from keel.config import Settings, SettingsError, connect, env_number
+from keel.plugin import HEARTBEAT_THROTTLE, KeelPlugin
 
 log = logging.getLogger("keel.worker")
+CONNECT_PATIENCE = 60.0  # seconds a starting worker waits for the server
 
 
 @dataclass(frozen=True)
@@ -41,30 +46,18 @@ class WorkerOptions:
     health_host: str = "127.0.0.1"
     max_concurrent_activities: int | None = None
     max_concurrent_workflow_tasks: int | None = None
+    connect_seconds: float = CONNECT_PATIENCE  # how long a starting worker waits for Temporal
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerOptions:
         env = os.environ if env is None else env
-
-        def number(name: str, kind: Callable[[str], Any]) -> Any:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return None
-            try:
-                value = kind(raw)
-            except ValueError:
-                raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-            if value < 0:
-                raise SettingsError(f"{name} must not be negative, got {raw!r}")
-            return value
-
-        graceful = number("KEEL_WORKER_GRACEFUL_SECONDS", float)
         return cls(
-            graceful_seconds=30.0 if graceful is None else graceful,
-            health_port=number("KEEL_WORKER_HEALTH_PORT", int),
+            graceful_seconds=env_number(env, "KEEL_WORKER_GRACEFUL_SECONDS", float, 30.0),
+            health_port=env_number(env, "KEEL_WORKER_HEALTH_PORT", int),
             health_host=env.get("KEEL_WORKER_HEALTH_HOST") or "127.0.0.1",
-            max_concurrent_activities=number("KEEL_WORKER_MAX_ACTIVITIES", int),
-            max_concurrent_workflow_tasks=number("KEEL_WORKER_MAX_WORKFLOW_TASKS", int),
+            max_concurrent_activities=env_number(env, "KEEL_WORKER_MAX_ACTIVITIES", int),
+            max_concurrent_workflow_tasks=env_number(env, "KEEL_WORKER_MAX_WORKFLOW_TASKS", int),
+            connect_seconds=env_number(env, "KEEL_WORKER_CONNECT_SECONDS", float, CONNECT_PATIENCE),
         )
 
     def worker_options(self) -> dict[str, Any]:
@@ -186,6 +179,83 @@ def load_resources(ref: str | None) -> Any:
     return value
 
 
+ROLES = ("all", "workflows", "model", "tools")
+
+
+def build_workers(
+    client: Client,
+    settings: Settings,
+    *,
+    agents: Sequence[Agent],
+    resources: Any = None,
+    workflows: Sequence[type] = (),
+    role: str = "all",
+    worker_options: Mapping[str, Any] | None = None,
+) -> list[Worker]:
+    """The workers a `keel worker` process runs: the runs (workflows) on the settings' task
+    queue, and, when KEEL_MODEL_TASK_QUEUE / KEEL_TOOL_TASK_QUEUE are set, the model calls
+    and the tool calls on queues of their own, so slow tools cannot starve model calls.
+    `role` picks which of these this process serves (`all`, `workflows`, `model`, `tools`)."""
+    if role not in ROLES:
+        raise SettingsError(f"--role is one of {', '.join(ROLES)}, not {role!r}")
+    queue = {"model": settings.model_task_queue, "tools": settings.tool_task_queue}
+    if role in queue and not queue[role]:
+        env = "KEEL_MODEL_TASK_QUEUE" if role == "model" else "KEEL_TOOL_TASK_QUEUE"
+        raise SettingsError(f"--role {role} serves the queue {env} names: set it")
+    options = dict(worker_options or {})
+    plugin = KeelPlugin(agents, resources=resources, settings=settings)
+    # the activity-only workers have no plugin: they get its heartbeat pacing here
+    activity_options = {"max_heartbeat_throttle_interval": HEARTBEAT_THROTTLE, **options}
+    workers = []
+    if role in ("all", "workflows"):
+        workers.append(
+            Worker(
+                client,
+                task_queue=settings.task_queue,
+                workflows=list(workflows),
+                plugins=[plugin],
+                **options,
+            )
+        )
+    if settings.model_task_queue and role in ("all", "model"):
+        workers.append(
+            Worker(
+                client,
+                task_queue=settings.model_task_queue,
+                activities=[plugin.model_activities.call_model],
+                **activity_options,
+            )
+        )
+    if settings.tool_task_queue and role in ("all", "tools"):
+        tools = ToolActivities(plugin.registry.tools(), resources)
+        workers.append(
+            Worker(
+                client,
+                task_queue=settings.tool_task_queue,
+                activities=[tools.run_tool],
+                **activity_options,
+            )
+        )
+    return workers
+
+
+async def connect_patiently(settings: Settings, patience: float = CONNECT_PATIENCE) -> Client:
+    """Connect, trying again for `patience` seconds: a worker started while the server
+    restarts (a deploy, an outage) waits for it rather than exiting."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + patience
+    delay = 0.5
+    while True:
+        try:
+            return await connect(settings)
+        except RuntimeError as e:  # the SDK's "Failed client connect"
+            if loop.time() + delay > give_up:
+                raise
+            log.warning("cannot reach Temporal at %s yet (%s); trying again", settings.address, e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 async def run_worker(
     settings: Settings,
     *,
@@ -193,9 +263,10 @@ async def run_worker(
     resources: str | None = None,
     workflows: str | None = None,
     options: WorkerOptions | None = None,
+    role: str = "all",
 ) -> None:
-    """Connect, and serve the named agents (and loops) on the settings' task queue until
-    SIGTERM or SIGINT, then shut down gracefully (see `WorkerOptions`)."""
+    """Connect, and serve the named agents (and loops) until SIGTERM or SIGINT, then shut
+    down gracefully (see `WorkerOptions`); `role`: see `build_workers`."""
     ref = agents or settings.agents
     if not ref:
         raise SettingsError(
@@ -206,31 +277,38 @@ async def run_worker(
     loops = load_workflows(workflows or settings.workflows)
     res = load_resources(resources or settings.resources)
     opts = options or WorkerOptions.from_env()
-    client = await connect(settings)
-    worker = build_worker(
+    client = await connect_patiently(settings, opts.connect_seconds)
+    workers = build_workers(
         client,
-        settings=settings,
+        settings,
         agents=served,
         resources=res,
         workflows=loops,
-        **opts.worker_options(),
+        role=role,
+        worker_options=opts.worker_options(),
     )
     names = [a.name for a in with_subagents(served)]
-    health = HealthEndpoint({"task_queue": settings.task_queue, "agents": names})
+    queues = [w.task_queue for w in workers]
+    health = HealthEndpoint({"task_queues": queues, "role": role, "agents": names})
     if opts.health_port is not None:
         port = await health.start(opts.health_host, opts.health_port)
         log.info("health endpoint on http://%s:%d/healthz", opts.health_host, port)
     log.info(
-        "worker serving %s on task queue %s at %s",
+        "worker serving %s on task queue(s) %s at %s",
         ", ".join(names),
-        settings.task_queue,
+        ", ".join(queues),
         settings.address,
     )
+    counts = None
+    if settings.metrics_port:
+        from keel.metrics import publish_run_counts
+
+        counts = asyncio.create_task(publish_run_counts(client))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = asyncio.create_task(worker.run())
+    running = asyncio.gather(*(w.run() for w in workers))
     stopping = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -241,11 +319,13 @@ async def run_worker(
                 "back to Temporal to be retried elsewhere",
                 opts.graceful_seconds,
             )
-            await worker.shutdown()
+            await asyncio.gather(*(w.shutdown() for w in workers))
         await running
         log.info("worker stopped")
     finally:
         stopping.cancel()
+        if counts is not None:
+            counts.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         with contextlib.suppress(Exception):

@@ -146,8 +146,26 @@ BOSS = Agent(
     tools=[add, SHOP.as_tool("ask_shop", side_effects=True), CALC.as_tool("ask_calc")],
 )
 
+# who may approve is left to the worker's policy (tests/test_signed_decisions.py and others)
+GUARDED_CHARGE = {
+    "charge": ApprovalPolicy(
+        mode=ApprovalMode.WHEN,
+        when=[Condition(field="amount", op=">", value=20)],
+        reason="charges above 20 need approval",
+    )
+}
+
 TEST_AGENTS = [
     CALC,
+    Agent(name="guarded", instructions=INSTRUCTIONS, tools=TOOLS, approvals=GUARDED_CHARGE),
+    Agent(
+        name="guarded-open",
+        instructions=INSTRUCTIONS,
+        tools=TOOLS,
+        approvals=GUARDED_CHARGE,
+        keep_open_seconds=600,
+        limits=Limits(max_steps=200, max_tokens=10**9),
+    ),
     Agent(name="adder", instructions=INSTRUCTIONS, tools=[add]),
     Agent(name="fast", instructions=INSTRUCTIONS, tools=TOOLS, model=FAST),
     # one step only: an outage on the last allowed step must wait, not spend the budget

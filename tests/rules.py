@@ -43,6 +43,16 @@ TEST_RULES: dict[str, Any] = {
             "reply": {"tool_calls": [{"name": "nap", "arguments": {"seconds": 600}}]},
         },
         {
+            "name": "crm",
+            "when": {"last_role": "user", "last_user": "(?i)use the crm"},
+            "reply": {"tool_calls": [{"name": "crm", "arguments": {}}]},
+        },
+        {
+            "name": "snoop",
+            "when": {"last_role": "user", "last_user": "(?i)snoop"},
+            "reply": {"tool_calls": [{"name": "snoop", "arguments": {}}]},
+        },
+        {
             "name": "held tool",
             "when": {"last_role": "user", "last_user": "(?i)hold the tool"},
             "reply": {"tool_calls": [{"name": "held", "arguments": {}}]},

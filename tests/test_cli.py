@@ -149,7 +149,7 @@ async def test_bad_arguments_get_one_line_not_a_traceback(harness: Harness) -> N
         "worker",
         "--agents",
         "examples.helpdesk.agents:AGENTS",
-        env={"TEMPORAL_ADDRESS": "127.0.0.1:1"},
+        env={"TEMPORAL_ADDRESS": "127.0.0.1:1", "KEEL_WORKER_CONNECT_SECONDS": "1"},
     )
     assert code == 1 and "Traceback" not in err and "127.0.0.1:1" in err
 

@@ -71,7 +71,10 @@ async def test_a_local_tool_runs_in_the_workflow_task(harness: Harness) -> None:
     assert RUN_TOOL not in scheduled and scheduled.count("keel.call_model") == 2
     assert len(_events(history, EventType.EVENT_TYPE_MARKER_RECORDED)) >= 2  # spec + tool
     # the tool's step took one workflow task, not two
-    assert _tasks_after_first_step(history) == 2  # the tool with the reply, then the answer
+    names = [EventType.Name(e.event_type)[11:] for e in history.events]
+    assert _tasks_after_first_step(history) == 2, " ".join(
+        names
+    )  # the tool with the reply, the answer
     assert _tasks_after_first_step(baseline) == 3
 
 

@@ -106,5 +106,92 @@ def test_worker_options_from_the_environment() -> None:
     assert options["max_concurrent_activities"] == 8
     assert options["max_concurrent_workflow_tasks"] == 2  # Temporal's least
     assert WorkerOptions.from_env({}).worker_options().keys() == {"graceful_shutdown_timeout"}
-    with pytest.raises(SettingsError, match="KEEL_WORKER_HEALTH_PORT must be a number"):
+    with pytest.raises(
+        SettingsError, match="KEEL_WORKER_HEALTH_PORT='eighty' is not a whole number"
+    ):
         WorkerOptions.from_env({"KEEL_WORKER_HEALTH_PORT": "eighty"})
+
+
+def test_settings_never_print_a_secret() -> None:
+    from keel.config import Settings
+
+    secrets = {
+        "OPENAI_API_KEY": "sk-do-not-print",
+        "TEMPORAL_API_KEY": "tmprl-do-not-print",
+        "KEEL_CODEC_AUTH_TOKEN": "codec-token-do-not-print",
+    }
+    shown = repr(Settings.from_env(secrets))
+    assert not any(v in shown for v in secrets.values()), shown
+
+
+async def test_model_calls_are_paced_per_worker() -> None:
+    # KEEL_MODEL_CALLS_PER_SECOND=2: five calls at the same moment start 0.5 s apart
+    from keel.activities.model import Pace
+    from keel.config import Settings
+
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(round(seconds, 3))
+
+    pace = Pace(2.0, clock=lambda: 100.0, sleep=sleep)
+    for _ in range(5):
+        await pace.wait()
+    assert slept == [0.5, 1.0, 1.5, 2.0]
+    await Pace(0, clock=lambda: 100.0, sleep=sleep).wait()  # no limit: no wait
+    assert slept == [0.5, 1.0, 1.5, 2.0]
+    assert Settings.from_env({"KEEL_MODEL_CALLS_PER_SECOND": "2.5"}).model_calls_per_second == 2.5
+    with pytest.raises(SettingsError, match="KEEL_MODEL_CALLS_PER_SECOND"):
+        Settings.from_env({"KEEL_MODEL_CALLS_PER_SECOND": "x"})
+
+
+async def test_model_and_tool_calls_on_queues_of_their_own(harness: Harness) -> None:
+    import dataclasses
+
+    from temporalio.api.enums.v1 import EventType
+
+    from keel.serve import build_workers
+    from tests.agents import TEST_AGENTS
+
+    q = harness.settings.task_queue
+    settings = dataclasses.replace(
+        harness.settings,
+        model_task_queue=f"{q}-model",
+        tool_task_queue=f"{q}-tools",
+        model_port=harness.model.port,
+    )
+
+    def workers(role: str) -> list:  # type: ignore[type-arg]
+        return build_workers(
+            harness.client, settings, agents=TEST_AGENTS, resources=harness.ledger, role=role
+        )
+
+    (runs,) = workers("workflows")
+    (models,) = workers("model")
+    async with runs, models:
+        run = await harness.start("calc", "add 2 and 3")
+        # the tool's queue has no worker yet: the call waits there, the run is unharmed
+        await wait_for(lambda: _tool_waiting(harness, run))
+        (tools,) = workers("tools")
+        async with tools:
+            result = await harness.agents.result(run, timeout=30)
+        history = await harness.client.get_workflow_handle(run).fetch_history()
+    assert result.status == AgentStatus.COMPLETED and "5" in (result.final_answer or "")
+    queues = [
+        (a.activity_type.name, a.task_queue.name)
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        for a in [e.activity_task_scheduled_event_attributes]
+    ]
+    assert queues == [
+        ("keel.call_model", f"{q}-model"),
+        ("keel.run_tool", f"{q}-tools"),
+        ("keel.call_model", f"{q}-model"),
+    ]
+    with pytest.raises(SettingsError, match="KEEL_TOOL_TASK_QUEUE"):
+        build_workers(harness.client, harness.settings, agents=TEST_AGENTS, role="tools")
+
+
+async def _tool_waiting(h: Harness, run: str) -> bool:
+    events = [e async for _, e in h.agents.events(run, follow=False)]
+    return any(e.kind.value == "tool_started" for e in events)

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
 
+from keel.workflows.authz import (
+    DecisionTarget,
+    approver_roles,
+    rate_refusal,
+    spend_decision,
+)
+from keel.workflows.events import EventKind, EventLog
 from keel.workflows.models import (
     AgentSpec,
     AgentState,
@@ -33,20 +41,30 @@ class ApprovalExpired(Exception):
 class Approvals:
     """Opens approval requests and waits, at no cost, for a decision or the expiry timer."""
 
-    def __init__(self, state: AgentState, on_change: Callable[[], None]) -> None:
+    def __init__(self, state: AgentState, on_change: Callable[[], None], events: EventLog) -> None:
         self._state = state
         self._on_change = on_change  # e.g. publish the status and PendingApprovals
+        self._events = events
         self._decisions: dict[str, DecideInput] = {}
         self._waiting_since: datetime | None = None  # while any request is open
 
     def refusal(self, spec: AgentSpec | None, d: DecideInput) -> str:
-        """Why this decision must be refused ('' when it applies)."""
-        return refuse_decision(spec, self._state, d, workflow.now())
+        """Why this decision must be refused ('' when it applies): one too many this second,
+        or not valid for this run (see `refuse_decision`). Reads the state only."""
+        now = workflow.now()
+        info = workflow.info()
+        policy = spec.policy if spec is not None else None
+        target = DecisionTarget(info.namespace, info.workflow_id, info.first_execution_run_id)
+        return rate_refusal(self._state, now, policy) or refuse_decision(
+            spec, self._state, d, now, target
+        )
 
     def decide(self, spec: AgentSpec | None, d: DecideInput) -> DecideReceipt:
         """Apply a decision, or record its refusal in the audit trail (never raises)."""
         st = self._state
         refusal = self.refusal(spec, d)
+        policy = spec.policy if spec is not None else None
+        spend_decision(st, workflow.now(), policy)  # every decision counts, taken or refused
         if refusal:
             st.record(
                 AuditEntry(
@@ -66,13 +84,28 @@ class Approvals:
             d = d.model_copy(update={"arguments": edited_arguments(request, d)})
         self._decisions[d.call_id] = d
         outcome = OUTCOMES[d.decision]
+        # past `refusal`, a signature the policy can check has verified
+        key = policy.users[d.approver].public_key if policy and d.approver in policy.users else ""
         st.decisions.append(
-            DecisionRecord(call_id=d.call_id, outcome=outcome, by=d.approver, at=workflow.now())
+            DecisionRecord(
+                call_id=d.call_id,
+                outcome=outcome,
+                by=d.approver,
+                at=workflow.now(),
+                signed=bool(d.signature and key),
+            )
         )
-        self._remove(d.call_id)
         detail = d.reason
         if d.decision == Decision.EDIT:
             detail = f"runs with arguments {d.arguments}"
+        self._events.emit(
+            EventKind.APPROVAL_DECIDED,
+            call_id=d.call_id,
+            tool=request.tool,
+            detail=f"{outcome}: {detail}" if detail else outcome,
+            by=d.approver,
+        )
+        self._remove(d.call_id)
         st.record(
             AuditEntry(
                 at=workflow.now(),
@@ -122,7 +155,18 @@ class Approvals:
                     requested_at=now,
                     expires_at=now + timeout,
                     step=step,
+                    approver_roles=(approver_roles(spec.policy, tool.name) or [])
+                    if spec.policy
+                    else [],
                 )
+            )
+            self._events.emit(
+                EventKind.APPROVAL_REQUESTED,
+                step=step,
+                call_id=call_id,
+                tool=tool.name,
+                arguments=json.dumps(args),
+                detail=reason,
             )
             self._on_change()
         try:
@@ -136,6 +180,9 @@ class Approvals:
             self._remove(call_id)
             st.decisions.append(
                 DecisionRecord(call_id=call_id, outcome="expired", at=workflow.now())
+            )
+            self._events.emit(
+                EventKind.APPROVAL_DECIDED, call_id=call_id, tool=tool.name, detail="expired"
             )
             st.record(
                 AuditEntry(
@@ -151,6 +198,9 @@ class Approvals:
                 now = workflow.now()
                 st.decisions.append(DecisionRecord(call_id=call_id, outcome="withdrawn", at=now))
                 st.record(AuditEntry(at=now, kind=AuditKind.WITHDRAWN, call_id=call_id))
+                self._events.emit(
+                    EventKind.APPROVAL_DECIDED, call_id=call_id, tool=tool.name, detail="withdrawn"
+                )
                 self._remove(call_id)
             self._decisions.pop(call_id, None)
             raise

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import NoReturn, TypeVar
 
 from temporalio import workflow
@@ -38,6 +38,8 @@ with workflow.unsafe.imports_passed_through():
 
     from keel.workflows import errors
     from keel.workflows.approvals import ApprovalExpired, Approvals
+    from keel.workflows.authz import START_REFUSED, start_refusal, tool_refusal
+    from keel.workflows.events import PUBLISH_SIGNAL, EventKind, EventLog
     from keel.workflows.inbox import INTERRUPTED, Inbox, message_refusal
     from keel.workflows.models import (
         QUERY_STATE,
@@ -78,6 +80,7 @@ with workflow.unsafe.imports_passed_through():
         budget_exhausted,
         idempotency_key,
         parse_arguments,
+        short_args,
         time_exhausted,
         time_left,
         validate_arguments,
@@ -138,10 +141,17 @@ class KeelWorkflow:
         self.spec: AgentSpec | None = self.state.spec
         self.inbox = Inbox(self.state)
         self.publisher = StatusPublisher()
-        self.approvals = Approvals(self.state, self.publish)
+        self.events = EventLog(self.state.stream, input.agent)  # watchers' view (keel watch)
+        self.state.stream = None  # carried again only at continue-as-new
+        self._last_status: AgentStatus | None = self.state.status if input.carry else None
+        self.approvals = Approvals(self.state, self.publish, self.events)
         self._abort: str | None = None  # an approval expired under the "cancel" policy
         self._resume = False  # an operator asked to try the provider again now
         self._stay_parked = False  # replaying a history from before PARKED_PATCH
+        # A local activity's result arrives, live, in an activation of its own with a later
+        # clock than on replay (where it comes with its task): after one, until the next
+        # task begins, budgets read the time the task began, the same both ways.
+        self._task_clock: datetime | None = None
 
     # --- the frame every loop runs in -----------------------------------------------------
 
@@ -152,6 +162,7 @@ class KeelWorkflow:
         the carried state, the spec is loaded once and recorded, the first message is
         queued, `EndRun` becomes the run's status, and a cancellation is recorded."""
         st = self.state
+        self.events.bind_trace()
         if input.carry is not None and workflow.info().continued_run_id is None:
             # a carried state (and the spec in it) comes only from continue-as-new
             self.state = AgentState(agent=input.agent, user=input.user)
@@ -159,13 +170,18 @@ class KeelWorkflow:
             raise errors.KeelError("`carry` is set by continue-as-new, not by clients")
         try:
             if input.carry is None:
+                begun = self._task_clock = workflow.now()  # before the spec's local activity
                 try:
                     self.spec = st.spec = await load_spec(input.agent)
+                    # who may start what (a sub-agent's run: its parent's start was checked)
+                    refused = start_refusal(self.spec.policy, input.agent, input.user)
+                    if refused and workflow.info().parent is None:
+                        raise errors.KeelError(refused, type=START_REFUSED)
                 except errors.KeelError as e:
                     self.finish(AgentStatus.FAILED, e.message)
                     raise
                 st.run_key = str(workflow.uuid4())
-                st.started_at = workflow.now()
+                st.started_at = begun
                 st.transcript = [ChatMessage(role="system", content=self.spec.instructions)]
                 st.turn_start = 1
                 st.queued_messages.insert(0, _first_message(input))
@@ -174,15 +190,27 @@ class KeelWorkflow:
                 result = await loop(self.spec)
             except EndRun as e:
                 result = self.finish(e.status, e.reason)
+            except ApplicationError:  # the run failed (`fail`): watchers are let go first
+                await self._release_watchers()
+                raise
             if self.state.status not in TERMINAL_STATUSES:  # a loop that did not say
                 result = self.finish(result.status, result.error)
+            await self._release_watchers()
             return self._outcome(result)
         except asyncio.CancelledError:
             st.status = AgentStatus.CANCELLED
             st.error = "cancelled"
             st.pending_approvals.clear()
             self.publish()
+            self.events.emit(EventKind.ENDED, status=st.status.value, text="cancelled")
+            await self._release_watchers()
             raise
+
+    async def _release_watchers(self) -> None:
+        """Before the run ends: watchers' long polls return what they have (a watcher then
+        reads the rest from the closed run), so no update is left unanswered."""
+        self.events.detach()
+        await workflow.wait_condition(workflow.all_handlers_finished)
 
     def deliver(self) -> None:
         """At a step boundary: finish an interrupt or rollback, then move queued messages
@@ -202,7 +230,7 @@ class KeelWorkflow:
             return
         if self._abort:
             raise EndRun(AgentStatus.CANCELLED, self._abort)
-        spent = budget_exhausted(self.spec, self.state, workflow.now())
+        spent = budget_exhausted(self.spec, self.state, self._task_clock or workflow.now())
         if spent:
             raise EndRun(AgentStatus.BUDGET_EXHAUSTED, spent)
         if workflow.info().is_continue_as_new_suggested():
@@ -234,8 +262,17 @@ class KeelWorkflow:
 
     def publish(self, *, counts: bool = False) -> None:
         """Reflect the run's state in its search attributes and current details (steps and
-        tokens too when `counts`: at a turn's end)."""
-        self.publisher.publish(self.state, counts=counts)
+        tokens too when `counts`: at a turn's end), and tell watchers of a new status."""
+        st = self.state
+        self.publisher.publish(st, counts=counts)
+        if st.status != self._last_status:
+            self._last_status = st.status
+            self.events.emit(
+                EventKind.STATUS,
+                step=st.step,
+                status=st.status.value,
+                text=st.provider_error if st.status == AgentStatus.WAITING_PROVIDER else "",
+            )
 
     # --- one step: the model, then the tool calls it asks for -----------------------------
 
@@ -260,10 +297,19 @@ class KeelWorkflow:
             await asyncio.gather(model, return_exceptions=True)
             return None
         result = model.result()  # EndRun, or the run's failure, propagate from here
+        self._task_clock = None  # a new task began with the model's reply
         st.usage = st.usage.add(result.usage)
         st.transcript.append(result.message)
-        self.publish()
         calls = result.message.tool_calls
+        self.events.emit(
+            EventKind.MODEL_REPLY,
+            step=st.step,
+            text=result.message.content or "",
+            detail=", ".join(f"{c.name}({short_args(c.arguments)})" for c in calls),
+            model=result.model,
+            tokens=result.usage.total_tokens,
+        )
+        self.publish()
         said = bool(calls or (result.message.content or "").strip())
         if said:
             st.empty_replies = 0
@@ -326,6 +372,7 @@ class KeelWorkflow:
             if not workflow.patched(PARKED_PATCH):
                 self._stay_parked = True  # recorded before: it waited in one history
                 continue
+            self.events.detach()  # watchers' polls end, so the handlers can finish
             await workflow.wait_condition(workflow.all_handlers_finished)
             if self._parked(slots):  # still (a decision may have come meanwhile)
                 self.state.open_step = OpenStep(
@@ -334,6 +381,7 @@ class KeelWorkflow:
                     decided=self.approvals.carry(),
                 )
                 self._carry_over()
+            self.events.reattach()
         await self._settle(slots)
 
     def _parked(self, slots: list[_CallSlot]) -> bool:
@@ -459,6 +507,13 @@ class KeelWorkflow:
                     role="tool", tool_call_id=slot.call.id, name=slot.call.name, content=content
                 )
             )
+            self.events.emit(
+                EventKind.TOOL_RESULT,
+                step=st.step,
+                call_id=slot.call.id,
+                tool=slot.call.name,
+                text=content,
+            )
         self.publish()
         if cancelled:
             raise asyncio.CancelledError()
@@ -473,6 +528,18 @@ class KeelWorkflow:
         tool = next((t for t in offered if t.name == call.name), None)
         args, problem = parse_arguments(call.arguments)
         try:
+            refused = tool_refusal(spec, call.name)
+            if refused:  # never scheduled: the model is told, the audit trail keeps it
+                slot.result = f"Error: {refused}"
+                st.record(
+                    AuditEntry(
+                        at=workflow.now(),
+                        kind=AuditKind.TOOL_REFUSED,
+                        detail=refused,
+                        call_id=call.id,
+                    )
+                )
+                return
             if tool is None:
                 known = ", ".join(t.name for t in offered) or "none in this step"
                 slot.result = (
@@ -511,6 +578,15 @@ class KeelWorkflow:
             slot.subagent = tool.is_subagent
             key = idempotency_key(st.run_key, st.step, index)
             child = ""
+            if tool.local and self._task_clock is None:
+                self._task_clock = workflow.now()
+            self.events.emit(
+                EventKind.TOOL_STARTED,
+                step=st.step,
+                call_id=call.id,
+                tool=call.name,
+                arguments=short_args(args or {}),
+            )
             if tool.is_subagent:
                 task = SubAgentArgs.model_validate(args)
                 child = subagent_run_id(tool.agent, key)
@@ -540,6 +616,7 @@ class KeelWorkflow:
         """Start a fresh history at this step boundary, carrying the whole state (including
         a custom loop's `state.loop_state`). `redo_step`: the step in flight had no answer,
         so the next history takes it again under the same number."""
+        self.events.detach()  # watchers follow on to the next history
         await workflow.wait_condition(workflow.all_handlers_finished)
         if redo_step:  # only now, when nothing can interrupt: the number is never reused
             self.state.step -= 1
@@ -548,6 +625,7 @@ class KeelWorkflow:
     def _carry_over(self) -> NoReturn:
         """Continue-as-new now (no await: nothing can change the state in between)."""
         st = self.state
+        st.stream = self.events.state()
         carry = AgentInput(agent=st.agent, message="", user=st.user, carry=st)
         stored = self.spec is not None and self.spec.payload_storage
         size = 0 if stored else payload_bytes(carry)  # stored: the history keeps a reference
@@ -566,6 +644,9 @@ class KeelWorkflow:
         if error and status in TERMINAL_STATUSES:
             st.record(AuditEntry(at=workflow.now(), kind=AuditKind(status.value), detail=error))
         self.publish()
+        if status in TERMINAL_STATUSES:
+            answer = st.final_answer if status == AgentStatus.COMPLETED else error
+            self.events.emit(EventKind.ENDED, step=st.step, status=status.value, text=answer or "")
         return AgentResult(
             status=status,
             final_answer=st.final_answer,
@@ -620,7 +701,9 @@ class KeelWorkflow:
         elif name == SIGNAL_MESSAGE:
             m = self._decode(args, MessageInput, name)
             if m is not None:
-                self.inbox.accept(self.spec, m, workflow.now())
+                self._message_event(m, self.inbox.accept(self.spec, m, workflow.now()))
+        elif name == PUBLISH_SIGNAL:
+            self._refuse_signal(f"{name}: only the run itself publishes its events")
         elif name == SIGNAL_RESUME:
             self._resume = True
             detail = "try the model provider again now"
@@ -645,7 +728,18 @@ class KeelWorkflow:
     @workflow.update(name=UPDATE_MESSAGE)
     def send_message(self, m: MessageInput) -> MessageReceipt:
         """A user message that answers with a receipt: queued, delivered, or refused."""
-        return self.inbox.accept(self.spec, m, workflow.now())
+        return self._message_event(m, self.inbox.accept(self.spec, m, workflow.now()))
+
+    def _message_event(self, m: MessageInput, receipt: MessageReceipt) -> MessageReceipt:
+        self.events.emit(
+            EventKind.MESSAGE,
+            step=self.state.step,
+            text=m.text,
+            detail=f"{receipt.status} ({receipt.policy.value})"
+            + (f": {receipt.reason}" if receipt.reason else ""),
+            by=m.sender,
+        )
+        return receipt
 
     @send_message.validator
     def _validate_message(self, m: MessageInput) -> None:

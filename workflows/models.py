@@ -9,11 +9,14 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 from temporalio.common import SearchAttributeKey
+from temporalio.contrib.workflow_streams import WorkflowStreamState
 
 AUDIT_FIELD_CHARS = 500
 MAX_REFUSALS = 200  # refused bad input kept in the audit trail; older refusals are counted
+DECISIONS_PER_SECOND = 5.0  # decisions a run takes per second, on average (a token bucket) ...
+DECISION_BURST = 20  # ... and at once; over it, a decision is refused (a policy may change both)
 
 # --- names on the wire: prefixed, so they never meet a user's own on a shared namespace ----
 
@@ -70,6 +73,8 @@ class ToolSpec(BaseModel):
     approval: ApprovalPolicy = Field(default_factory=ApprovalPolicy)
     agent: str = ""  # set: a sub-agent, run as a child workflow of that agent instead
     local: bool = False  # read-only: runs as a local activity, in the model step's task
+    # the worker's environment variables it may read (`ctx.secret`): names only, never values
+    secrets: list[str] = Field(default_factory=list)
 
     @property
     def is_subagent(self) -> bool:
@@ -122,6 +127,81 @@ class Limits(BaseModel):
     max_seconds: float = 3600.0
 
 
+# --- the policy: who may do what (loaded by the worker, recorded in each run's spec) ---------
+
+
+class _PolicyPart(BaseModel):
+    """A part of a policy file: unknown keys are refused when a file is loaded (a typo in a
+    security policy must not pass silently), and ignored when a recorded spec is decoded."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and info.context and info.context.get("policy_file"):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                known = ", ".join(sorted(cls.model_fields))
+                raise ValueError(f"unknown key(s) {', '.join(unknown)} (known: {known})")
+        return data
+
+
+class UnsignedDecisions(StrEnum):
+    ALLOWED = "allowed"
+    REFUSED = "refused"
+
+
+class Visibility(StrEnum):
+    """Whose runs a role sees in `AgentClient.list` / `pending`."""
+
+    OWN = "own"
+    TENANT = "tenant"
+    ALL = "all"
+
+
+class PolicyUser(_PolicyPart):
+    roles: list[str] = Field(default_factory=list)
+    tenant: str = ""
+    # ed25519, base64 of the 32 raw bytes (a PEM in the file is converted when it is loaded)
+    public_key: str = ""
+
+
+class PolicyRole(_PolicyPart):
+    agents: list[str] = Field(default_factory=list)  # the agents it may start ("*": any)
+    max_steps: int | None = Field(default=None, ge=0)  # the least of this and the agent's
+    max_tokens: int | None = Field(default=None, ge=0)
+    sees: Visibility = Visibility.OWN
+
+
+class PolicyAgent(_PolicyPart):
+    tools: list[str] | None = None  # the tools it may use; None: all its own
+
+
+class PolicyTool(_PolicyPart):
+    approvers: list[str] | None = None  # the roles that may decide its calls
+    four_eyes: bool | None = None  # None: the policy's own `four_eyes`
+
+
+class Policy(_PolicyPart):
+    """Who may start which agent, which tools an agent may use, who may decide which calls
+    (and with which key), and limits per role. Loaded by the worker (`KEEL_POLICY`), never
+    sent by clients; each run records the policy it started with in its spec snapshot."""
+
+    id: str = ""  # a name of its own, e.g. "prod-2026-06"
+    digest: str = ""  # sha256 of its canonical JSON, set when it is loaded
+    users: dict[str, PolicyUser] = Field(default_factory=dict)
+    roles: dict[str, PolicyRole] = Field(default_factory=dict)
+    agents: dict[str, PolicyAgent] = Field(default_factory=dict)
+    tools: dict[str, PolicyTool] = Field(default_factory=dict)
+    default_roles: list[str] = Field(default_factory=list)  # of users it does not name
+    # who may decide a tool without an entry of its own (None: any user the policy names)
+    default_approvers: list[str] | None = None
+    four_eyes: bool = False  # the run's own user may not approve its side-effecting calls
+    # None: allowed while no user has a public key, refused once any has
+    unsigned_decisions: UnsignedDecisions | None = None
+    decisions_per_second: float = Field(default=DECISIONS_PER_SECOND, gt=0)
+    decision_burst: int = Field(default=DECISION_BURST, ge=1)
+
+
 class AgentSpec(BaseModel):
     """The snapshot of an agent a run keeps for its whole life."""
 
@@ -137,6 +217,11 @@ class AgentSpec(BaseModel):
     # the worker stores large payloads outside the history (KEEL_PAYLOAD_DIR, S3): Temporal's
     # 2 MB limit no longer bounds the conversation
     payload_storage: bool = False
+    # where its model and tool calls run ("": the run's own task queue), so slow tools
+    # cannot starve model calls (KEEL_MODEL_TASK_QUEUE, KEEL_TOOL_TASK_QUEUE)
+    model_task_queue: str = ""
+    tool_task_queue: str = ""
+    policy: Policy | None = None  # the worker's policy when the run started (None: no policy)
 
     def tool(self, name: str) -> ToolSpec | None:
         """The tool of that name, if the agent has it."""
@@ -258,6 +343,7 @@ class ApprovalRequest(BaseModel):
     requested_at: datetime
     expires_at: datetime
     step: int = 0
+    approver_roles: list[str] = Field(default_factory=list)  # the policy's, when it names any
 
 
 class Effect(BaseModel):
@@ -295,6 +381,7 @@ class AuditKind(StrEnum):
     SIGNAL_REFUSED = "signal_refused"
     MESSAGE_REJECTED = "message_rejected"
     MESSAGE_DUPLICATE = "message_duplicate"  # sent again with the same id: ignored
+    TOOL_REFUSED = "tool_refused"  # the model asked for a tool the policy does not allow
 
 
 REFUSALS = frozenset(
@@ -303,6 +390,7 @@ REFUSALS = frozenset(
         AuditKind.SIGNAL_REFUSED,
         AuditKind.MESSAGE_REJECTED,
         AuditKind.MESSAGE_DUPLICATE,
+        AuditKind.TOOL_REFUSED,
     }
 )
 DecisionOutcome = Literal["approved", "rejected", "edited", "expired", "withdrawn"]
@@ -315,6 +403,7 @@ class DecisionRecord(BaseModel):
     outcome: DecisionOutcome
     by: str = ""  # the approver; empty for expired and withdrawn
     at: datetime
+    signed: bool = False  # the decision's signature verified against the approver's key
 
 
 class AuditEntry(BaseModel):
@@ -385,6 +474,10 @@ class AgentState(BaseModel):
     message_ids: list[str] = Field(default_factory=list)  # the latest ids received, bounded
     empty_replies: int = 0  # empty model replies in a row (one gets a corrective turn)
     open_step: OpenStep | None = None  # a tool step parked on approvals, carried (see OpenStep)
+    stream: WorkflowStreamState | None = None  # the event log, set only when carried
+    # decisions per second (a token bucket): tokens left at `decision_tokens_at` (None: full)
+    decision_tokens: float = 0.0
+    decision_tokens_at: datetime | None = None
 
     def record(self, entry: AuditEntry) -> None:
         """Append to the audit trail. Refusals of bad input are bounded: past MAX_REFUSALS
@@ -453,6 +546,10 @@ class DecideInput(BaseModel):
     approver: str = Field(max_length=200)
     reason: str = Field(default="", max_length=2000)
     arguments: dict[str, Any] | None = None  # for "edit": the arguments to change
+    # ed25519 over the canonical decision (keel.workflows.authz.decision_message), base64;
+    # required where the run's policy refuses unsigned decisions
+    signature: str = Field(default="", max_length=200)
+    signed_at: datetime | None = None
 
 
 class DecideReceipt(BaseModel):
@@ -487,6 +584,7 @@ class MessageReceipt(BaseModel):
 AGENT_NAME = SearchAttributeKey.for_keyword("AgentName")
 AGENT_STATUS = SearchAttributeKey.for_keyword("AgentStatus")
 AGENT_USER = SearchAttributeKey.for_keyword("AgentUser")
+AGENT_TENANT = SearchAttributeKey.for_keyword("AgentTenant")  # the user's, from the policy
 PENDING_APPROVALS = SearchAttributeKey.for_int("PendingApprovals")
 AGENT_STEPS = SearchAttributeKey.for_int("AgentSteps")
 TOTAL_TOKENS = SearchAttributeKey.for_int("TotalTokens")
@@ -497,4 +595,5 @@ SEARCH_ATTRIBUTES: list[SearchAttributeKey[Any]] = [
     PENDING_APPROVALS,
     AGENT_STEPS,
     TOTAL_TOKENS,
+    AGENT_TENANT,
 ]

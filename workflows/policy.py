@@ -10,6 +10,7 @@ from typing import Any
 
 import jsonschema
 
+from keel.workflows.authz import DecisionTarget, approver_refusal, effective_limits
 from keel.workflows.models import (
     AgentSpec,
     AgentState,
@@ -101,9 +102,15 @@ def validate_arguments(tool: ToolSpec, args: dict[str, Any]) -> str:
 
 
 def refuse_decision(
-    spec: AgentSpec | None, state: AgentState, d: DecideInput, now: datetime
+    spec: AgentSpec | None,
+    state: AgentState,
+    d: DecideInput,
+    now: datetime,
+    target: DecisionTarget | None = None,
 ) -> str:
-    """Why a decision must be refused ('' when it may apply)."""
+    """Why a decision must be refused ('' when it may apply). With a policy in the spec, the
+    decision must also hold under it (signature, roles, four-eyes: `authz.approver_refusal`)
+    for this run, `target`."""
     if not d.approver.strip():
         return "an approver must be named"
     request = next((r for r in state.pending_approvals if r.call_id == d.call_id), None)
@@ -118,6 +125,10 @@ def refuse_decision(
         return f"call {d.call_id} was already decided ({prior.outcome} by {prior.by})"
     if now >= request.expires_at:
         return f"approval for {d.call_id} expired at {request.expires_at.isoformat()}"
+    target = target or DecisionTarget("", "", "")
+    problem = approver_refusal(spec, state, request, d, now, target)
+    if problem:
+        return problem
     if request.approvers and d.approver not in request.approvers:
         return f"{d.approver!r} may not decide this call (allowed: {', '.join(request.approvers)})"
     if d.decision == Decision.EDIT:
@@ -148,8 +159,9 @@ def effective_policy(spec: AgentSpec | None, requested: MessagePolicy | None) ->
 
 
 def budget_exhausted(spec: AgentSpec, state: AgentState, now: datetime) -> str:
-    """Which budget is spent before the next model step ('' when none is)."""
-    limits = spec.limits
+    """Which budget is spent before the next model step ('' when none is); the user's roles
+    may lower the agent's step and token limits."""
+    limits = effective_limits(spec, state.user)
     if state.step >= limits.max_steps:
         return f"step budget spent: {state.step} of {limits.max_steps} model steps"
     if state.usage.total_tokens >= limits.max_tokens:

@@ -17,10 +17,12 @@ from temporalio.exceptions import (
 )
 
 from keel.workflows import errors
+from keel.workflows.authz import tenant_of
 from keel.workflows.models import (
     AGENT_NAME,
     AGENT_STATUS,
     AGENT_STEPS,
+    AGENT_TENANT,
     AGENT_USER,
     CALL_MODEL,
     LOAD_AGENT_SPEC,
@@ -145,6 +147,7 @@ async def model_step(
     return await workflow.execute_activity(
         CALL_MODEL,
         request,
+        task_queue=spec.model_task_queue or None,
         result_type=ModelResult,
         start_to_close_timeout=timedelta(seconds=s.timeout_seconds + 5),
         heartbeat_timeout=MODEL_HEARTBEAT_TIMEOUT,
@@ -194,6 +197,7 @@ async def tool_step(
         return await workflow.execute_activity(
             RUN_TOOL,
             input,
+            task_queue=spec.tool_task_queue or None,
             result_type=ToolResult,
             start_to_close_timeout=timeout,
             heartbeat_timeout=timedelta(seconds=t.heartbeat_seconds or TOOL_HEARTBEAT_SECONDS),
@@ -319,5 +323,10 @@ class StatusPublisher:
         ]
         if self._last is None:
             updates += [AGENT_NAME.value_set(state.agent), AGENT_USER.value_set(state.user)]
+            # the run's tenant from its own policy snapshot, whoever started it (a client
+            # without the policy, a schedule, a parent run); only where a policy names one
+            tenant = tenant_of(state.spec.policy if state.spec else None, state.user)
+            if tenant:
+                updates.append(AGENT_TENANT.value_set(tenant))
         workflow.upsert_search_attributes(updates)
         self._last = now

@@ -55,6 +55,7 @@ def state_view(state: AgentState) -> AgentState:
             "decisions": state.decisions[tail:],
             "retired_call_ids": state.retired_call_ids[tail:],
             "message_ids": [],
+            "stream": None,
             "transcript_from": len(state.transcript) - len(shown),
             "transcript_of": len(state.transcript),
             "cut": cut or answer_cut,

@@ -7,6 +7,7 @@ import errno
 import json
 import random
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -187,7 +188,8 @@ class ScriptedModelServer:
             }
 
     def requests(self) -> list[dict[str, Any]]:
-        """Chat requests in arrival order: ``{"seq", "body", "outcome", "rule"}``."""
+        """Chat requests in arrival order: ``{"seq", "at", "body", "outcome", "rule"}`` (``at``:
+        when it arrived, in ``time.time()`` seconds)."""
         with self._lock:
             return copy.deepcopy(self._log)
 
@@ -267,7 +269,13 @@ class ScriptedModelServer:
             self._requests += 1
             seq = len(self._log)
             generation = self._generation
-            entry: dict[str, Any] = {"seq": seq, "body": body, "outcome": "pending", "rule": None}
+            entry: dict[str, Any] = {
+                "seq": seq,
+                "at": time.time(),
+                "body": body,
+                "outcome": "pending",
+                "rule": None,
+            }
             self._log.append(entry)
         headers = {"x-request-id": f"req_scripted_{seq}"}
 
