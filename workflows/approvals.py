@@ -100,6 +100,7 @@ class Approvals:
             detail = f"runs with arguments {d.arguments}"
         self._events.emit(
             EventKind.APPROVAL_DECIDED,
+            step=request.step,
             call_id=d.call_id,
             tool=request.tool,
             detail=f"{outcome}: {detail}" if detail else outcome,
@@ -182,7 +183,11 @@ class Approvals:
                 DecisionRecord(call_id=call_id, outcome="expired", at=workflow.now())
             )
             self._events.emit(
-                EventKind.APPROVAL_DECIDED, call_id=call_id, tool=tool.name, detail="expired"
+                EventKind.APPROVAL_DECIDED,
+                step=step,
+                call_id=call_id,
+                tool=tool.name,
+                detail="expired",
             )
             st.record(
                 AuditEntry(
@@ -199,7 +204,11 @@ class Approvals:
                 st.decisions.append(DecisionRecord(call_id=call_id, outcome="withdrawn", at=now))
                 st.record(AuditEntry(at=now, kind=AuditKind.WITHDRAWN, call_id=call_id))
                 self._events.emit(
-                    EventKind.APPROVAL_DECIDED, call_id=call_id, tool=tool.name, detail="withdrawn"
+                    EventKind.APPROVAL_DECIDED,
+                    step=step,
+                    call_id=call_id,
+                    tool=tool.name,
+                    detail="withdrawn",
                 )
                 self._remove(call_id)
             self._decisions.pop(call_id, None)
