@@ -14,6 +14,7 @@ from typing import Any
 
 import openai
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletion
 from temporalio import activity
 from temporalio.common import MetricCounter, MetricMeter
 from temporalio.exceptions import ApplicationError
@@ -267,7 +268,12 @@ class ModelActivities:
         await heartbeat_while(self._pace.wait())  # this worker's share of the provider
         began = time.monotonic()
         try:
-            completion = await heartbeat_while(client.chat.completions.create(**kwargs))
+            # the body Keel built, sent as is: `chat.completions.create` would walk every
+            # message against its typed params first (~0.2 ms a message, a fifth of a
+            # worker's CPU at 40 messages); the errors and the response type are the same
+            completion = await heartbeat_while(
+                client.post("/chat/completions", body=kwargs, cast_to=ChatCompletion)
+            )
             choice = completion.choices[0]
             msg = choice.message
             usage = completion.usage
