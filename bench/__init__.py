@@ -1,1 +1,2 @@
-"""Benchmarks: what durability costs (`python -m bench.overhead`)."""
+"""Benchmarks: Keel beside its peers (`make bench`, `python -m bench.compare`) and Keel's own
+overhead against a plain loop (`python -m bench.overhead`)."""
