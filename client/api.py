@@ -67,6 +67,7 @@ from keel.workflows.models import (
     MessagePolicy,
     MessageReceipt,
     Policy,
+    RunStatusView,
     TranscriptPage,
     Usage,
     Visibility,
@@ -290,23 +291,35 @@ class AgentClient:
                 state.transcript_from, state.transcript_of, state.cut = 0, len(messages), False
             return state
         except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError) as e:
-            message = getattr(e, "message", str(e))
-            if isinstance(e, RPCError) and e.status in (
-                RPCStatusCode.NOT_FOUND,
-                RPCStatusCode.INVALID_ARGUMENT,
-            ):
-                raise KeelClientError(f"run {run_id}: {message}") from e
-            if not isinstance(e, RPCError):  # the run answered: with a refusal or an error
-                raise KeelClientError(f"run {run_id}: the query failed: {message}") from e
-            if "poller" in message or not await self.has_worker(run_id):
-                raise NoWorker(
-                    f"run {run_id}: no worker is serving it, so its record cannot be read "
-                    f"now ({message}); start a worker for its task queue"
-                ) from e
-            raise NoWorker(
-                f"run {run_id}: no worker answered within {timeout.total_seconds():.0f} s "
-                f"({message}); is one serving its task queue?"
-            ) from e
+            raise await self._query_failed(run_id, e, timeout) from e
+
+    async def status(self, run_id: str, *, timeout: timedelta = QUERY_TIMEOUT) -> RunStatusView:
+        """The run's status, step, usage and open approvals: a small answer (no transcript),
+        for lists and waits. Needs a worker serving the run, as `get_state` does."""
+        try:
+            return await self._handle(run_id).query(KeelWorkflow.get_status, rpc_timeout=timeout)
+        except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError) as e:
+            raise await self._query_failed(run_id, e, timeout) from e
+
+    async def _query_failed(self, run_id: str, e: Exception, timeout: timedelta) -> KeelClientError:
+        """What a failed query means, said plainly (NoWorker when no worker answered)."""
+        message = getattr(e, "message", str(e))
+        if isinstance(e, RPCError) and e.status in (
+            RPCStatusCode.NOT_FOUND,
+            RPCStatusCode.INVALID_ARGUMENT,
+        ):
+            return KeelClientError(f"run {run_id}: {message}")
+        if not isinstance(e, RPCError):  # the run answered: with a refusal or an error
+            return KeelClientError(f"run {run_id}: the query failed: {message}")
+        if "poller" in message or not await self.has_worker(run_id):
+            return NoWorker(
+                f"run {run_id}: no worker is serving it, so its record cannot be read "
+                f"now ({message}); start a worker for its task queue"
+            )
+        return NoWorker(
+            f"run {run_id}: no worker answered within {timeout.total_seconds():.0f} s "
+            f"({message}); is one serving its task queue?"
+        )
 
     async def summary(self, run_id: str) -> RunSummary:
         """What Temporal itself knows of a run (no worker needed): status, agent, counts,
@@ -357,7 +370,7 @@ class AgentClient:
             while True:
                 try:
                     start = await stream.get_offset()
-                    view = await handle.query(KeelWorkflow.get_state, rpc_timeout=QUERY_TIMEOUT)
+                    view = await handle.query(KeelWorkflow.get_status, rpc_timeout=QUERY_TIMEOUT)
                 except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError):
                     await asyncio.sleep(POLL_EVERY)  # no worker yet, or the run just started
                     continue
@@ -371,10 +384,10 @@ class AgentClient:
                             usage=state.usage,
                         )
                     continue
-                if view.spec is None:  # not loaded yet: the first task is under way
+                if view.keeps_open is None:  # not loaded yet: the first task is under way
                     await asyncio.sleep(POLL_EVERY)
                     continue
-                closes = view.spec.keep_open_seconds <= 0
+                closes = not view.keeps_open
                 if closes or view.status in TERMINAL_STATUSES:
                     # it never goes idle (or has ended): `ended` answers, and the run's
                     # history gets no watcher's polls
@@ -655,7 +668,7 @@ class AgentClient:
             try:
                 if not await self.has_worker(wf.id):  # do not wait for an answer that cannot come
                     raise NoWorker("no worker is serving it")
-                state = await self.get_state(wf.id, timeout=LIST_QUERY_TIMEOUT)
+                state = await self.status(wf.id, timeout=LIST_QUERY_TIMEOUT)
             except KeelClientError as e:
                 n = wf.typed_search_attributes.get(PENDING_APPROVALS) or 0
                 out.append(

@@ -86,8 +86,11 @@ async def test_queries_answer_small_whatever_the_runs_size(harness: Harness) -> 
             *(handle.query("keel.get_state", result_type=AgentState) for _ in range(6))
         )
         full = await asyncio.gather(*(harness.agents.get_state(run) for _ in range(6)))
+        status = await harness.agents.status(run)  # what lists and waits read
         described = await handle.describe()
     assert result.status == AgentStatus.COMPLETED
+    assert (status.status, status.step, status.keeps_open) == (AgentStatus.COMPLETED, 1, False)
+    assert len(status.model_dump_json()) < 1_000
     assert len(result.final_answer or "") == 1_400_000
     for view in raw:
         assert len(view.model_dump_json()) < 400_000 and view.cut

@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.workflows.inbox import INTERRUPTED, Inbox, message_refusal
     from keel.workflows.models import (
         QUERY_STATE,
+        QUERY_STATUS,
         QUERY_TRANSCRIPT,
         SIGNAL_DECIDE,
         SIGNAL_MESSAGE,
@@ -69,6 +70,7 @@ with workflow.unsafe.imports_passed_through():
         ModelResult,
         OpenStep,
         QueuedMessage,
+        RunStatusView,
         SubAgentArgs,
         ToolCall,
         ToolSpec,
@@ -683,6 +685,19 @@ class KeelWorkflow:
         The answer stays small whatever the run's size (a query's answer is one gRPC message):
         the transcript's tail, with long texts cut. `keel.get_transcript` pages the rest."""
         return state_view(self.state)
+
+    @workflow.query(name=QUERY_STATUS)
+    def get_status(self) -> RunStatusView:
+        """What lists and waits need (status, step, usage, open approvals), no transcript."""
+        st = self.state
+        return RunStatusView(
+            status=st.status,
+            step=st.step,
+            usage=st.usage,
+            pending_approvals=st.pending_approvals,
+            error=st.error,
+            keeps_open=None if self.spec is None else self.spec.keep_open_seconds > 0,
+        )
 
     @workflow.query(name=QUERY_TRANSCRIPT)
     def get_transcript(self, page: TranscriptPage) -> TranscriptSlice:

@@ -31,6 +31,7 @@ UPDATE_DECIDE = "keel.decide_approval"
 UPDATE_MESSAGE = "keel.send_message"
 QUERY_STATE = "keel.get_state"  # bounded: the transcript's tail, long texts cut
 QUERY_TRANSCRIPT = "keel.get_transcript"  # the transcript whole, page by page
+QUERY_STATUS = "keel.get_status"  # small: what lists and waits need, no transcript
 
 # --- the agent spec (a snapshot of it is recorded in each run's history) -------------------
 
@@ -497,6 +498,17 @@ class AgentState(BaseModel):
         """Call ids the run used outside its transcript: never handed out again."""
         ids = {d.call_id for d in self.decisions} | {e.call_id for e in self.effects}
         return sorted(ids | set(self.retired_call_ids))
+
+
+class RunStatusView(BaseModel):
+    """The `keel.get_status` query: a run's status in a few hundred bytes (lists, waits)."""
+
+    status: AgentStatus
+    step: int = 0
+    usage: Usage = Field(default_factory=Usage)
+    pending_approvals: list[ApprovalRequest] = Field(default_factory=list)
+    error: str | None = None
+    keeps_open: bool | None = None  # goes idle between turns (None: spec not loaded yet)
 
 
 class TranscriptPage(BaseModel):
