@@ -60,15 +60,15 @@ def prometheus_runtime(host: str, port: int) -> Runtime:
 async def publish_run_counts(client: Client, every: float = GAUGE_EVERY_SECONDS) -> None:
     """Keep the `keel_runs{status}` gauge current from visibility (runs parked on a person
     or a provider are the queue an operator watches); runs until cancelled."""
-    gauge = client.service_client.config.runtime or Runtime.default()
-    meter = gauge.metric_meter.create_gauge("keel_runs", "Keel runs open now, by status")
+    runtime = client.service_client.config.runtime or Runtime.default()
+    gauge = runtime.metric_meter.create_gauge("keel_runs", "Keel runs open now, by status")
     while True:
         for status in OPEN_STATUSES:
             try:
                 found = await client.count_workflows(
                     f"{AGENT_STATUS.name} = '{status.value}' AND ExecutionStatus = 'Running'"
                 )
-                meter.set(found.count, {"status": status.value})
+                gauge.set(found.count, {"status": status.value})
             except Exception as e:  # visibility down: keep the last value, say why once
                 log.warning("counting runs for keel_runs failed: %s", e)
                 break

@@ -86,11 +86,6 @@ class EventLog:
         # handler, which refuses it (and records that in the audit trail)
         workflow.set_signal_handler(PUBLISH_SIGNAL, None)
 
-    @property
-    def offset(self) -> int:
-        """The offset the next event will have (events so far, since the run began)."""
-        return self._next
-
     def emit(self, kind: EventKind, **fields: Any) -> None:
         for name in ("text", "arguments", "detail"):
             if name in fields:
