@@ -1,7 +1,7 @@
 """`make bench`: Keel beside a hand-written Temporal loop, Temporal's OpenAI Agents integration,
 Pydantic AI on Temporal, LangGraph with its SQLite checkpointer and a plain in-process loop,
 all in one invocation, against one fake OpenAI-compatible endpoint and one in-memory
-Temporal dev server (with `keel.client.dev.dev_server_args`).
+Temporal dev server (with `keel.dev.dev_server_args`).
 
     python -m bench.compare            # the full run (~25 min); the report goes to docs/benchmarks.md
     python -m bench.compare --quick    # a smoke run (~2 min); the report goes to bench/results/quick.md

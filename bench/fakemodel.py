@@ -1,6 +1,6 @@
 """The one fake OpenAI-compatible endpoint every system talks to, in a process of its own.
 
-It is Keel's scripted model server (`keel.client.model_server`) with the script computed
+It is Keel's scripted model server (`keel.testing.model_server`) with the script computed
 from the request instead of matched rule by rule (a K=300 conversation would otherwise scan
 hundreds of rules per request): "count to K" gets a call to `add` until K tool results
 follow the prompt, then the answer. For a tagged prompt (` #tag`) it prints
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bench.conversation import TOOL_NAME, answer, read_turn
-from keel.client.model_server import Reply, Rule, RuleSet, ScriptedModelServer, ToolCallSpec
+from keel.testing.model_server import Reply, Rule, RuleSet, ScriptedModelServer, ToolCallSpec
 
 _print_lock = threading.Lock()
 NO_PROMPT = Reply(content="no scripted reply")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procstat import die_with_parent
-from keel.client.dev import dev_server_args, temporal_binary
+from keel.dev import dev_server_args, temporal_binary
 from keel.workflows.models import SEARCH_ATTRIBUTES
 
 REPO = Path(__file__).resolve().parent.parent

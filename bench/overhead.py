@@ -49,10 +49,10 @@ from temporalio.testing import WorkflowEnvironment
 from keel.activities.registry import Agent
 from keel.activities.tools import Tool, ToolContext, tool
 from keel.client.api import AgentClient
-from keel.client.dev import dev_server_args
-from keel.client.model_server import MODEL_ID, RuleSet, ScriptedModelServer
 from keel.config import Settings
+from keel.dev import dev_server_args
 from keel.plugin import ModelProvider, build_worker
+from keel.testing.model_server import MODEL_ID, RuleSet, ScriptedModelServer
 from keel.workflows.agent import AgentWorkflow
 from keel.workflows.models import CALL_MODEL, SEARCH_ATTRIBUTES, AgentStatus, Limits
 from keel.workflows.models import ModelSettings as KeelModelSettings

@@ -40,20 +40,20 @@ async def _agents(settings: Settings) -> AgentClient:
 
 
 async def cmd_dev(a: argparse.Namespace, s: Settings) -> int:
-    from keel.client.dev import run_dev
+    from keel.dev import run_dev
 
     await run_dev(s)
     return 0
 
 
 async def cmd_demo(a: argparse.Namespace, s: Settings) -> int:
-    from keel.client.demo import run_demo
+    from keel.demo.run import run_demo
 
     return await run_demo(s, yes=a.yes)
 
 
 async def cmd_worker(a: argparse.Namespace, s: Settings) -> int:
-    from keel.serve import run_worker
+    from keel.worker import run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -348,7 +348,7 @@ def _signing_keygen(a: argparse.Namespace) -> int:
 
 
 async def cmd_chaos(a: argparse.Namespace, s: Settings) -> int:
-    from keel.client.chaos import ChaosOptions, run_chaos
+    from keel.chaos.run import ChaosOptions, run_chaos
 
     opts = ChaosOptions(
         runs=a.runs,
@@ -625,8 +625,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `keel` console script."""
-    from keel.client.dev import DevStackError
     from keel.codec import PayloadDecryptError
+    from keel.dev import DevStackError
 
     args = parser().parse_args(argv)
     try:

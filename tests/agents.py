@@ -10,8 +10,8 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 
 from keel.activities.registry import Agent
-from keel.activities.support import Ledger
 from keel.activities.tools import ToolContext, tool
+from keel.demo.agent import Ledger
 from keel.workflows.models import (
     ApprovalMode,
     ApprovalPolicy,

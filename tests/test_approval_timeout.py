@@ -12,11 +12,11 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from keel.activities.support import Ledger
 from keel.client.api import AgentClient, KeelClientError
-from keel.client.model_server import ScriptedModelServer
 from keel.config import Settings
+from keel.demo.agent import Ledger
 from keel.plugin import ModelProvider, build_worker, ensure_search_attributes
+from keel.testing.model_server import ScriptedModelServer
 from keel.workflows.models import AgentState, AgentStatus
 from tests.agents import TEST_AGENTS
 from tests.conftest import binary, wait_for

@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from keel.client.chaos import ChaosError, ChaosOptions, fault_specs
-from keel.client.chaos_agent import (
+from keel.chaos.agent import (
     DONE_ANSWER,
     STOPPED_ANSWER,
     chaos_rules,
@@ -22,7 +21,7 @@ from keel.client.chaos_agent import (
     op_of,
     request_run,
 )
-from keel.client.chaos_check import (
+from keel.chaos.check import (
     Disruption,
     EffectSeen,
     LedgerRow,
@@ -35,7 +34,8 @@ from keel.client.chaos_check import (
     recovery,
     summary_line,
 )
-from keel.client.model_server import RuleSet
+from keel.chaos.run import ChaosError, ChaosOptions, fault_specs
+from keel.testing.model_server import RuleSet
 
 KEEL = str(Path(sys.executable).parent / "keel")
 SUMMARY = re.compile(

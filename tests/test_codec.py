@@ -21,10 +21,8 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from keel.activities.registry import Agent
-from keel.activities.support import Ledger
 from keel.activities.tools import ToolContext, tool
 from keel.client.api import AgentClient
-from keel.client.model_server import RuleSet, ScriptedModelServer
 from keel.codec import (
     ENCODING,
     KEY_ID,
@@ -36,7 +34,9 @@ from keel.codec import (
 )
 from keel.codec_server import SESSION_COOKIE, CodecServer
 from keel.config import Settings, SettingsError
+from keel.demo.agent import Ledger
 from keel.plugin import build_worker
+from keel.testing.model_server import RuleSet, ScriptedModelServer
 from keel.workflows.models import AgentState, AgentStatus, ApprovalMode, ApprovalPolicy
 from tests.conftest import Harness, wait_for
 from tests.rules import TEST_RULES

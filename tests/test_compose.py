@@ -913,7 +913,7 @@ def test_the_setup_job_registers_keels_search_attributes() -> None:
 def test_worker_settings_read_from_the_compose_environment() -> None:
     """What the worker container gets parses with Keel's own settings code, as meant."""
     from keel.config import Settings
-    from keel.serve import WorkerOptions
+    from keel.worker import WorkerOptions
 
     p = load_project(ROOT, ENCRYPTION_ENV)
     env = p.environment("worker")
@@ -922,7 +922,7 @@ def test_worker_settings_read_from_the_compose_environment() -> None:
     assert settings.tracing == "otlp"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
     assert settings.encrypts and settings.address == "temporal:7233"
-    assert settings.agents == "keel.activities.support:AGENTS"
+    assert settings.agents == "keel.demo.agent:AGENTS"
     assert WorkerOptions.from_env(env).health_port == 8080
     # the CLI gets the same keys, the same collector, and no metrics port of its own
     cli = Settings.from_env(p.environment("keel"))

@@ -20,8 +20,8 @@ from temporalio.testing import WorkflowEnvironment
 
 from examples.helpdesk.agents import AGENTS, TicketDesk
 from examples.helpdesk.workflows import PlanAndExecute, parse_plan
-from keel.client.model_server import RuleSet, ScriptedModelServer
 from keel.plugin import ModelProvider, build_worker
+from keel.testing.model_server import RuleSet, ScriptedModelServer
 from keel.workflows.models import AgentStatus
 from tests.conftest import Harness, wait_for
 from tests.test_cli import keel
@@ -192,7 +192,7 @@ async def test_the_wheel_serves_a_project_with_folders_named_like_keels(
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"keel"}, top  # nothing of Keel's at the top level of site-packages
-    assert "keel/client/rules/support.json" in names
+    assert "keel/demo/rules.json" in names
 
     venv = tmp_path / "venv"
     subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)  # type: ignore[attr-defined]

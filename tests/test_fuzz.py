@@ -22,7 +22,7 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError
 
-from keel.client.model_server import RuleSet
+from keel.testing.model_server import RuleSet
 from keel.workflows.authz import (
     DecisionTarget,
     PolicyError,

@@ -17,7 +17,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 from openai.types.chat import ChatCompletion, ChatCompletionMessageFunctionToolCall
 
-from keel.client.model_server import (
+from keel.testing.model_server import (
     SUPPORT_RULES,
     TEST_RULES,
     PortInUseError,

@@ -11,7 +11,7 @@ import pytest
 
 import keel
 from keel.config import Settings, SettingsError
-from keel.serve import load_agents, load_resources, load_workflows
+from keel.worker import load_agents, load_resources, load_workflows
 from tests.test_cli import keel as keel_cli
 
 ROOT = Path(__file__).resolve().parent.parent

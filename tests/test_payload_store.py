@@ -10,11 +10,11 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from keel.activities.support import Ledger
 from keel.client.api import AgentClient
-from keel.client.model_server import ScriptedModelServer
 from keel.config import Settings
+from keel.demo.agent import Ledger
 from keel.storage import close_s3_clients
+from keel.testing.model_server import ScriptedModelServer
 from keel.workflows.models import CALL_MODEL, AgentStatus
 from tests.conftest import Harness, wait_for
 

@@ -9,10 +9,10 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from keel.activities.support import Ledger
 from keel.client.api import AgentClient
-from keel.client.dev import dev_server_args
-from keel.client.model_server import ScriptedModelServer
+from keel.demo.agent import Ledger
+from keel.dev import dev_server_args
+from keel.testing.model_server import ScriptedModelServer
 from keel.workflows.models import SEARCH_ATTRIBUTES, AgentState, AgentStatus
 from tests.conftest import Harness, binary, wait_for
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from keel.config import SettingsError
-from keel.serve import WorkerOptions
+from keel.worker import WorkerOptions
 from keel.workflows.models import AgentStatus
 from tests.conftest import Harness, wait_for
 
@@ -150,7 +150,7 @@ async def test_model_and_tool_calls_on_queues_of_their_own(harness: Harness) -> 
 
     from temporalio.api.enums.v1 import EventType
 
-    from keel.serve import build_workers
+    from keel.worker import build_workers
     from tests.agents import TEST_AGENTS
 
     q = harness.settings.task_queue

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from keel.activities.support import Ledger
 from keel.config import Settings, connect
+from keel.demo.agent import Ledger
 from keel.plugin import ModelProvider, build_worker
 from tests.agents import TEST_AGENTS
 

@@ -18,12 +18,12 @@ from types import TracebackType
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from keel.activities.support import AGENTS, Ledger
-from keel.client.model_server import RuleSet, ScriptedModelServer
 from keel.codec import EncryptionCodec
 from keel.codec_server import CodecServer, CodecServerError, dev_token
 from keel.config import DEFAULT_METRICS_PORT, UI_PORT, Settings, connect
+from keel.demo.agent import AGENTS, Ledger
 from keel.plugin import build_worker, ensure_search_attributes
+from keel.testing.model_server import RuleSet, ScriptedModelServer
 from keel.workflows.models import SEARCH_ATTRIBUTES
 
 SUPPORT_RULES = Path(__file__).parent / "rules" / "support.json"

@@ -1,7 +1,7 @@
 """The demo's support agent, over a real SQLite ledger of orders, refunds and e-mails.
 
 Served by `keel dev` and `keel demo`, or when asked for:
-`keel worker --agents keel.activities.support:AGENTS --resources keel.activities.support:ledger`.
+`keel worker --agents keel.demo.agent:AGENTS --resources keel.demo.agent:ledger`.
 
 `issue_refund` and `send_email` are side-effecting: each write is keyed by the call's
 idempotency key, so a retried or replayed call returns the first result and never pays twice.

@@ -271,7 +271,7 @@ async def run_worker(
     if not ref:
         raise SettingsError(
             "name the agents to serve: keel worker --agents mypkg.agents:AGENTS "
-            "(or set KEEL_AGENTS); the demo's are keel.activities.support:AGENTS"
+            "(or set KEEL_AGENTS); the demo's are keel.demo.agent:AGENTS"
         )
     served = load_agents(ref)
     loops = load_workflows(workflows or settings.workflows)

@@ -7,8 +7,8 @@ import sys
 import textwrap
 
 from keel.client.api import AgentClient
-from keel.client.dev import DevStack
 from keel.config import Settings
+from keel.dev import DevStack
 from keel.workflows.models import TERMINAL_STATUSES, AgentState, AgentStatus, ApprovalRequest
 
 APPROVER = "you"

@@ -1,4 +1,4 @@
-"""The command line: ``python -m keel.client.model_server --rules FILE --host H --port P``."""
+"""The command line: ``python -m keel.testing.model_server --rules FILE --host H --port P``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .server import ScriptedModelServer
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m keel.client.model_server",
+        prog="python -m keel.testing.model_server",
         description="Serve a scripted model over the OpenAI Chat Completions API.",
     )
     parser.add_argument(

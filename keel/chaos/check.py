@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from keel.client.chaos_agent import DONE_ANSWER, STOPPED_ANSWER, op_of
+from keel.chaos.agent import DONE_ANSWER, STOPPED_ANSWER, op_of
 from keel.workflows.models import AgentState, AuditKind
 
 MALLORY = "chaos-mallory"  # signs the decisions for calls that do not exist

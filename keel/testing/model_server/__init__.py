@@ -6,7 +6,7 @@ runs can share one server) and a reply (text, tool calls, an error, optionally d
 (429/500/503/400/401, slow replies, malformed bodies) can be injected by count or by a seeded
 rate, from the rules file, over HTTP (``POST /admin/faults``) or from Python (``set_faults``).
 
-Run it in the foreground with ``python -m keel.client.model_server --rules FILE --port 8765``.
+Run it in the foreground with ``python -m keel.testing.model_server --rules FILE --port 8765``.
 
 Modules: ``rules`` (the rules file schema and ``RuleSet``), ``matching`` (conditions against a
 conversation, placeholder substitution), ``completions`` (response and error bodies),
@@ -18,7 +18,6 @@ from .completions import MODEL_ID
 from .completions import build_completion as build_completion
 from .completions import error_body as error_body
 from .rules import (
-    RULES_DIR,
     SUPPORT_RULES,
     TEST_RULES,
     Conditions,
@@ -36,7 +35,6 @@ from .rules import parse_faults as parse_faults
 from .server import PortInUseError, ScriptedModelServer, ServerBindError
 
 __all__ = [
-    "RULES_DIR",
     "SUPPORT_RULES",
     "TEST_RULES",
     "MODEL_ID",

@@ -21,10 +21,10 @@ from temporalio.client import Client
 from temporalio.common import RawValue
 from temporalio.service import RPCError
 
-from keel.client.chaos_agent import MODEL_TIMEOUT_SECONDS
-from keel.client.chaos_check import MALLORY
-from keel.client.dev import DevStackError, dev_server_args, temporal_binary, try_connect
+from keel.chaos.agent import MODEL_TIMEOUT_SECONDS
+from keel.chaos.check import MALLORY
 from keel.config import Settings
+from keel.dev import DevStackError, dev_server_args, temporal_binary, try_connect
 from keel.workflows.models import SEARCH_ATTRIBUTES, SIGNAL_DECIDE, SIGNAL_MESSAGE
 
 T = TypeVar("T")
@@ -137,8 +137,8 @@ class WorkerPool:
         log = open(self.logs / f"worker-{i}.log", "ab")  # noqa: SIM115 - the process keeps it
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", WORKER_CODE, "worker",
-            "--agents", "keel.client.chaos_agent:AGENTS",
-            "--resources", "keel.client.chaos_agent:ledger",
+            "--agents", "keel.chaos.agent:AGENTS",
+            "--resources", "keel.chaos.agent:ledger",
             env=self.env(i), stdout=log, stderr=log, start_new_session=True,
         )  # fmt: skip
         log.close()

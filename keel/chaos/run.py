@@ -6,9 +6,9 @@ On the embedded default it starts everything itself, in a temporary directory: a
 dev server on a SQLite file (so it can be killed and started again on the same data), the
 scripted model with faults at a rate (429 with Retry-After, 500, replies too slow for the
 client's timeout, bodies that are not JSON), and worker processes (`keel worker`) serving
-the chaos agent (`keel.client.chaos_agent`). With `--address` (or TEMPORAL_ADDRESS) the runs
+the chaos agent (`keel.chaos.agent`). With `--address` (or TEMPORAL_ADDRESS) the runs
 go to that deployment instead, on a task queue of their own, served by worker processes it
-starts here; it cannot restart that server. The checks are in `keel.client.chaos_check`.
+starts here; it cannot restart that server. The checks are in `keel.chaos.check`.
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 from temporalio.service import RPCError
 
-from keel.client.api import AgentClient, KeelClientError
-from keel.client.chaos_agent import (
+from keel.chaos.agent import (
     AGENT_NAME,
     MAX_THINK_SECONDS,
     ChaosLedger,
@@ -50,7 +49,7 @@ from keel.client.chaos_agent import (
     first_message,
     request_run,
 )
-from keel.client.chaos_check import (
+from keel.chaos.check import (
     Disruption,
     LedgerRow,
     ModelCall,
@@ -65,7 +64,7 @@ from keel.client.chaos_check import (
     report_lines,
     summary_line,
 )
-from keel.client.chaos_stack import (
+from keel.chaos.stack import (
     SERVER_START_TIMEOUT,
     DevServer,
     WorkerPool,
@@ -76,9 +75,10 @@ from keel.client.chaos_stack import (
     retrying,
     runs_on_worker,
 )
-from keel.client.dev import DevStackError
-from keel.client.model_server import RuleSet, ScriptedModelServer
+from keel.client.api import AgentClient, KeelClientError
 from keel.config import Settings, connect
+from keel.dev import DevStackError
+from keel.testing.model_server import RuleSet, ScriptedModelServer
 from keel.workflows.models import (
     PENDING_APPROVALS,
     AgentState,

@@ -2,7 +2,7 @@
 scripted model's rules that drive it.
 
 Its worker processes serve it with
-`keel worker --agents keel.client.chaos_agent:AGENTS --resources keel.client.chaos_agent:ledger`
+`keel worker --agents keel.chaos.agent:AGENTS --resources keel.chaos.agent:ledger`
 (the ledger's path in KEEL_CHAOS_LEDGER). Each run is asked to make `of` transfers; the
 scripted model makes them one per step, reading from the conversation which one comes next,
 so a queued message or an interrupt mid-run changes nothing in what the run must do.
