@@ -11,8 +11,9 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from keel.activities.tools import Tool, ToolContext
+from keel.policy_file import PolicyError, parse_policy
 from keel.workflows import errors
-from keel.workflows.authz import PolicyError, allowed_tools, parse_policy
+from keel.workflows.authz import allowed_tools
 from keel.workflows.models import (
     LOAD_AGENT_SPEC,
     AgentSpec,

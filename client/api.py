@@ -28,19 +28,14 @@ from temporalio.contrib.workflow_streams import WorkflowStreamClient
 from temporalio.exceptions import ApplicationError, CancelledError, FailureError
 from temporalio.service import RPCError, RPCStatusCode
 
+from keel.client.signing import load_signing_key, sign_decision
+from keel.client.visibility import visibility_query
 from keel.config import Settings, SettingsError, connect
+from keel.policy_file import PolicyError
 from keel.workflows import errors
-from keel.workflows.authz import (
-    DecisionTarget,
-    PolicyError,
-    load_signing_key,
-    sign_decision,
-    start_refusal,
-    tenant_of,
-    visibility,
-    visibility_query,
-)
+from keel.workflows.authz import start_refusal, tenant_of, visibility
 from keel.workflows.base import KeelWorkflow
+from keel.workflows.decisions import DecisionTarget
 from keel.workflows.events import TOPIC, EventKind, RunEvent
 from keel.workflows.models import (
     AGENT_NAME,

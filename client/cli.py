@@ -238,7 +238,7 @@ def _approver_key(path: str | None) -> Any:
     """The signing key in the file --key (or KEEL_APPROVER_KEY) names; None without one."""
     if not path:
         return None
-    from keel.workflows.authz import load_signing_key
+    from keel.client.signing import load_signing_key
 
     try:
         with open(os.path.expanduser(path), "rb") as f:
@@ -323,7 +323,7 @@ async def cmd_keygen(a: argparse.Namespace, s: Settings) -> int:
 def _signing_keygen(a: argparse.Namespace) -> int:
     """An approver's key pair: the private key into a file of its own (0600), and the
     public key as the policy names it."""
-    from keel.workflows.authz import new_signing_key
+    from keel.client.signing import new_signing_key
 
     if not a.id:
         raise KeelClientError("--signing needs --id NAME: the approver, as the policy names them")

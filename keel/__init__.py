@@ -44,7 +44,7 @@ _EXPORTS = {
     "ModelSettings": "keel.workflows.models",
     "Policy": "keel.workflows.models",
     "load_policy": "keel.activities.registry",
-    "sign_decision": "keel.workflows.authz",
+    "sign_decision": "keel.client.signing",
     "RunEvent": "keel.workflows.events",
     "EventKind": "keel.workflows.events",
 }
@@ -99,10 +99,10 @@ if TYPE_CHECKING:
     from keel.activities.registry import Agent, load_policy
     from keel.activities.tools import Tool, ToolContext, tool
     from keel.client.api import AgentClient, KeelClientError
+    from keel.client.signing import sign_decision
     from keel.config import Settings, connect
     from keel.plugin import KeelPlugin, ModelProvider
     from keel.workflows.agent import AgentWorkflow
-    from keel.workflows.authz import sign_decision
     from keel.workflows.base import EndRun, KeelWorkflow
     from keel.workflows.events import EventKind, RunEvent
     from keel.workflows.models import (

@@ -35,8 +35,8 @@ from keel.activities.model import ModelActivities
 from keel.activities.registry import Agent, AgentRegistry, load_policy
 from keel.codec import EncryptionCodec, keel_codec_of
 from keel.config import Settings, SettingsError
+from keel.policy_file import PolicyError
 from keel.workflows import WORKFLOWS
-from keel.workflows.authz import PolicyError
 from keel.workflows.errors import WORKFLOW_FAILURE_TYPES
 from keel.workflows.models import SEARCH_ATTRIBUTES, Policy
 

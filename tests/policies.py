@@ -9,7 +9,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio.client import Client
 
-from keel.workflows.authz import DecisionTarget, load_signing_key, new_signing_key, parse_policy
+from keel.client.signing import load_signing_key, new_signing_key
+from keel.policy_file import parse_policy
+from keel.workflows.decisions import DecisionTarget
 from keel.workflows.models import Policy
 
 

@@ -9,20 +9,16 @@ from pathlib import Path
 import pytest
 
 from keel.activities.registry import AgentRegistry, load_policy
-from keel.workflows.authz import (
+from keel.client.signing import sign_decision
+from keel.client.visibility import visibility_query
+from keel.policy_file import PolicyError, parse_policy, public_key_text
+from keel.workflows.authz import allowed_tools, effective_limits, start_refusal, tool_refusal
+from keel.workflows.decisions import (
     DecisionTarget,
-    PolicyError,
-    allowed_tools,
     decision_tokens,
-    effective_limits,
-    parse_policy,
-    public_key_text,
+    judge,
     rate_refusal,
-    sign_decision,
     spend_decision,
-    start_refusal,
-    tool_refusal,
-    visibility_query,
 )
 from keel.workflows.models import (
     AgentSpec,
@@ -35,7 +31,7 @@ from keel.workflows.models import (
     Policy,
     ToolSpec,
 )
-from keel.workflows.policy import budget_exhausted, refuse_decision
+from keel.workflows.policy import budget_exhausted
 from tests.agents import TEST_AGENTS
 from tests.policies import BASE, KeyPair, key_pair, make_policy, policy_data
 
@@ -75,7 +71,7 @@ def _signed(
 
 
 def _refusal(policy: Policy | None, d: DecideInput, state: AgentState | None = None) -> str:
-    return refuse_decision(_spec(policy), state or _state(), d, NOW, RUN)
+    return judge(_spec(policy), state or _state(), d, NOW, RUN).refusal
 
 
 def test_a_policy_file_loads_with_its_digest(tmp_path: Path) -> None:

@@ -22,15 +22,11 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError
 
+from keel.client.signing import sign_decision
+from keel.policy_file import PolicyError, parse_policy
 from keel.testing.model_server import RuleSet
-from keel.workflows.authz import (
-    DecisionTarget,
-    PolicyError,
-    parse_policy,
-    rate_refusal,
-    sign_decision,
-    tool_refusal,
-)
+from keel.workflows.authz import tool_refusal
+from keel.workflows.decisions import DecisionTarget, judge, rate_refusal
 from keel.workflows.inbox import MAX_QUEUED_MESSAGES, Inbox, message_refusal
 from keel.workflows.models import (
     MAX_REFUSALS,
@@ -51,7 +47,6 @@ from keel.workflows.models import (
 from keel.workflows.policy import (
     approval_reason,
     parse_arguments,
-    refuse_decision,
     short_args,
     validate_arguments,
 )
@@ -59,6 +54,20 @@ from tests.agents import TOOLS
 from tests.conftest import Harness, wait_for
 from tests.policies import key_pair, make_policy, policy_data, target_of
 from tests.test_approvals import pending
+
+NO_RUN = DecisionTarget("", "", "")
+
+
+def refuse_decision(
+    spec: AgentSpec | None,
+    state: AgentState,
+    d: DecideInput,
+    now: datetime,
+    target: DecisionTarget = NO_RUN,
+) -> str:
+    """Why the run refuses this decision ('' when it applies): `judge`'s verdict."""
+    return judge(spec, state, d, now, target).refusal
+
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 RUN = DecisionTarget("default", "run-1", "first-run-1")

@@ -57,8 +57,8 @@ async def test_continue_as_new_carries_everything(harness: Harness) -> None:
                 if isinstance(value, dict) and "usage" in value:  # a model step's result
                     tokens += ModelResult.model_validate(value).usage.total_tokens
     assert len(keys) == 30 and len(set(keys)) == 30
-    assert {k.rsplit(":", 2)[0] for k in keys} == {state.run_key}  # one key for the chain
-    assert [int(k.rsplit(":", 2)[1]) for k in keys] == list(range(1, 31))
+    assert {k.rsplit("-", 2)[0] for k in keys} == {state.run_key}  # one key for the chain
+    assert [int(k.rsplit("-", 2)[1]) for k in keys] == list(range(1, 31))
     assert state.usage.total_tokens == tokens  # usage carried whole, not restarted
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
+from keel.workflows.decisions import DecisionTarget, judge
 from keel.workflows.inbox import Inbox, message_refusal
 from keel.workflows.models import (
     MAX_REFUSALS,
@@ -30,7 +32,6 @@ from keel.workflows.policy import (
     budget_exhausted,
     idempotency_key,
     parse_arguments,
-    refuse_decision,
     short_args,
 )
 
@@ -51,6 +52,20 @@ REFUND = ToolSpec(
 SPEC = AgentSpec(
     name="a", tools=[REFUND], limits=Limits(max_steps=3, max_tokens=100, max_seconds=60)
 )
+
+
+NO_RUN = DecisionTarget("", "", "")
+
+
+def refuse_decision(
+    spec: AgentSpec | None,
+    state: AgentState,
+    d: DecideInput,
+    now: datetime,
+    target: DecisionTarget = NO_RUN,
+) -> str:
+    """Why the run refuses this decision ('' when it applies): `judge`'s verdict."""
+    return judge(spec, state, d, now, target).refusal
 
 
 def test_approval_reason_by_condition() -> None:
@@ -161,7 +176,10 @@ def test_rollback_drops_the_turn() -> None:
 def test_small_helpers() -> None:
     assert short_args('{"order_id": "A-1", "amount": 20.5}') == 'order_id="A-1", amount=20.5'
     assert short_args('{"x": "' + "y" * 100 + '"}').endswith("…")
-    assert idempotency_key("k", 3, 1) == "k:3:1"
+    key = idempotency_key("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", 3, 1)
+    assert key == "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0-3-1"
+    assert re.fullmatch(r"[0-9a-f-]+", key)  # safe as a file name and in a URL
+    assert idempotency_key("k", 3, 1, safe=False) == "k:3:1"  # runs recorded before
 
 
 def test_bad_input_cannot_grow_the_audit_without_bound() -> None:

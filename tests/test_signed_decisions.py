@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 import pytest
 
 from keel.client.api import KeelClientError
-from keel.workflows.authz import DecisionTarget, sign_decision
+from keel.client.signing import sign_decision
+from keel.workflows.decisions import DecisionTarget
 from keel.workflows.models import (
     SIGNAL_DECIDE,
     AgentState,

@@ -10,10 +10,11 @@ from typing import Any
 
 from temporalio import workflow
 
-from keel.workflows.authz import (
+from keel.workflows.decisions import (
     DecisionTarget,
+    Verdict,
     approver_roles,
-    rate_refusal,
+    judge,
     spend_decision,
 )
 from keel.workflows.events import EventKind, EventLog
@@ -29,7 +30,6 @@ from keel.workflows.models import (
     DecisionRecord,
     ToolSpec,
 )
-from keel.workflows.policy import edited_arguments, refuse_decision
 
 OUTCOMES = {Decision.APPROVE: "approved", Decision.REJECT: "rejected", Decision.EDIT: "edited"}
 
@@ -48,29 +48,23 @@ class Approvals:
         self._decisions: dict[str, DecideInput] = {}
         self._waiting_since: datetime | None = None  # while any request is open
 
-    def refusal(self, spec: AgentSpec | None, d: DecideInput) -> str:
-        """Why this decision must be refused ('' when it applies): one too many this second,
-        or not valid for this run (see `refuse_decision`). Reads the state only."""
-        now = workflow.now()
+    def verdict(self, spec: AgentSpec | None, d: DecideInput) -> Verdict:
+        """The verdict on this decision arriving now (`decisions.judge`). Reads the state only."""
         info = workflow.info()
-        policy = spec.policy if spec is not None else None
         target = DecisionTarget(info.namespace, info.workflow_id, info.first_execution_run_id)
-        return rate_refusal(self._state, now, policy) or refuse_decision(
-            spec, self._state, d, now, target
-        )
+        return judge(spec, self._state, d, workflow.now(), target)
 
     def decide(self, spec: AgentSpec | None, d: DecideInput) -> DecideReceipt:
         """Apply a decision, or record its refusal in the audit trail (never raises)."""
         st = self._state
-        refusal = self.refusal(spec, d)
-        policy = spec.policy if spec is not None else None
-        spend_decision(st, workflow.now(), policy)  # every decision counts, taken or refused
-        if refusal:
+        verdict = self.verdict(spec, d)
+        spend_decision(st, workflow.now(), spec.policy if spec is not None else None)
+        if verdict.refusal or verdict.request is None or verdict.decision is None:
             st.record(
                 AuditEntry(
                     at=workflow.now(),
                     kind=AuditKind.DECISION_REFUSED,
-                    detail=refusal,
+                    detail=verdict.refusal,
                     actor=d.approver,
                     call_id=d.call_id,
                 )
@@ -78,21 +72,16 @@ class Approvals:
             return DecideReceipt(
                 call_id=d.call_id, decision=d.decision, approver=d.approver, accepted=False
             )
-        request = next(r for r in st.pending_approvals if r.call_id == d.call_id)
-        if d.decision == Decision.EDIT:
-            # an edit names only what changes: the call runs with the merged arguments
-            d = d.model_copy(update={"arguments": edited_arguments(request, d)})
+        request, d = verdict.request, verdict.decision
         self._decisions[d.call_id] = d
         outcome = OUTCOMES[d.decision]
-        # past `refusal`, a signature the policy can check has verified
-        key = policy.users[d.approver].public_key if policy and d.approver in policy.users else ""
         st.decisions.append(
             DecisionRecord(
                 call_id=d.call_id,
                 outcome=outcome,
                 by=d.approver,
                 at=workflow.now(),
-                signed=bool(d.signature and key),
+                signed=verdict.signed,
             )
         )
         detail = d.reason
@@ -145,7 +134,6 @@ class Approvals:
         else:
             if not st.pending_approvals:
                 self._waiting_since = now
-            self._decisions.pop(call_id, None)  # nothing stale may answer this request
             st.pending_approvals.append(
                 ApprovalRequest(
                     call_id=call_id,

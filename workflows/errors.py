@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from temporalio.exceptions import ApplicationError
 
+from keel.workflows.models import AgentStatus
+
 # Stable ApplicationError types (they appear in histories and in clients' error handling).
 AGENT_NOT_FOUND = "AgentNotFound"
 PROVIDER_REJECTED = "ProviderRejected"  # 4xx other than 408/409/429: retrying cannot help
@@ -28,6 +30,16 @@ class KeelError(ApplicationError):
 
     def __init__(self, message: str, *, type: str = "KeelError") -> None:
         super().__init__(message, type=type, non_retryable=True)
+
+
+class EndRun(Exception):
+    """Raised inside a loop to end the run with this status (a budget is spent, an expired
+    approval's policy cancels the run); `execute` turns it into the run's result."""
+
+    def __init__(self, status: AgentStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
 
 
 # Registered as the worker's workflow_failure_exception_types: a bug fails the run, clearly,

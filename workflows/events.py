@@ -15,10 +15,8 @@ whole conversation is always in the run's transcript (`keel transcript`).
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel
 from temporalio import workflow
 
 try:  # tracing is optional (keel[otel]); without it, no spans
@@ -26,40 +24,13 @@ try:  # tracing is optional (keel[otel]); without it, no spans
     from opentelemetry import trace as otel
 except ImportError:  # pragma: no cover
     otel = otel_context = None  # type: ignore[assignment]
-from temporalio.contrib.workflow_streams import WorkflowStream, WorkflowStreamState
 
-TOPIC = "keel.events"
-PUBLISH_SIGNAL = "__temporal_workflow_stream_publish"
+from keel.workflows.models import EventKind, EventsCarry, RunEvent
+from keel.workflows.stream import PUBLISH_SIGNAL, TOPIC, RunStream
+
+__all__ = ["PUBLISH_SIGNAL", "TOPIC", "EventKind", "EventLog", "RunEvent", "cut"]
 RETAINED = 300  # events kept for late watchers (and carried across continue-as-new)
 TEXT_CHARS = 300  # an event carries the start of long texts; the transcript has them whole
-
-
-class EventKind(StrEnum):
-    STATUS = "status"  # the run's status changed (status, text: the error if any)
-    MODEL_REPLY = "model_reply"  # a model step's answer (text, calls, model, tokens)
-    TOOL_STARTED = "tool_started"  # a tool call starts running (tool, arguments)
-    TOOL_RESULT = "tool_result"  # a tool call's result (text)
-    APPROVAL_REQUESTED = "approval_requested"  # (tool, arguments, detail: the reason)
-    APPROVAL_DECIDED = "approval_decided"  # (detail: approved/rejected/edited/expired/...)
-    MESSAGE = "message"  # a user message arrived (text, detail: how it was handled)
-    ENDED = "ended"  # the run ended (status, text: the answer or the error)
-
-
-class RunEvent(BaseModel):
-    """One thing that happened in a run (what a watcher receives)."""
-
-    kind: EventKind
-    at: datetime
-    step: int = 0
-    status: str = ""
-    call_id: str = ""
-    tool: str = ""
-    arguments: str = ""
-    text: str = ""
-    detail: str = ""
-    model: str = ""
-    tokens: int = 0
-    by: str = ""
 
 
 def cut(text: str | None, limit: int = TEXT_CHARS) -> str:
@@ -72,31 +43,24 @@ class EventLog:
     handlers there), `emit` events, `detach` before the run ends or continues-as-new, and
     carry `state()` into the next history."""
 
-    def __init__(self, carried: WorkflowStreamState | None, agent: str) -> None:
-        self.stream = WorkflowStream(prior_state=carried)
+    def __init__(
+        self, carried: EventsCarry | None, agent: str, legacy: dict[str, Any] | None = None
+    ) -> None:
+        self.stream = RunStream(carried, legacy)
         self._agent = agent
         self._asked: dict[str, datetime] = {}  # call id → when its approval was requested
         self._spans: dict[str, Any] = {}  # call id → its approval's open span
         self._context: Any = None  # the run's trace context (`bind_trace`)
         self._meters: tuple[Any, Any, Any] | None = None
-        self._topic = self.stream.topic(TOPIC, type=RunEvent)
-        self._base = carried.base_offset if carried else 0
-        self._next = self._base + (len(carried.log) if carried else 0)
-        # only the run writes its own log: the publish signal goes to the run's own signal
-        # handler, which refuses it (and records that in the audit trail)
-        workflow.set_signal_handler(PUBLISH_SIGNAL, None)
 
     def emit(self, kind: EventKind, **fields: Any) -> None:
         for name in ("text", "arguments", "detail"):
             if name in fields:
                 fields[name] = cut(fields[name])
         event = RunEvent(kind=kind, at=workflow.now(), **fields)
-        self._topic.publish(event)
+        self.stream.publish(event)
         self._measure(event)
-        self._next += 1
-        if self._next - self._base > RETAINED:
-            self._base = self._next - RETAINED
-            self.stream.truncate(self._base)
+        self.stream.truncate(RETAINED)
 
     def _measure(self, e: RunEvent) -> None:
         """Keel's workflow metrics, from the events (`keel.metrics` lists them). Temporal's
@@ -155,11 +119,12 @@ class EventLog:
 
     def detach(self) -> None:
         """Release the watchers' long polls (they follow on to the next run, or finish)."""
-        self.stream.detach_pollers()
+        self.stream.detach()
 
     def reattach(self) -> None:
         """Take watchers' polls again (the run did not continue-as-new after all)."""
-        self.stream._detaching = False  # the stream has no public way back
+        self.stream.reattach()
 
-    def state(self) -> WorkflowStreamState:
-        return self.stream.get_state()
+    def carry(self) -> EventsCarry:
+        """The retained events, for the next history."""
+        return self.stream.carry()

@@ -66,7 +66,15 @@ class Inbox:
 
     def __init__(self, state: AgentState) -> None:
         self._state = state
-        self.stop_turn: MessagePolicy | None = None  # interrupt or rollback, once requested
+
+    @property
+    def stop_turn(self) -> MessagePolicy | None:
+        """The interrupt or rollback asked for and not yet done (kept in the run's state)."""
+        return self._state.stop_turn
+
+    @stop_turn.setter
+    def stop_turn(self, policy: MessagePolicy | None) -> None:
+        self._state.stop_turn = policy
 
     def accept(self, spec: AgentSpec | None, m: MessageInput, now: datetime) -> MessageReceipt:
         """Queue a message (or refuse it), recording either in the audit trail."""

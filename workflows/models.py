@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 from temporalio.common import SearchAttributeKey
-from temporalio.contrib.workflow_streams import WorkflowStreamState
 
 AUDIT_FIELD_CHARS = 500
 MAX_REFUSALS = 200  # refused bad input kept in the audit trail; older refusals are counted
@@ -430,6 +429,45 @@ class QueuedMessage(BaseModel):
     received_at: datetime | None = None
 
 
+# --- the run's event stream (keel watch) ---------------------------------------------------
+
+
+class EventKind(StrEnum):
+    STATUS = "status"  # the run's status changed (status, text: the error if any)
+    MODEL_REPLY = "model_reply"  # a model step's answer (text, calls, model, tokens)
+    TOOL_STARTED = "tool_started"  # a tool call starts running (tool, arguments)
+    TOOL_RESULT = "tool_result"  # a tool call's result (text)
+    APPROVAL_REQUESTED = "approval_requested"  # (tool, arguments, detail: the reason)
+    APPROVAL_DECIDED = "approval_decided"  # (detail: approved/rejected/edited/expired/...)
+    MESSAGE = "message"  # a user message arrived (text, detail: how it was handled)
+    ENDED = "ended"  # the run ended (status, text: the answer or the error)
+
+
+class RunEvent(BaseModel):
+    """One thing that happened in a run (what a watcher receives)."""
+
+    kind: EventKind
+    at: datetime
+    step: int = 0
+    status: str = ""
+    call_id: str = ""
+    tool: str = ""
+    arguments: str = ""
+    text: str = ""
+    detail: str = ""
+    model: str = ""
+    tokens: int = 0
+    by: str = ""
+
+
+class EventsCarry(BaseModel):
+    """The run's event stream as carried across continue-as-new: the events still retained
+    for late watchers, and the offset of the first of them (offsets are global to the run)."""
+
+    base_offset: int = 0
+    events: list[RunEvent] = Field(default_factory=list)
+
+
 class OpenStep(BaseModel):
     """A tool step carried into a new history while it waits on people: continue-as-new while
     parked on approvals. The model's reply (the calls) is the transcript's last message."""
@@ -475,7 +513,12 @@ class AgentState(BaseModel):
     message_ids: list[str] = Field(default_factory=list)  # the latest ids received, bounded
     empty_replies: int = 0  # empty model replies in a row (one gets a corrective turn)
     open_step: OpenStep | None = None  # a tool step parked on approvals, carried (see OpenStep)
-    stream: WorkflowStreamState | None = None  # the event log, set only when carried
+    events: EventsCarry | None = None  # the event stream, set only when carried
+    # what runs recorded before `events` carried instead: the SDK's own stream state, kept as
+    # the plain JSON it was (keel.workflows.stream reads it once)
+    stream: dict[str, Any] | None = None
+    stop_turn: MessagePolicy | None = None  # an interrupt or rollback asked for, not yet done
+    abort: str = ""  # an approval expired under the "cancel" policy: the run ends cancelled
     # decisions per second (a token bucket): tokens left at `decision_tokens_at` (None: full)
     decision_tokens: float = 0.0
     decision_tokens_at: datetime | None = None

@@ -10,15 +10,12 @@ from typing import Any
 
 import jsonschema
 
-from keel.workflows.authz import DecisionTarget, approver_refusal, effective_limits
+from keel.workflows.authz import effective_limits
 from keel.workflows.models import (
     AgentSpec,
     AgentState,
     ApprovalMode,
-    ApprovalRequest,
     Condition,
-    DecideInput,
-    Decision,
     MessagePolicy,
     ToolSpec,
 )
@@ -88,63 +85,23 @@ def _validator(schema: dict[str, Any]) -> Any:
 
 
 def validate_arguments(tool: ToolSpec, args: dict[str, Any]) -> str:
-    """Check arguments against the tool's JSON schema: '' when valid, else what is wrong."""
+    """Check arguments against the tool's JSON schema: '' when valid, else what is wrong.
+    A schema that is itself invalid (a hand-built ToolSpec) is said so, never raised: this
+    runs in workflow code and in signal handlers, where an exception would retry forever."""
     if not tool.parameters:
         return ""
     try:
-        error = jsonschema.exceptions.best_match(_validator(tool.parameters).iter_errors(args))
-        if error is not None:
-            raise error
-    except jsonschema.ValidationError as e:
-        where = "/".join(str(p) for p in e.absolute_path) or "arguments"
-        return f"{where}: {e.message}"
+        validator = _validator(tool.parameters)
+    except jsonschema.SchemaError as e:
+        return f"the tool's own JSON schema is invalid, so no call can be checked: {e.message}"
+    try:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(args))
+    except Exception as e:  # e.g. a $ref it cannot resolve: the schema, not the arguments
+        return f"the tool's own JSON schema cannot be evaluated: {e}"
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "arguments"
+        return f"{where}: {error.message}"
     return ""
-
-
-def refuse_decision(
-    spec: AgentSpec | None,
-    state: AgentState,
-    d: DecideInput,
-    now: datetime,
-    target: DecisionTarget | None = None,
-) -> str:
-    """Why a decision must be refused ('' when it may apply). With a policy in the spec, the
-    decision must also hold under it (signature, roles, four-eyes: `authz.approver_refusal`)
-    for this run, `target`."""
-    if not d.approver.strip():
-        return "an approver must be named"
-    request = next((r for r in state.pending_approvals if r.call_id == d.call_id), None)
-    if request is None:
-        prior = state.decision(d.call_id)
-        if prior is None:
-            return f"no pending approval with call id {d.call_id!r}"
-        if prior.outcome == "expired":
-            return f"the approval for {d.call_id} has expired"
-        if prior.outcome == "withdrawn":
-            return f"the approval for {d.call_id} was withdrawn (the turn was interrupted)"
-        return f"call {d.call_id} was already decided ({prior.outcome} by {prior.by})"
-    if now >= request.expires_at:
-        return f"approval for {d.call_id} expired at {request.expires_at.isoformat()}"
-    target = target or DecisionTarget("", "", "")
-    problem = approver_refusal(spec, state, request, d, now, target)
-    if problem:
-        return problem
-    if request.approvers and d.approver not in request.approvers:
-        return f"{d.approver!r} may not decide this call (allowed: {', '.join(request.approvers)})"
-    if d.decision == Decision.EDIT:
-        if not d.arguments:
-            return "an edit must carry the arguments to change"
-        tool = spec.tool(request.tool) if spec else None
-        merged = edited_arguments(request, d)
-        problem = validate_arguments(tool, merged) if tool else ""
-        if problem:
-            return f"edited arguments are invalid: {problem} (the call would run with {merged})"
-    return ""
-
-
-def edited_arguments(request: ApprovalRequest, d: DecideInput) -> dict[str, Any]:
-    """What an edited call runs with: the original arguments, with the edit's on top."""
-    return {**request.arguments, **(d.arguments or {})}
 
 
 def turn_in_flight(state: AgentState) -> bool:
@@ -200,6 +157,11 @@ def short_args(raw: str | dict[str, Any], limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def idempotency_key(run_key: str, step: int, index: int) -> str:
-    """The key of the index-th tool call of a model step; stable across retries and restarts."""
-    return f"{run_key}:{step}:{index}"
+def idempotency_key(run_key: str, step: int, index: int, *, safe: bool = True) -> str:
+    """The key of the index-th tool call of a model step; stable across retries and restarts.
+
+    It holds only lowercase hex digits, digits and `-` (`<run key>-<step>-<index>`, the run
+    key a UUID), so a tool may use it as a file name or in a URL as it is. Runs recorded
+    before keys were made safe (`safe=False`) keep `<run key>:<step>:<index>`."""
+    sep = "-" if safe else ":"
+    return f"{run_key}{sep}{step}{sep}{index}"

@@ -4,7 +4,7 @@ summary here. Activities are scheduled by name: workflow code never imports `act
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from pydantic import BaseModel
 from temporalio import workflow
@@ -64,6 +64,27 @@ NON_RETRYABLE_PROVIDER = [
     errors.KEEL_INTERNAL,
 ]
 AUTH_RETRY_SECONDS = 300.0  # a key to fix: try again this often, or at once on `keel resume`
+
+
+class TaskClock:
+    """The time budgets read. A local activity's result arrives, live, in an activation of its
+    own with a later clock than on replay (where it comes with its task): after one, until
+    the next task begins, budgets read the time the task began, the same both ways."""
+
+    def __init__(self) -> None:
+        self._began: datetime | None = None
+
+    def hold(self) -> None:
+        """A local activity runs in this task: keep reading the task's start until `release`."""
+        if self._began is None:
+            self._began = workflow.now()
+
+    def release(self) -> None:
+        """A new task began (a regular activity's result came with it)."""
+        self._began = None
+
+    def now(self) -> datetime:
+        return self._began or workflow.now()
 
 
 def payload_bytes(value: BaseModel) -> int:
@@ -162,10 +183,9 @@ async def model_step(
 
 
 async def tool_step(
-    spec: AgentSpec, state: AgentState, call: ToolCall, tool: ToolSpec | None, key: str
+    spec: AgentSpec, state: AgentState, call: ToolCall, t: ToolSpec, key: str
 ) -> ToolResult:
     """Run one tool call with that tool's own timeouts and retries; failures become results."""
-    t = tool or ToolSpec(name=call.name, max_attempts=1)
     input = ToolInput(
         agent=spec.name,
         tool=call.name,
@@ -214,11 +234,10 @@ async def tool_step(
         )
 
 
-def subagent_run_id(agent: str, key: str) -> str:
-    """The child run of the sub-agent call with this idempotency key (`run_key:step:index`):
-    derived from it, so a call starts its child once, and runs that reuse a workflow id
-    never meet each other's children."""
-    run_key, step, index = key.rsplit(":", 2)
+def subagent_run_id(agent: str, run_key: str, step: int, index: int) -> str:
+    """The child run of the index-th call of a step: derived from the call's place in the
+    run, as its idempotency key is, so a call starts its child once, and runs that reuse a
+    workflow id never meet each other's children."""
     return f"{workflow.info().workflow_id}.{agent}-{run_key[:8]}-{step}-{index}"
 
 

@@ -1,0 +1,127 @@
+"""The model's reply for a step: the agent's fallback models, and the wait on a provider
+that is down (`waiting_provider`, backing off, woken early by `keel resume`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import NoReturn
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, CancelledError
+
+from keel.workflows import errors
+from keel.workflows.errors import EndRun
+from keel.workflows.models import (
+    AgentSpec,
+    AgentState,
+    AgentStatus,
+    AuditEntry,
+    AuditKind,
+    ModelResult,
+    ToolSpec,
+)
+from keel.workflows.policy import time_exhausted, time_left
+from keel.workflows.steps import (
+    AUTH_RETRY_SECONDS,
+    failure_message,
+    failure_retry_after,
+    failure_type,
+    model_step,
+)
+
+
+class ModelCall:
+    """Asks the model for a step's reply. A failure another model could survive (overloaded,
+    context too long, model gone) goes to the next of the agent's fallbacks; a provider that
+    is down, or a key that was refused, makes the run wait for as long as its time budget
+    allows. Only a failure of the request itself ends the run."""
+
+    def __init__(
+        self,
+        state: AgentState,
+        publish: Callable[[], None],
+        fail: Callable[[str, str], NoReturn],
+        continue_as_new: Callable[[], Awaitable[NoReturn]],
+    ) -> None:
+        self._state = state
+        self._publish = publish
+        self._fail = fail
+        self._continue_as_new = continue_as_new  # the step starts again in a new history
+        self._resume = False  # an operator asked to try the provider again now
+
+    def resume(self) -> None:
+        """`keel resume`: a waiting run asks its provider again now."""
+        self._resume = True
+
+    async def ask(self, spec: AgentSpec, tools: list[ToolSpec] | None) -> ModelResult:
+        """The model's reply for this step, from the agent's model or one of its fallbacks."""
+        st = self._state
+        chain = spec.model.chain()
+        backoff = chain[0].retry_initial_seconds
+        i = 0
+        while True:
+            settings = chain[i]
+            try:
+                result = await model_step(spec, st, tools, settings)
+                if st.provider_error or st.status == AgentStatus.WAITING_PROVIDER:
+                    st.provider_error = ""
+                    st.status = AgentStatus.RUNNING
+                    self._publish()
+                return result
+            except errors.KeelError as e:
+                self._fail(e.message, e.type or "KeelError")
+            except ActivityError as e:
+                if isinstance(e.cause, CancelledError):
+                    raise
+                kind = failure_type(e) or errors.PROVIDER_UNAVAILABLE
+                message = f"{settings.model or 'default model'}: {failure_message(e)}"
+                if kind in errors.FALLBACK and i + 1 < len(chain):
+                    i += 1
+                    st.record(
+                        AuditEntry(
+                            at=workflow.now(),
+                            kind=AuditKind.MODEL_FALLBACK,
+                            detail=f"{message}; step {st.step} goes to {chain[i].model}",
+                        )
+                    )
+                    continue
+                if kind not in errors.WAIT_AND_RETRY:
+                    self._fail(message, kind)
+                wait = AUTH_RETRY_SECONDS if kind == errors.PROVIDER_AUTH else backoff
+                await self._wait_for_provider(spec, message, max(wait, failure_retry_after(e)))
+                backoff = min(backoff * 2, settings.retry_max_seconds)
+                i = 0  # after a wait, the agent's own model first
+
+    async def _wait_for_provider(self, spec: AgentSpec, error: str, seconds: float) -> None:
+        """Wait (durably) before asking the provider again: the run shows `waiting_provider`
+        and the error; `keel resume` cuts the wait short; the time budget ends it."""
+        st = self._state
+        spent = time_exhausted(spec, st, workflow.now())
+        if spent:
+            raise EndRun(
+                AgentStatus.BUDGET_EXHAUSTED, f"{spent}; the provider kept failing: {error}"
+            )
+        seconds = max(min(seconds, time_left(spec, st, workflow.now())), 0.001)
+        # the status stays waiting_provider until a model call succeeds
+        st.status = AgentStatus.WAITING_PROVIDER
+        st.provider_error = error
+        self._publish()
+        try:
+            await workflow.wait_condition(
+                lambda: self._resume,
+                timeout=timedelta(seconds=seconds),
+                timeout_summary="the model provider is asked again",
+            )
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            if st.status == AgentStatus.WAITING_PROVIDER:  # an interrupt ends the wait
+                st.status = AgentStatus.RUNNING
+            raise
+        self._resume = False
+        if workflow.info().is_continue_as_new_suggested():
+            # a long outage must not grow one history without bound: the step starts again
+            # in a fresh history (none of its model calls had an answer)
+            await self._continue_as_new()
