@@ -21,12 +21,12 @@ from temporalio.testing import WorkflowEnvironment
 from examples.helpdesk.agents import AGENTS as HELPDESK_AGENTS
 from examples.helpdesk.agents import TicketDesk
 from examples.helpdesk.workflows import PlanAndExecute
-from keel.activities.support import Ledger
 from keel.client.api import AgentClient
-from keel.client.dev import dev_server_args
-from keel.client.model_server import RuleSet, ScriptedModelServer
 from keel.config import Settings
+from keel.demo.agent import Ledger
+from keel.dev import dev_server_args
 from keel.plugin import ModelProvider, build_worker
+from keel.testing.model_server import RuleSet, ScriptedModelServer
 from keel.workflows.models import SEARCH_ATTRIBUTES
 from tests.conftest import Harness, binary, wait_for
 from tests.rules import TEST_RULES

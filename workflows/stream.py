@@ -22,6 +22,7 @@ from typing import Any
 from temporalio import workflow
 from temporalio.api.common.v1 import Payload
 from temporalio.contrib.workflow_streams import WorkflowStream, WorkflowStreamState
+from temporalio.converter import PayloadConverter
 
 from keel.workflows.models import EventsCarry, RunEvent
 
@@ -36,7 +37,7 @@ class RunStream:
 
     def __init__(self, carried: EventsCarry | None, legacy: dict[str, Any] | None) -> None:
         if carried is None and legacy is not None:
-            carried = _from_sdk_state(legacy)
+            carried = from_sdk_state(legacy, workflow.payload_converter())
         base = carried.base_offset if carried is not None else 0
         # the SDK's own state only for its base offset; the events are published again, in
         # order, so they keep their offsets
@@ -74,11 +75,11 @@ class RunStream:
         return EventsCarry(base_offset=self.base, events=list(self.events))
 
 
-def _from_sdk_state(state: dict[str, Any]) -> EventsCarry:
+def from_sdk_state(state: dict[str, Any], converter: PayloadConverter) -> EventsCarry:
     """The events a run recorded before Keel carried its own, from the SDK's state as JSON."""
     events = []
     for item in state.get("log") or []:
         payload = Payload()
         payload.ParseFromString(base64.b64decode(item["data"]))
-        events.append(workflow.payload_converter().from_payload(payload, RunEvent))
+        events.append(converter.from_payload(payload, RunEvent))
     return EventsCarry(base_offset=int(state.get("base_offset") or 0), events=events)
