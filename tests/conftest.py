@@ -21,6 +21,7 @@ from keel.demo.agent import Ledger
 from keel.testing import AgentEnvironment, ScriptedModelServer, start_local_temporal
 from tests.agents import TEST_AGENTS
 from tests.rules import TEST_RULES
+from tests.wheel import Installed, build_wheel, install
 
 BIN = Path(sys.executable).parent
 
@@ -40,6 +41,13 @@ async def env() -> AsyncIterator[WorkflowEnvironment]:
     suggest_early = ["--dynamic-config-value", "limit.historyCount.suggestContinueAsNew=120"]
     async with await start_local_temporal(extra_args=suggest_early) as e:
         yield e
+
+
+@pytest.fixture(scope="session")
+def installed_keel(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """Keel's wheel, installed in a fresh virtual environment (tests/wheel.py)."""
+    where = tmp_path_factory.mktemp("wheel")
+    return install(build_wheel(where / "dist"), where / "venv")
 
 
 @pytest.fixture

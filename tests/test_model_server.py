@@ -24,7 +24,6 @@ from keel.testing.model_server import (
     ScriptedModelServer,
     main,
 )
-from tests.conftest import wait_for
 from tests.rules import TEST_RULES
 
 SUPPORT_TOOLS: list[Any] = [
@@ -235,7 +234,7 @@ async def test_a_held_reply_holds_no_other() -> None:
     with ScriptedModelServer(HELD) as s:
         c = AsyncOpenAI(base_url=s.base_url, api_key="x", max_retries=0)
         held = asyncio.create_task(c.chat.completions.create(model="m", messages=user("wait")))
-        await wait_for(lambda: s.held("g") == 1)
+        await s.wait_held("g")
         r = await c.chat.completions.create(model="m", messages=user("say hello"))
         assert r.choices[0].message.content == "quick"
         assert not held.done() and s.requests()[0]["outcome"] == "pending"
@@ -254,7 +253,7 @@ async def test_stop_answers_held_replies_and_frees_the_port() -> None:
     port = s.port
     c = AsyncOpenAI(base_url=s.base_url, api_key="x", max_retries=0)
     held = asyncio.create_task(c.chat.completions.create(model="m", messages=user("wait")))
-    await wait_for(lambda: s.held("g") == 1)
+    await s.wait_held("g")
     await asyncio.to_thread(s.stop)
     with pytest.raises(openai.InternalServerError) as exc:
         await held

@@ -167,6 +167,12 @@ class ScriptedModel:
         with self._lock:
             return sum(1 for w in self._waits if w.gate == name)
 
+    async def wait_held(self, name: str, count: int = 1) -> None:
+        """Return once `count` replies wait at the gate `name`: the requests have arrived,
+        and their model calls are in flight until the gate is released."""
+        while self.held(name) < count:
+            await asyncio.sleep(0.01)  # the replies wait on the server's own loop
+
     # ---- waiting, which the server's stop ends
 
     def _begin(self) -> None:
