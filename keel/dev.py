@@ -23,10 +23,9 @@ from keel.codec_server import CodecServer, CodecServerError, dev_token
 from keel.config import DEFAULT_METRICS_PORT, UI_PORT, Settings, connect
 from keel.demo.agent import AGENTS, Ledger
 from keel.plugin import build_worker, ensure_search_attributes
-from keel.testing.model_server import RuleSet, ScriptedModelServer
+from keel.testing.model_server import SUPPORT_RULES, RuleSet, ScriptedModelServer
 from keel.workflows.models import SEARCH_ATTRIBUTES
 
-SUPPORT_RULES = Path(__file__).parent / "rules" / "support.json"
 SERVER_START_TIMEOUT = 60.0
 
 # The dev server's single history shard reads new transfer tasks at most 20 times a second

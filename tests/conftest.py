@@ -6,30 +6,22 @@ import asyncio
 import inspect
 import shutil
 import sys
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from keel.activities.registry import Agent
-from keel.client.api import AgentClient
-from keel.config import Settings
 from keel.demo.agent import Ledger
-from keel.dev import dev_server_args
-from keel.plugin import ModelProvider, build_worker
-from keel.testing.model_server import RuleSet, ScriptedModelServer
-from keel.workflows.models import SEARCH_ATTRIBUTES
+from keel.testing import AgentEnvironment, ScriptedModelServer, start_local_temporal
 from tests.agents import TEST_AGENTS
 from tests.rules import TEST_RULES
+from tests.wheel import Installed, build_wheel, install
 
 BIN = Path(sys.executable).parent
 
@@ -46,23 +38,22 @@ def binary(name: str) -> str:
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def env() -> AsyncIterator[WorkflowEnvironment]:
     """One real Temporal dev server for the session, with Keel's search attributes."""
-    async with await WorkflowEnvironment.start_local(
-        dev_server_existing_path=binary("temporal"),
-        search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=pydantic_data_converter,
-        dev_server_extra_args=[
-            "--dynamic-config-value",
-            "limit.historyCount.suggestContinueAsNew=120",
-            *dev_server_args(file_backed=False),
-        ],
-    ) as e:
+    suggest_early = ["--dynamic-config-value", "limit.historyCount.suggestContinueAsNew=120"]
+    async with await start_local_temporal(extra_args=suggest_early) as e:
         yield e
+
+
+@pytest.fixture(scope="session")
+def installed_keel(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """Keel's wheel, installed in a fresh virtual environment (tests/wheel.py)."""
+    where = tmp_path_factory.mktemp("wheel")
+    return install(build_wheel(where / "dist"), where / "venv")
 
 
 @pytest.fixture
 def model() -> Iterator[ScriptedModelServer]:
     """A scripted model of this test's own (faults and counters are per server)."""
-    with ScriptedModelServer(RuleSet.from_dict(TEST_RULES)) as server:
+    with ScriptedModelServer(TEST_RULES) as server:
         yield server
 
 
@@ -71,40 +62,20 @@ def ledger(tmp_path: Path) -> Ledger:
     return Ledger(tmp_path / "ledger.db")
 
 
-class Harness:
-    """Everything a test drives: client, AgentClient on a task queue of its own, a worker."""
+class Harness(AgentEnvironment):
+    """Everything a test drives: the Temporal client, `agents` (an AgentClient on a task
+    queue of its own), `model`, and workers (`worker()`, `running()`) serving TEST_AGENTS
+    with the ledger as their resources."""
 
     def __init__(self, env: WorkflowEnvironment, model: ScriptedModelServer, ledger: Ledger):
+        super().__init__(env.client, TEST_AGENTS, model, resources=ledger)
         self.env = env
-        self.client: Client = env.client
-        self.model = model
         self.ledger = ledger
-        self.settings = Settings(task_queue=f"tq-{uuid.uuid4().hex[:8]}")
-        self.agents = AgentClient(self.client, self.settings)
-
-    def worker(self, agents: list[Agent] | None = None, **options: Any) -> Worker:
-        return build_worker(
-            self.client,
-            settings=self.settings,
-            agents=TEST_AGENTS if agents is None else agents,
-            resources=self.ledger,
-            model=ModelProvider(base_url=self.model.url, model="scripted"),
-            **options,
-        )
 
     @asynccontextmanager
     async def running(self, agents: list[Agent] | None = None) -> AsyncIterator[Worker]:
         async with self.worker(agents) as w:
             yield w
-
-    async def start(self, agent: str, message: str, user: str = "tester") -> str:
-        return await self.agents.start(
-            agent,
-            message,
-            user=user,
-            run_id=f"test-{uuid.uuid4().hex[:10]}",
-            execution_timeout=timedelta(minutes=5),
-        )
 
 
 @pytest.fixture

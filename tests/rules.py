@@ -1,4 +1,6 @@
-"""The scripted model's rules for the tests (stateless: matched on the conversation)."""
+"""The scripted model's rules for Keel's own tests (stateless: matched on the conversation).
+
+A dict in the rules file's shape (docs/testing.md), so tests can add rules of their own in front."""
 
 from __future__ import annotations
 
@@ -105,9 +107,34 @@ TEST_RULES: dict[str, Any] = {
             "reply": {"content": "Done: {output}"},
         },
         {
+            "name": "pirate hello",
+            "when": {"last_role": "user", "system": "(?i)pirate", "last_user": "(?i)say hello"},
+            "reply": {"content": "Ahoy!"},
+        },
+        {
             "name": "hello",
             "when": {"last_role": "user", "last_user": "(?i)say hello"},
             "reply": {"content": "Hello!"},
+        },
+        {
+            "name": "two sums",
+            "when": {"last_role": "user", "last_user": "(?i)two sums"},
+            "reply": {
+                "tool_calls": [
+                    {"name": "add", "arguments": {"a": 1, "b": 2}},
+                    {"name": "add", "arguments": {"a": 3, "b": 4}},
+                ]
+            },
+        },
+        {
+            "name": "model error",
+            "when": {"last_role": "user", "last_user": "(?i)trigger error"},
+            "reply": {"error": {"status": 400, "message": "Invalid request: scripted rejection"}},
+        },
+        {
+            "name": "braces",
+            "when": {"last_role": "user", "last_user": "(?i)literal braces"},
+            "reply": {"content": "Literal {braces} and {} and {{x}} stay."},
         },
         {
             "name": "add",

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +24,7 @@ from keel.testing.model_server import RuleSet, ScriptedModelServer
 from keel.workflows.models import AgentStatus
 from tests.conftest import Harness, wait_for
 from tests.test_cli import keel
+from tests.wheel import Installed
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "helpdesk"
@@ -179,36 +179,22 @@ async def test_keel_worker_serves_a_projects_agents(helpdesk: Harness, tmp_path:
 
 
 async def test_the_wheel_serves_a_project_with_folders_named_like_keels(
-    env: WorkflowEnvironment, helpdesk_model: ScriptedModelServer, tmp_path: Path
+    env: WorkflowEnvironment,
+    helpdesk_model: ScriptedModelServer,
+    installed_keel: Installed,
+    tmp_path: Path,
 ) -> None:
-    """Keel's wheel, installed in a fresh virtual environment, beside a project that has its
-    own workflows.py, activities.py, client.py and worker.py (examples/helpdesk, copied out
-    of this repository): the project's worker serves its agents, its loop and its own
-    workflow with KeelPlugin, and its client runs a conversation with an approval.
-
-    The fresh environment gets Keel only from the wheel; the third-party packages Keel
-    depends on come from this virtual environment's site-packages (no download, no Keel)."""
-    wheel = _build_wheel(tmp_path / "dist")
-    names = zipfile.ZipFile(wheel).namelist()
+    """Keel's wheel, installed in a fresh virtual environment (tests/wheel.py), beside a
+    project that has its own workflows.py, activities.py, client.py and worker.py
+    (examples/helpdesk, copied out of this repository): the project's worker serves its
+    agents, its loop and its own workflow with KeelPlugin, and its client runs a
+    conversation with an approval."""
+    names = zipfile.ZipFile(installed_keel.wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"keel"}, top  # nothing of Keel's at the top level of site-packages
     assert "keel/demo/rules.json" in names
 
-    venv = tmp_path / "venv"
-    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)  # type: ignore[attr-defined]
-    python = venv / "bin" / "python"
-    site = subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    # the dependencies, as a plain path: its .pth files (our editable install) are not run
-    Path(site, "keel-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run(
-        [python, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)],
-        check=True,
-    )
+    python, site = installed_keel.python, installed_keel.site
     project = tmp_path / "helpdesk"
     shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("__pycache__"))
     where = subprocess.run(
@@ -218,7 +204,7 @@ async def test_the_wheel_serves_a_project_with_folders_named_like_keels(
         capture_output=True,
         text=True,
     ).stdout.split()
-    assert where == [str(Path(site, "keel", "__init__.py")), str(project / "workflows.py")]
+    assert where == [str(site / "keel" / "__init__.py"), str(project / "workflows.py")]
 
     run_env = {
         "PATH": os.environ["PATH"],
@@ -246,36 +232,6 @@ async def test_the_wheel_serves_a_project_with_folders_named_like_keels(
     assert report["approved"][0]["tool"] == "open_ticket"
     assert len(report["plan"]) == 2
     assert report["tickets"] == 1  # the project's own workflow, on the same worker
-
-
-def _build_wheel(dist: Path) -> Path:
-    """Keel's wheel, built offline from a copy of the repository (no build/ left here)."""
-    src = dist.parent / "src"
-    shutil.copytree(
-        ROOT,
-        src,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv", ".keel", "build", "*.egg-info", "__pycache__", "histories"
-        ),
-    )
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(dist),
-            str(src),
-        ],
-        check=True,
-        cwd=dist.parent,
-    )
-    (wheel,) = dist.glob("keel-*.whl")
-    return wheel
 
 
 @asynccontextmanager

@@ -6,7 +6,6 @@ import asyncio
 import json
 import random
 import socket
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,13 +18,13 @@ from openai.types.chat import ChatCompletion, ChatCompletionMessageFunctionToolC
 
 from keel.testing.model_server import (
     SUPPORT_RULES,
-    TEST_RULES,
     PortInUseError,
     RulesError,
     RuleSet,
     ScriptedModelServer,
     main,
 )
+from tests.rules import TEST_RULES
 
 SUPPORT_TOOLS: list[Any] = [
     {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
@@ -35,7 +34,7 @@ SUPPORT_TOOLS: list[Any] = [
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ScriptedModelServer]:
-    with ScriptedModelServer(RuleSet.load(TEST_RULES)) as s:
+    with ScriptedModelServer(TEST_RULES) as s:
         yield s
 
 
@@ -144,14 +143,16 @@ def test_tool_result_round_trip(client: OpenAI) -> None:
     # A result for another tool is not taken for an `add` result.
     messages[-2]["tool_calls"][0]["function"]["name"] = "multiply"
     r = client.chat.completions.create(model="m", messages=messages)
-    assert r.choices[0].message.content == 'Tool returned: {"result": 5}'
+    assert r.choices[0].message.content == 'Done: {"result": 5}'
 
 
 def test_system_condition_and_default(client: OpenAI) -> None:
     pirate = [{"role": "system", "content": "You are a pirate."}, *user("say hello")]
     r = client.chat.completions.create(model="m", messages=pirate)
     assert r.choices[0].message.content == "Ahoy!"
-    r = client.chat.completions.create(model="m", messages=user("what is the meaning of life"))
+    # no rule matches a conversation that ends with the assistant's turn
+    ended = [*user("say hello"), {"role": "assistant", "content": "Hello!"}]
+    r = client.chat.completions.create(model="m", messages=ended)
     assert r.choices[0].message.content == "I have no scripted reply for that."
 
 
@@ -166,17 +167,17 @@ def test_invalid_model_output(client: OpenAI) -> None:
 
 
 def test_tool_call_quirks(server: ScriptedModelServer) -> None:
-    raw = chat_raw(server, user("quirk no ids"))["choices"][0]["message"]["tool_calls"]
-    assert "id" not in raw[0]
-    raw = chat_raw(server, user("quirk duplicate ids"))["choices"][0]["message"]["tool_calls"]
-    assert len(raw) == 2 and raw[0]["id"] == raw[1]["id"]
-    message = chat_raw(server, user("quirk content with tools"))["choices"][0]["message"]
+    raw = chat_raw(server, user("quirky without ids"))["choices"][0]["message"]["tool_calls"]
+    assert len(raw) == 2 and "id" not in raw[0] and "id" not in raw[1]
+    message = chat_raw(server, user("quirky"))["choices"][0]["message"]
+    assert len(message["tool_calls"]) == 2
+    assert message["tool_calls"][0]["id"] == message["tool_calls"][1]["id"]
     assert message["content"] == "Let me add those."
     assert message["tool_calls"][0]["function"]["name"] == "add"
 
 
 def test_literal_braces_survive(client: OpenAI) -> None:
-    r = client.chat.completions.create(model="m", messages=user("braces"))
+    r = client.chat.completions.create(model="m", messages=user("literal braces"))
     assert r.choices[0].message.content == "Literal {braces} and {} and {{x}} stay."
 
 
@@ -217,19 +218,53 @@ def test_float_placeholder_and_unknown_placeholder() -> None:
     assert args == {"amount": 12.5, "note": ["paid 12.5 of {missing}", "{missing:int}"]}
 
 
-async def test_slow_reply_does_not_block_others(aclient: AsyncOpenAI) -> None:
-    slow = asyncio.create_task(
-        aclient.chat.completions.create(model="m", messages=user("be slow"), timeout=20)
-    )
-    await asyncio.sleep(0.1)
-    start = time.monotonic()
-    r = await aclient.chat.completions.create(model="m", messages=user("say hello"))
-    assert r.choices[0].message.content == "Hello!"
-    assert time.monotonic() - start < 2
-    assert not slow.done()
-    slow.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await slow
+HELD = {
+    "rules": [
+        {
+            "name": "held",
+            "when": {"last_user": "wait"},
+            "reply": {"hold": "g", "content": "at last"},
+        }
+    ],
+    "default": {"content": "quick"},
+}
+
+
+async def test_a_held_reply_holds_no_other() -> None:
+    with ScriptedModelServer(HELD) as s:
+        c = AsyncOpenAI(base_url=s.base_url, api_key="x", max_retries=0)
+        held = asyncio.create_task(c.chat.completions.create(model="m", messages=user("wait")))
+        await s.wait_held("g")
+        r = await c.chat.completions.create(model="m", messages=user("say hello"))
+        assert r.choices[0].message.content == "quick"
+        assert not held.done() and s.requests()[0]["outcome"] == "pending"
+        s.release("g")
+        assert (await held).choices[0].message.content == "at last"
+        assert s.held("g") == 0
+        # an open gate holds nothing more
+        r = await c.chat.completions.create(model="m", messages=user("wait"))
+        assert r.choices[0].message.content == "at last"
+        assert s.stats() == {"requests": 3, "served": 3, "faults": 0, "errors": 0}
+
+
+async def test_stop_answers_held_replies_and_frees_the_port() -> None:
+    s = ScriptedModelServer(HELD)
+    s.start()
+    port = s.port
+    c = AsyncOpenAI(base_url=s.base_url, api_key="x", max_retries=0)
+    held = asyncio.create_task(c.chat.completions.create(model="m", messages=user("wait")))
+    await s.wait_held("g")
+    await asyncio.to_thread(s.stop)
+    with pytest.raises(openai.InternalServerError) as exc:
+        await held
+    assert exc.value.status_code == 503 and "stopping" in exc.value.message
+    with pytest.raises(openai.APIConnectionError):
+        await c.chat.completions.create(model="m", messages=user("say hello"))
+    with ScriptedModelServer(HELD, port=port) as again:  # the port is free again
+        r = OpenAI(base_url=again.base_url, api_key="x", max_retries=0).chat.completions.create(
+            model="m", messages=user("say hello")
+        )
+        assert r.choices[0].message.content == "quick"
 
 
 async def test_concurrent_requests(server: ScriptedModelServer, aclient: AsyncOpenAI) -> None:
@@ -283,12 +318,12 @@ def test_auth_and_bad_request_faults(server: ScriptedModelServer, client: OpenAI
 
 
 async def test_slow_fault_times_out(server: ScriptedModelServer, aclient: AsyncOpenAI) -> None:
-    server.set_faults([{"kind": "slow", "count": 1, "delay": 5}])
-    start = time.monotonic()
+    server.set_faults([{"kind": "slow", "count": 1, "delay": 600}])  # answers when it stops
     with pytest.raises(openai.APITimeoutError):
         await aclient.chat.completions.create(model="m", messages=user("say hello"), timeout=0.5)
-    assert time.monotonic() - start < 3
     assert server.requests()[0]["outcome"] == "fault:slow"
+    r = await aclient.chat.completions.create(model="m", messages=user("say hello"))
+    assert r.choices[0].message.content == "Hello!"
 
 
 def test_malformed_body(server: ScriptedModelServer, client: OpenAI) -> None:
@@ -301,7 +336,7 @@ def test_malformed_body(server: ScriptedModelServer, client: OpenAI) -> None:
 def test_fault_when_condition(server: ScriptedModelServer, client: OpenAI) -> None:
     server.set_faults([{"kind": "500", "when": {"last_user": "(?i)hello"}}])
     r = client.chat.completions.create(model="m", messages=user("echo hi"))
-    assert r.choices[0].message.content == "hi"
+    assert r.choices[0].message.content == "You said: echo hi"
     for _ in range(2):
         with pytest.raises(openai.InternalServerError):
             client.chat.completions.create(model="m", messages=user("say hello"))
@@ -383,6 +418,8 @@ def test_unknown_path_and_bad_json(server: ScriptedModelServer) -> None:
     status, _, body = http(server, "GET", "/v1/nope")
     assert status == 404
     assert set(body["error"]) >= {"message", "type", "code"}
+    status, _, body = http(server, "GET", "/v1/chat/completions")
+    assert status == 405 and body["error"]["type"] == "invalid_request_error"
     status, _, body = http(server, "POST", "/v1/chat/completions", b"{not json")
     assert status == 400
     assert body["error"]["type"] == "invalid_request_error"
@@ -398,7 +435,7 @@ def test_port_taken() -> None:
             ScriptedModelServer(RuleSet(), port=port).start()
         assert isinstance(exc.value, OSError)
         assert str(port) in str(exc.value)
-        assert main(["--rules", str(TEST_RULES), "--port", str(port)]) == 1
+        assert main(["--rules", str(SUPPORT_RULES), "--port", str(port)]) == 1
 
 
 def test_invalid_rules_are_reported() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8765, help="port to bind (%(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every HTTP request")
     args = parser.parse_args(argv)
+    if args.verbose:  # the server logs through `logging`, and configures none of its own
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         rules = RuleSet.load(args.rules)
     except RulesError as e:
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(
-        f"Scripted model server listening on {server.url} "
+        f"Scripted model server listening on {server.base_url} "
         f"({len(rules.rules)} rules from {args.rules}); Ctrl-C to stop",
         flush=True,
     )

@@ -7,7 +7,6 @@ import json
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from .matching import _substitute, _substitute_text
@@ -54,7 +53,7 @@ _DEFAULT_ERRORS: dict[int, tuple[str, str, str | None]] = {
     503: ("The engine is currently overloaded, please try again later.", "server_error", None),
 }
 
-_MALFORMED_BODY = (
+MALFORMED_BODY = (
     b'{"id": "chatcmpl-malformed", "object": "chat.completion", "created": 0, '
     b'"model": "scripted", "choices": [{"index": 0, "message": {"role": "assistant", '
     b'"content": "This reply was cut off in the midd'
@@ -82,28 +81,6 @@ def error_body(
             "code": code if code is not None else default_code,
         }
     }
-
-
-@dataclass
-class _HttpReply:
-    status: int
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def json(cls, status: int, payload: Any, headers: dict[str, str] | None = None) -> _HttpReply:
-        return cls(status, json.dumps(payload).encode("utf-8"), dict(headers or {}))
-
-    @classmethod
-    def error(
-        cls,
-        status: int,
-        message: str | None = None,
-        type: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> _HttpReply:
-        return cls.json(status, error_body(status, message, type, code), headers)
 
 
 def build_completion(

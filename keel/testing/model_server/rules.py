@@ -1,7 +1,7 @@
 """The rules file schema: conditions, replies, fault specs and the ``RuleSet`` itself.
 
-Rules files are JSON; keys starting with ``_`` are comments, any other unknown key is an error.
-The bundled files: ``keel/testing/rules.json`` (tests) and ``keel/demo/rules.json`` (the demo).
+Rules files are JSON (docs/testing.md); keys starting with ``_`` are comments, any other
+unknown key is an error. ``SUPPORT_RULES`` is the demo's file, the one ``keel dev`` serves.
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from pydantic import (
 
 from .matching import _compile, _Conversation
 
-_KEEL = Path(__file__).resolve().parents[2]
-SUPPORT_RULES = _KEEL / "demo" / "rules.json"
-TEST_RULES = _KEEL / "testing" / "rules.json"
+SUPPORT_RULES = Path(__file__).resolve().parents[2] / "demo" / "rules.json"
 
 FaultKind = Literal["429", "500", "503", "400", "401", "403", "404", "slow", "malformed"]
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]

@@ -1,22 +1,24 @@
-"""``ScriptedModelServer``: lifecycle, admin operations, fault state and the chat endpoint."""
+"""``ScriptedModelServer``: the scripted model served by uvicorn on a thread of its own."""
 
 from __future__ import annotations
 
-import copy
+import asyncio
 import errno
-import json
-import random
+import socket
 import threading
-import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .completions import _MALFORMED_BODY, _HttpReply, build_completion
-from .handler import _HTTPServer
-from .matching import _Conversation, _substitute_text
-from .rules import FaultSpec, RuleSet, parse_faults
+import uvicorn
+
+from .app import build_app
+from .rules import RuleSet
+from .script import ScriptedModel
+
+# How long a stopping server waits for replies already on their way out.
+STOP_GRACE_SECONDS = 5.0
 
 
 class ServerBindError(OSError):
@@ -27,105 +29,108 @@ class PortInUseError(ServerBindError):
     """The port is already taken."""
 
 
-@dataclass
-class _FaultState:
-    spec: FaultSpec
-    remaining: int | None
-    rng: random.Random
-
-    @classmethod
-    def of(cls, spec: FaultSpec) -> _FaultState:
-        return cls(spec=spec, remaining=spec.count, rng=random.Random(spec.seed))
-
-    def fires(self) -> bool:
-        if self.remaining is not None:
-            if self.remaining <= 0:
-                return False
-            self.remaining -= 1
-            return True
-        if self.spec.rate is not None:
-            return self.rng.random() < self.spec.rate
-        return True
+def as_rules(rules: RuleSet | Mapping[str, Any] | str | Path | None) -> RuleSet:
+    """Rules given as a RuleSet, a dict in the rules file's shape, or a rules file's path."""
+    if rules is None:
+        return RuleSet()
+    if isinstance(rules, RuleSet):
+        return rules
+    if isinstance(rules, Mapping):
+        return RuleSet.from_dict(rules)
+    return RuleSet.load(rules)
 
 
-class ScriptedModelServer:
-    """The scripted model on a background ``ThreadingHTTPServer``.
+class ScriptedModelServer(ScriptedModel):
+    """The scripted model over HTTP, on a background thread with its own event loop; port 0
+    (the default) binds a free port. A context manager; ``base_url`` is what an OpenAI client
+    (or ``ModelProvider``) takes.
 
-    >>> with ScriptedModelServer(RuleSet.load(TEST_RULES)) as server:
-    ...     client = AsyncOpenAI(base_url=server.url, api_key="x", max_retries=0)
+    >>> with ScriptedModelServer("tests/rules.json") as model:
+    ...     client = AsyncOpenAI(base_url=model.base_url, api_key="x", max_retries=0)
     """
 
     def __init__(
         self,
-        rules: RuleSet,
+        rules: RuleSet | Mapping[str, Any] | str | Path | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         *,
         verbose: bool = False,
     ) -> None:
-        self._rules = rules
+        super().__init__(as_rules(rules))
         self._host = host
         self._requested_port = port
         self.verbose = verbose
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._httpd: _HTTPServer | None = None
+        self._socket: socket.socket | None = None
+        self._uvicorn: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
-        self._requests = 0
-        self._served = 0
-        self._faults_count = 0
-        self._errors = 0
-        self._generation = 0
-        self._log: list[dict[str, Any]] = []
-        self._faults: list[_FaultState] = [_FaultState.of(f) for f in rules.faults]
-        self._gates: dict[str, threading.Event] = {}
-        self._held: dict[str, int] = {}
 
     # ---- lifecycle
 
     def start(self) -> None:
-        """Bind and serve in a daemon thread; raises PortInUseError if the port is taken."""
-        if self._httpd is not None:
+        """Bind, then serve on a daemon thread; raises PortInUseError if the port is taken."""
+        if self._thread is not None:
             raise RuntimeError("scripted model server already started")
-        self._stopping.clear()
-        try:
-            httpd = _HTTPServer((self._host, self._requested_port), self)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                msg = (
-                    f"cannot start the scripted model server: port {self._requested_port} "
-                    f"on {self._host} is already in use; choose another port"
-                )
-            else:
-                msg = (
-                    f"cannot start the scripted model server on "
-                    f"{self._host}:{self._requested_port}: {e.strerror or e}"
-                )
-            error = PortInUseError if e.errno == errno.EADDRINUSE else ServerBindError
-            exc = error(msg)
-            exc.errno = e.errno
-            raise exc from e
-        self._httpd = httpd
+        # bound here, so a taken port fails in the caller and port 0 is known at once;
+        # connections made before the loop runs wait in the listen backlog
+        self._socket = self._bind()
+        config = uvicorn.Config(
+            build_app(self),
+            log_config=None,  # leave the host application's logging alone
+            log_level="info" if self.verbose else "warning",
+            access_log=self.verbose,
+            lifespan="off",
+            server_header=False,
+            timeout_graceful_shutdown=STOP_GRACE_SECONDS,
+        )
+        self._uvicorn = uvicorn.Server(config)
+        self._begin()
         self._thread = threading.Thread(
-            target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
+            target=self._serve,
+            args=(self._uvicorn, self._socket),
             name=f"scripted-model-server:{self.port}",
             daemon=True,
         )
         self._thread.start()
 
+    def _bind(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self._host, self._requested_port))
+            sock.listen(256)
+        except OSError as e:
+            sock.close()
+            where = f"{self._host}:{self._requested_port}"
+            if e.errno == errno.EADDRINUSE:
+                exc: ServerBindError = PortInUseError(
+                    f"cannot start the scripted model server: port {self._requested_port} "
+                    f"on {self._host} is already in use; choose another port"
+                )
+            else:
+                exc = ServerBindError(
+                    f"cannot start the scripted model server on {where}: {e.strerror or e}"
+                )
+            exc.errno = e.errno
+            raise exc from e
+        return sock
+
+    @staticmethod
+    def _serve(server: uvicorn.Server, sock: socket.socket) -> None:
+        asyncio.run(server.serve(sockets=[sock]))
+
     def stop(self) -> None:
-        """Stop serving; replies still sleeping (delays, slow faults) are dropped."""
-        httpd, thread = self._httpd, self._thread
-        if httpd is None:
+        """Stop serving; replies still waiting (delays, gates, slow faults) answer 503."""
+        server, thread, sock = self._uvicorn, self._thread, self._socket
+        if server is None or thread is None:
             return
-        self._stopping.set()
-        httpd.shutdown()
-        httpd.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-        self._httpd = None
-        self._thread = None
+        self._end_waits()
+        server.should_exit = True
+        thread.join(timeout=STOP_GRACE_SECONDS + 5)
+        if sock is not None:
+            sock.close()
+        self._uvicorn = self._thread = self._socket = None
 
     def __enter__(self) -> ScriptedModelServer:
         self.start()
@@ -139,6 +144,8 @@ class ScriptedModelServer:
     ) -> None:
         self.stop()
 
+    # ---- where it is
+
     @property
     def host(self) -> str:
         return self._host
@@ -146,8 +153,8 @@ class ScriptedModelServer:
     @property
     def port(self) -> int:
         """The bound port once started (useful with port 0), else the requested one."""
-        if self._httpd is not None:
-            return int(self._httpd.server_address[1])
+        if self._socket is not None:
+            return int(self._socket.getsockname()[1])
         return self._requested_port
 
     @property
@@ -162,184 +169,8 @@ class ScriptedModelServer:
         return f"http://{host}:{self.port}"
 
     @property
-    def url(self) -> str:
+    def base_url(self) -> str:
         """The OpenAI base URL, e.g. ``http://127.0.0.1:54321/v1``."""
         return f"{self.root_url}/v1"
 
-    @property
-    def rules(self) -> RuleSet:
-        return self._rules
-
-    def set_rules(self, rules: RuleSet) -> None:
-        """Swap the rules (active faults are kept)."""
-        self._rules = rules
-
-    # ---- admin
-
-    def stats(self) -> dict[str, int]:
-        """``requests`` received, ``served`` (200 completions from rules), ``faults`` injected,
-        ``errors`` (invalid requests and rule error replies)."""
-        with self._lock:
-            return {
-                "requests": self._requests,
-                "served": self._served,
-                "faults": self._faults_count,
-                "errors": self._errors,
-            }
-
-    def requests(self) -> list[dict[str, Any]]:
-        """Chat requests in arrival order: ``{"seq", "at", "body", "outcome", "rule"}`` (``at``:
-        when it arrived, in ``time.time()`` seconds)."""
-        with self._lock:
-            return copy.deepcopy(self._log)
-
-    def faults(self) -> list[dict[str, Any]]:
-        """The active fault specs, with ``remaining`` counts."""
-        with self._lock:
-            return [
-                {**f.spec.model_dump(exclude_none=True), "remaining": f.remaining}
-                for f in self._faults
-            ]
-
-    def set_faults(self, faults: Iterable[FaultSpec | Mapping[str, Any]]) -> None:
-        """Replace the active faults (counts and random streams start afresh)."""
-        states = [_FaultState.of(f) for f in parse_faults(faults)]
-        with self._lock:
-            self._faults = states
-
-    def _gate(self, name: str) -> threading.Event:
-        with self._lock:
-            return self._gates.setdefault(name, threading.Event())
-
-    def release(self, name: str) -> None:
-        """Open the gate `name`: replies held at it go out, later ones pass straight on."""
-        self._gate(name).set()
-
-    def close_gate(self, name: str) -> None:
-        """Close the gate `name` again: replies that reach it wait for the next release."""
-        self._gate(name).clear()
-
-    def held(self, name: str) -> int:
-        """How many requests are waiting at the gate `name` right now."""
-        with self._lock:
-            return self._held.get(name, 0)
-
-    def _wait_at_gate(self, name: str) -> bool:
-        """Wait until the gate opens; False when the server stops first."""
-        gate = self._gate(name)
-        with self._lock:
-            self._held[name] = self._held.get(name, 0) + 1
-        try:
-            while not gate.wait(0.05):
-                if self._stopping.is_set():
-                    return False
-            return True
-        finally:
-            with self._lock:
-                self._held[name] -= 1
-
-    def reset(self) -> None:
-        """Clear counters, the request log and the active faults."""
-        with self._lock:
-            self._requests = self._served = self._faults_count = self._errors = 0
-            self._log = []
-            self._faults = []
-            self._generation += 1  # requests still in flight no longer count
-
-    # ---- the chat endpoint
-
-    def _finish(self, entry: dict[str, Any], generation: int, outcome: str, counter: str) -> None:
-        with self._lock:
-            entry["outcome"] = outcome
-            if generation != self._generation:
-                return
-            if counter == "served":
-                self._served += 1
-            elif counter == "errors":
-                self._errors += 1
-
-    def _chat(self, raw: bytes) -> _HttpReply | None:
-        try:
-            body: Any = json.loads(raw.decode("utf-8"))
-            parsed = True
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            body = {"_invalid_json": raw[:2000].decode("utf-8", errors="replace")}
-            parsed = False
-        with self._lock:
-            self._requests += 1
-            seq = len(self._log)
-            generation = self._generation
-            entry: dict[str, Any] = {
-                "seq": seq,
-                "at": time.time(),
-                "body": body,
-                "outcome": "pending",
-                "rule": None,
-            }
-            self._log.append(entry)
-        headers = {"x-request-id": f"req_scripted_{seq}"}
-
-        problem: str | None = None
-        if not parsed:
-            problem = (
-                "We could not parse the JSON body of your request. (HINT: This likely means "
-                "you aren't using your HTTP library correctly.)"
-            )
-        elif not isinstance(body, dict):
-            problem = "Invalid request: the body must be a JSON object."
-        elif not isinstance(body.get("messages"), list) or not all(
-            isinstance(m, dict) for m in body["messages"]
-        ):
-            problem = "Invalid request: 'messages' must be a list of message objects."
-        elif body.get("stream"):
-            problem = "Invalid request: streaming is not supported by the scripted model server."
-        if problem is not None:
-            self._finish(entry, generation, "error:400", "errors")
-            return _HttpReply.error(400, problem, headers=headers)
-
-        conv = _Conversation.from_body(body)
-        fault: FaultSpec | None = None
-        with self._lock:
-            for state in self._faults:
-                if state.spec.when is not None and conv.match(state.spec.when) is None:
-                    continue
-                if state.fires():
-                    fault = state.spec
-                    if generation == self._generation:
-                        self._faults_count += 1
-                    entry["outcome"] = f"fault:{fault.kind}"
-                    break
-
-        if fault is not None:
-            if fault.kind == "malformed":
-                return _HttpReply(200, _MALFORMED_BODY, headers)
-            if fault.kind == "slow":
-                if self._stopping.wait(fault.delay):
-                    return None
-            else:
-                status = int(fault.kind)
-                if fault.retry_after is not None and status in (429, 503):
-                    ra = fault.retry_after
-                    headers["Retry-After"] = str(int(ra)) if float(ra).is_integer() else str(ra)
-                if fault.should_retry is not None:
-                    headers["x-should-retry"] = "true" if fault.should_retry else "false"
-                return _HttpReply.error(status, fault.message, headers=headers)
-
-        rule, reply, captures = self._rules.select(body)
-        with self._lock:
-            entry["rule"] = rule.name if rule is not None else "default"
-        if reply.hold is not None and not self._wait_at_gate(reply.hold):
-            return None
-        if reply.delay and self._stopping.wait(reply.delay):
-            return None
-        if reply.error is not None:
-            err = reply.error
-            if fault is None:
-                self._finish(entry, generation, f"error:{err.status}", "errors")
-            return _HttpReply.error(
-                err.status, _substitute_text(err.message, captures), err.type, err.code, headers
-            )
-        completion = build_completion(body, reply, captures)
-        if fault is None:
-            self._finish(entry, generation, "served", "served")
-        return _HttpReply.json(200, completion, headers)
+    url = base_url  # the name earlier callers use
