@@ -85,7 +85,7 @@ class KeelWorkflow(RunDoors):
         self._last_status: AgentStatus | None = self.state.status if input.carry else None
         self.approvals = Approvals(self.state, self.publish, self.events)
         self.clock = TaskClock()
-        self.model = ModelCall(self.state, self.publish, self.fail, self._redo_step)
+        self.model = ModelCall(self.state, self.events, self.publish, self.fail, self._redo_step)
         self.tools = ToolStep(
             self.state, self.approvals, self.events, self.clock, self.publish, self._carry_over
         )

@@ -27,6 +27,7 @@ from keel.workflows.models import (
     SIGNAL_DECIDE,
     SIGNAL_MESSAGE,
     SIGNAL_RESUME,
+    SIGNAL_STREAM,
     UPDATE_DECIDE,
     UPDATE_MESSAGE,
     AgentSpec,
@@ -38,6 +39,7 @@ from keel.workflows.models import (
     MessageInput,
     MessageReceipt,
     RunStatusView,
+    StreamBatch,
     TranscriptPage,
     TranscriptSlice,
 )
@@ -97,6 +99,10 @@ class RunDoors:
                 self._message_event(m, self.inbox.accept(self.spec, m, workflow.now()))
         elif name == PUBLISH_SIGNAL:
             self._refuse_signal(f"{name}: only the run itself publishes its events")
+        elif name == SIGNAL_STREAM:
+            batch = self._decode(args, StreamBatch, name)
+            if batch is not None:
+                self.model.on_stream(batch)
         elif name == SIGNAL_RESUME:
             self.model.resume()
             detail = "try the model provider again now"

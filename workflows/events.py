@@ -55,9 +55,11 @@ class EventLog:
 
     def emit(self, kind: EventKind, **fields: Any) -> None:
         for name in ("text", "arguments", "detail"):
-            if name in fields:
+            if name in fields and kind != EventKind.MODEL_DELTA:  # deltas are small already
                 fields[name] = cut(fields[name])
         event = RunEvent(kind=kind, at=workflow.now(), **fields)
+        if kind in (EventKind.MODEL_REPLY, EventKind.MODEL_DISCARD):
+            self.stream.elide(event.step)  # the reply (or nothing) replaces the pieces
         self.stream.publish(event)
         self._measure(event)
         self.stream.truncate(RETAINED)

@@ -1,5 +1,12 @@
-"""The model's reply for a step: the agent's fallback models, and the wait on a provider
-that is down (`waiting_provider`, backing off, woken early by `keel resume`)."""
+"""The model's reply for a step: the agent's fallback models, the wait on a provider that is
+down (`waiting_provider`, backing off, woken early by `keel resume`), and the reply shown as
+it is written.
+
+Streaming never touches what the run records: the activity sends batches of deltas
+(`keel.model_stream`, each tagged with the call and its attempt) and still returns the whole
+reply, which is what the transcript keeps and what replay reads. The deltas become
+`model_delta` events for watchers; text a retried, replaced or interrupted call had written
+is voided with a `model_discard` event, so a client never shows it as part of the answer."""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from temporalio.exceptions import ActivityError, CancelledError
 
 from keel.workflows import errors
 from keel.workflows.errors import EndRun
+from keel.workflows.events import EventKind, EventLog
 from keel.workflows.models import (
     AgentSpec,
     AgentState,
@@ -20,6 +28,8 @@ from keel.workflows.models import (
     AuditEntry,
     AuditKind,
     ModelResult,
+    ModelSettings,
+    StreamBatch,
     ToolSpec,
 )
 from keel.workflows.policy import time_exhausted, time_left
@@ -41,15 +51,74 @@ class ModelCall:
     def __init__(
         self,
         state: AgentState,
+        events: EventLog,
         publish: Callable[[], None],
         fail: Callable[[str, str], NoReturn],
         continue_as_new: Callable[[], Awaitable[NoReturn]],
     ) -> None:
         self._state = state
+        self._events = events
         self._publish = publish
         self._fail = fail
         self._continue_as_new = continue_as_new  # the step starts again in a new history
         self._resume = False  # an operator asked to try the provider again now
+        self._calls = 0  # model calls made in this history: each streams under its own id
+        self._flight = ""  # the stream id of the call in flight ("" when none)
+        self._attempt = 0  # the latest attempt of that call heard from
+        self._written = 0  # the attempt whose text watchers hold (0: none)
+
+    def on_stream(self, batch: StreamBatch) -> None:
+        """Deltas of the call in flight become `model_delta` events. A batch of another call
+        (one already answered, or of another history) or of an older attempt is ignored: it
+        arrived late, and its text is void."""
+        if not batch.stream_id or batch.stream_id != self._flight:
+            return
+        if batch.attempt < self._attempt:
+            return
+        if batch.attempt > self._attempt:
+            self._void("retried")
+            self._attempt = batch.attempt
+        for d in batch.deltas:
+            if not (d.text or d.tool or d.arguments):
+                continue
+            self._written = batch.attempt
+            self._events.emit(
+                EventKind.MODEL_DELTA,
+                step=self._state.step,
+                attempt=batch.attempt,
+                text=d.text,
+                call_id=str(d.call_index) if d.call_index >= 0 else "",
+                tool=d.tool,
+                arguments=d.arguments,
+            )
+
+    def _void(self, why: str) -> None:
+        """Tell watchers the text written so far in this step is not the reply."""
+        if self._written:
+            self._written = 0
+            self._events.emit(EventKind.MODEL_DISCARD, step=self._state.step, detail=why)
+
+    async def _call(
+        self, spec: AgentSpec, tools: list[ToolSpec] | None, settings: ModelSettings
+    ) -> ModelResult:
+        """One model call of this step (its activity, with its retries), streamed."""
+        self._calls += 1
+        self._flight = f"{self._state.step}.{self._calls}"
+        self._attempt = 0
+        try:
+            result = await model_step(spec, self._state, tools, settings, self._flight)
+        except asyncio.CancelledError:
+            self._void("interrupted")
+            raise
+        except BaseException:
+            self._void("failed")
+            raise
+        finally:
+            self._flight = ""
+        if self._written and self._written != result.attempt:
+            self._void("retried")  # what an earlier attempt wrote is not the reply
+        self._written = 0
+        return result
 
     def resume(self) -> None:
         """`keel resume`: a waiting run asks its provider again now."""
@@ -64,7 +133,7 @@ class ModelCall:
         while True:
             settings = chain[i]
             try:
-                result = await model_step(spec, st, tools, settings)
+                result = await self._call(spec, tools, settings)
                 if st.provider_error or st.status == AgentStatus.WAITING_PROVIDER:
                     st.provider_error = ""
                     st.status = AgentStatus.RUNNING

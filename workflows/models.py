@@ -26,6 +26,7 @@ RUN_TOOL = "keel.run_tool"
 SIGNAL_DECIDE = "keel.decide"
 SIGNAL_MESSAGE = "keel.submit_message"
 SIGNAL_RESUME = "keel.resume"  # an operator: ask the model provider again now
+SIGNAL_STREAM = "keel.model_stream"  # the model activity: the reply as it is written
 UPDATE_DECIDE = "keel.decide_approval"
 UPDATE_MESSAGE = "keel.send_message"
 QUERY_STATE = "keel.get_state"  # bounded: the transcript's tail, long texts cut
@@ -101,6 +102,9 @@ class ModelSettings(BaseModel):
     retry_max_seconds: float = 120.0  # ... to this, until the time budget is spent
     tool_choice: str = "auto"  # sent whenever tools are offered ("auto", "required")
     fallbacks: list[ModelSettings] = Field(default_factory=list)
+    # ask the provider to stream, and show the reply as it is written (the reply is recorded
+    # whole either way; a provider that cannot stream is asked for a whole reply)
+    stream: bool = True
 
     def chain(self) -> list[ModelSettings]:
         """This model, then its fallbacks, in order."""
@@ -279,6 +283,9 @@ class ModelInput(BaseModel):
     reserved_call_ids: list[str] = Field(default_factory=list)
     # "" (auto, whenever tools are offered), "none" (tools listed, none may be called), ...
     tool_choice: str = ""
+    # where the activity sends the reply as it is written (`keel.model_stream` batches tagged
+    # with it); "" for requests made before replies were streamed: not streamed
+    stream_id: str = ""
 
 
 class ModelResult(BaseModel):
@@ -286,6 +293,24 @@ class ModelResult(BaseModel):
     usage: Usage = Field(default_factory=Usage)
     finish_reason: str = ""
     model: str = ""
+    attempt: int = 0  # the activity attempt that answered (its streamed text is the reply's)
+
+
+class StreamDelta(BaseModel):
+    """A piece of a reply as the provider writes it: text, or a tool call being formed."""
+
+    text: str = Field(default="", max_length=64_000)
+    call_index: int = -1  # the tool call this piece belongs to (-1: the reply's text)
+    tool: str = Field(default="", max_length=200)  # the call's name, once known
+    arguments: str = Field(default="", max_length=64_000)  # more of the call's arguments
+
+
+class StreamBatch(BaseModel):
+    """Deltas of one model call, sent by its activity (the `keel.model_stream` signal)."""
+
+    stream_id: str = Field(max_length=200)  # the ModelInput's: which call of which step
+    attempt: int = Field(ge=1)  # the activity attempt writing
+    deltas: list[StreamDelta] = Field(max_length=1000)
 
 
 class ToolInput(BaseModel):
@@ -441,6 +466,12 @@ class EventKind(StrEnum):
     APPROVAL_DECIDED = "approval_decided"  # (detail: approved/rejected/edited/expired/...)
     MESSAGE = "message"  # a user message arrived (text, detail: how it was handled)
     ENDED = "ended"  # the run ended (status, text: the answer or the error)
+    # the reply being written: more text, or more of a tool call (call_id: its index, tool,
+    # arguments); `model_reply` then brings the whole reply, which replaces the pieces
+    MODEL_DELTA = "model_delta"
+    # the text written so far in this step is void (detail: "retried", "fallback",
+    # "interrupted"): a client drops it; a new attempt may stream again
+    MODEL_DISCARD = "model_discard"
 
 
 class RunEvent(BaseModel):
@@ -458,6 +489,7 @@ class RunEvent(BaseModel):
     model: str = ""
     tokens: int = 0
     by: str = ""
+    attempt: int = 0  # on model_delta: the model call's attempt that wrote it
 
 
 class EventsCarry(BaseModel):

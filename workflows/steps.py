@@ -140,11 +140,13 @@ async def model_step(
     state: AgentState,
     tools: list[ToolSpec] | None = None,
     settings: ModelSettings | None = None,
+    stream_id: str = "",
 ) -> ModelResult:
     """Call the model on the run's transcript, offering `tools` (default: all the agent's;
     `[]`: the agent's are listed, as the transcript may mention them, but none may be called).
     Raises ActivityError when the provider fails, KeelError when the request would not fit
-    in a Temporal payload. `settings` picks a model of the agent's chain (default: its own)."""
+    in a Temporal payload. `settings` picks a model of the agent's chain (default: its own).
+    With `stream_id`, the activity sends the reply as it is written (`keel.model_stream`)."""
     s = settings or spec.model
     window = context_window(state.transcript, MAX_CONTEXT_CHARS)
     shown = {c.id for m in window for c in m.tool_calls}
@@ -157,6 +159,7 @@ async def model_step(
         tools=spec.tools if not tools else tools,
         tool_choice="none" if tools == [] else "",
         reserved_call_ids=sorted({*state.used_call_ids(), *left_out}),
+        stream_id=stream_id if s.stream else "",
     )
     size = 0 if spec.payload_storage else payload_bytes(request)  # stored: a reference
     if size > MAX_PAYLOAD_BYTES:

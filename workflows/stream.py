@@ -24,7 +24,7 @@ from temporalio.api.common.v1 import Payload
 from temporalio.contrib.workflow_streams import WorkflowStream, WorkflowStreamState
 from temporalio.converter import PayloadConverter
 
-from keel.workflows.models import EventsCarry, RunEvent
+from keel.workflows.models import EventKind, EventsCarry, RunEvent
 
 PUBLISH_SIGNAL = "__temporal_workflow_stream_publish"  # the SDK's private _PUBLISH_SIGNAL
 TOPIC = "keel.events"
@@ -54,6 +54,13 @@ class RunStream:
     def publish(self, event: RunEvent) -> None:
         self._topic.publish(event)
         self.events.append(event)
+
+    def elide(self, step: int) -> None:
+        """Drop the text of this step's deltas from what is carried (their offsets stay; the
+        step's reply, or its discard, says what came of them)."""
+        for i, e in enumerate(self.events):
+            if e.kind == EventKind.MODEL_DELTA and e.step == step and (e.text or e.arguments):
+                self.events[i] = e.model_copy(update={"text": "", "arguments": ""})
 
     def truncate(self, keep: int) -> None:
         """Keep only the latest `keep` events (offsets stay global)."""
