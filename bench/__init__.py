@@ -1,2 +1,2 @@
-"""Benchmarks: Keel beside its peers (`make bench`, `python -m bench.compare`) and Keel's own
-overhead against a plain loop (`python -m bench.overhead`)."""
+"""Benchmarks: Keel beside its peers, and Keel's own overhead one way of running it at a time
+(`make bench`, `python -m bench.compare`; see docs/benchmarks.md)."""

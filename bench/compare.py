@@ -5,6 +5,7 @@ Temporal dev server (with `keel.dev.dev_server_args`).
 
     python -m bench.compare            # the full run (~25 min); the report goes to docs/benchmarks.md
     python -m bench.compare --quick    # a smoke run (~2 min); the report goes to bench/results/quick.md
+    python -m bench.compare --only keel keel_api keel_stored plain   # Keel's own overhead
 
 Every measurement is interleaved round by round (the order rotates), and reported as medians
 and as ratios measured side by side. See docs/benchmarks.md for what is measured, and how.
@@ -205,6 +206,7 @@ def median_history(hs: list[History]) -> History:
         activity=m(lambda h: h.activity),
         activities=int(m(lambda h: h.activities)),
         span=m(lambda h: h.span),
+        stored=None if any(h.stored is None for h in hs) else int(m(lambda h: h.stored or 0)),
     )
 
 
@@ -269,7 +271,9 @@ async def amain(args: argparse.Namespace) -> Results:
         systems = [s for s in started if s is not None]
         log("serving: " + ", ".join(s.label for s in systems))
         meter = Meter(dev.pid, fake.pid)
-        by_key = {s.key: s for s in systems}
+        # Keel's variants are measured for its own overhead: latency and its breakdown only
+        peers = [s for s in systems if not s.spec.variant]
+        by_key = {s.key: s for s in peers}
         temporal = [s for s in systems if isinstance(s, TemporalSystem)]
 
         async def warm() -> None:
@@ -299,7 +303,7 @@ async def amain(args: argparse.Namespace) -> Results:
         for n, rounds in scale.throughput:
 
             async def tp(n: int = n, rounds: int = rounds) -> None:
-                r.throughput[n] = await throughput(systems, n, scale.throughput_k, rounds, meter)
+                r.throughput[n] = await throughput(peers, n, scale.throughput_k, rounds, meter)
 
             await section(r, f"throughput {n} at once", tp)
 
@@ -312,7 +316,7 @@ async def amain(args: argparse.Namespace) -> Results:
 
         async def hist() -> None:
             payloads = str(workdir / "payloads")
-            runs = [(s, f"{s.key}", scale.payload_threshold) for s in temporal]
+            runs = [(s, f"{s.key}", scale.payload_threshold) for s in temporal if s in peers]
             if scale.keel_small_threshold and "keel" in by_key:
                 t = scale.keel_small_threshold
                 runs.append((by_key["keel"], f"keel|threshold {t:,} bytes", t))
@@ -344,7 +348,7 @@ async def amain(args: argparse.Namespace) -> Results:
 
         await section(r, f"{scale.parked} parked runs", parked)
 
-        for s in systems:
+        for s in peers:
             if s.key == "plain":
                 continue
             if scale.recovery_systems is not None and s.key not in scale.recovery_systems:

@@ -27,6 +27,8 @@ from keel.workflows.models import AgentStatus
 
 RUN_TIMEOUT = timedelta(minutes=30)
 IN_PROCESS = ("plain", "langgraph", "langgraph_sync")  # no server: the loop runs in the worker
+# Keel's payload storage at its most: nearly every payload of a run passes this threshold
+STORED_THRESHOLD = 512
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,20 @@ class Spec:
     key: str
     label: str
     needs: str = ""  # a module that must import (the peer's package), else unavailable
+    # one way of running Keel, measured beside Keel's default for Keel's own overhead:
+    # in the latency rounds (and where a run's time goes) only
+    variant: bool = False
 
 
 SPECS = [
     Spec("keel", "Keel (default)"),
     Spec("keel_local", "Keel, local read-only tools"),
+    Spec("keel_api", "Keel, waited for with `AgentClient.result`", variant=True),
+    Spec(
+        "keel_stored",
+        f"Keel, payload storage at a {STORED_THRESHOLD}-byte threshold",
+        variant=True,
+    ),
     Spec("temporal_loop", "hand-written Temporal loop"),
     Spec(
         "openai_agents",
@@ -57,6 +68,7 @@ SPECS = [
     Spec("plain", "plain in-process loop"),
 ]
 LABELS = {s.key: s.label for s in SPECS}
+VARIANTS = tuple(s.key for s in SPECS if s.variant)
 
 
 def unavailable(spec: Spec) -> str | None:
@@ -245,6 +257,8 @@ class PydanticAISystem(TemporalSystem):
 
 
 class KeelSystem(TemporalSystem):
+    """Keel's default: started with `AgentClient.start`, its workflow's result awaited."""
+
     agents: AgentClient
 
     def settings(self) -> Settings:
@@ -284,9 +298,33 @@ class KeelSystem(TemporalSystem):
         check(result.final_answer, started.k, self.label)
 
 
+class KeelApiSystem(KeelSystem):
+    """As Keel's default, waited for as users do, with `AgentClient.result` (which follows
+    the run's event stream for `idle` beside the workflow's result)."""
+
+    async def finish(self, started: Started) -> None:
+        result = await self.agents.result(started.run_id)
+        if result.status != AgentStatus.COMPLETED:
+            raise WrongAnswer(f"{self.label}: run ended {result.status} ({result.error})")
+        check(result.final_answer, started.k, self.label)
+
+
+class KeelStoredSystem(KeelSystem):
+    """As Keel's default, its client and worker storing every payload above
+    STORED_THRESHOLD bytes outside the history (KEEL_PAYLOAD_DIR)."""
+
+    async def start(self) -> None:
+        if self.payload_dir is None:
+            self.payload_dir = str(self.env.workdir / "payloads" / self.task_queue)
+            self.payload_threshold = STORED_THRESHOLD
+        await super().start()
+
+
 KINDS: dict[str, type[System]] = {
     "keel": KeelSystem,
     "keel_local": KeelSystem,
+    "keel_api": KeelApiSystem,
+    "keel_stored": KeelStoredSystem,
     "temporal_loop": LoopSystem,
     "openai_agents": OpenAIAgentsSystem,
     "pydantic_ai": PydanticAISystem,

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from google.protobuf.message import Message
+from temporalio.api.common.v1 import Payload
 from temporalio.client import Client, WorkflowHandle
 
 from bench.drivers import KeelSystem, LoopRunner, Started, System, TemporalSystem
@@ -20,6 +22,8 @@ from keel.workflows.models import CALL_MODEL, DecideInput, Decision
 MODEL_ACTIVITIES = {
     "keel": CALL_MODEL,
     "keel_local": CALL_MODEL,
+    "keel_api": CALL_MODEL,
+    "keel_stored": CALL_MODEL,
     "temporal_loop": "bench.call_model",
     "openai_agents": "invoke_model_activity",
     "pydantic_ai": "agent__bench__model_request",
@@ -104,6 +108,7 @@ class History:
     activities: int = 0
     span: float = 0.0
     seconds: float = 0.0  # the run's wall time, start to result (client side)
+    stored: int | None = None  # payloads the history holds a reference to (None: not read)
 
     def per_step(self, step: int, window: int = 5) -> float:
         """Median bytes of the `window` steps ending at `step` (one-off events, such as a
@@ -151,7 +156,26 @@ async def fetch_history(client: Client, workflow_id: str, model_activity: str) -
     if events:
         first, last = events[0].event_time.ToDatetime(), events[-1].event_time.ToDatetime()
         hist.span = (last - first).total_seconds()
+    hist.stored = sum(stored_payloads(e) for e in events)
     return hist
+
+
+def stored_payloads(msg: Message) -> int:
+    """How many payloads under `msg` are references to payload storage."""
+    if isinstance(msg, Payload):
+        return len(msg.external_payloads)
+    count = 0
+    for fd, value in msg.ListFields():
+        if fd.message_type is None:
+            continue
+        if isinstance(value, Message):
+            items = [value]
+        elif fd.message_type.GetOptions().map_entry:
+            items = [v for v in value.values() if isinstance(v, Message)]
+        else:
+            items = list(value)  # a repeated message field
+        count += sum(stored_payloads(item) for item in items)
+    return count
 
 
 async def history(system: TemporalSystem, k: int) -> History:

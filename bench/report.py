@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.conversation import model_steps
-from bench.drivers import IN_PROCESS, LABELS
+from bench.drivers import IN_PROCESS, LABELS, VARIANTS
 from bench.measure import History, Parked, Recovery, Resume, Sample
 
 LOOP = "temporal_loop"
@@ -58,6 +58,11 @@ def ratio_text(a: Sequence[float], b: Sequence[float]) -> str:
 
 def ms(x: float) -> str:
     return f"{x * 1000:.1f} ms"
+
+
+def count(n: int | None) -> str:
+    """A count, or a dash for one a run (from before it was measured) did not record."""
+    return "—" if n is None else f"{n:,}"
 
 
 @dataclass
@@ -211,7 +216,7 @@ def headline(r: Results) -> list[str]:
     if kmax:
         head += [f"CPU per run, K={kmax}: worker + server"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
-    keys = [k for k in LABELS if any(k in r.latency.get(kk, {}) for kk in ks)]
+    keys = [k for k in LABELS if k not in VARIANTS and any(k in r.latency.get(kk, {}) for kk in ks)]
     for key in keys:
         row = [label(key)]
         row += [ms(med(r.per_step(k, key))) for k in ks]
@@ -252,6 +257,35 @@ def latency_tables(r: Results) -> list[str]:
                 f"| {ms(med(xs) / model_steps(k))} "
                 f"| {ratio_text(xs, [s.seconds for s in by.get(LOOP, [])]) if key != LOOP else '1'} "
                 f"| {ratio_text(xs, [s.seconds for s in by.get(LANGGRAPH, [])]) if key != LANGGRAPH else '1'} |"
+            )
+        lines.append("")
+    return lines
+
+
+def overhead_tables(r: Results) -> list[str]:
+    """Each way of running Keel against Keel's default and the plain loop, in the same
+    latency rounds: what waiting through `AgentClient`, or payload storage, adds."""
+    lines: list[str] = []
+    for k, by in sorted(r.latency.items()):
+        keys = [key for key in ("keel", *VARIANTS) if key in by]
+        if "keel" not in keys or len(keys) < 2:
+            continue
+        steps = model_steps(k)
+        base = [s.seconds for s in by["keel"]]
+        plain = [s.seconds for s in by.get("plain", [])]
+        lines += [
+            f"#### K={k}",
+            "",
+            "| Keel | run, median | per model step | over the plain loop, per model step "
+            "| vs Keel (default) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for key in keys:
+            xs = [s.seconds for s in by[key]]
+            over = ms((med(xs) - med(plain)) / steps) if plain else "—"
+            vs = ratio_text(xs, base) if key != "keel" else "1"
+            lines.append(
+                f"| {label(key)} | {ms(med(xs))} | {ms(med(xs) / steps)} | {over} | {vs} |"
             )
         lines.append("")
     return lines
@@ -321,6 +355,7 @@ def breakdown_table(r: Results, k: int) -> list[str]:
         ("activities, scheduled → completed (Σ)", lambda h: ms(h.activity)),
         ("history events", lambda h: f"{h.events}"),
         ("history bytes", lambda h: f"{h.total_bytes:,}"),
+        ("payloads in payload storage (references in the history)", lambda h: count(h.stored)),
     ]
     for name, fn in rows:
         lines.append(f"| {name} | " + " | ".join(fn(r.breakdown[x]) for x in keys) + " |")
@@ -332,8 +367,9 @@ def history_table(r: Results) -> list[str]:
     lines = [
         "| system | "
         + " | ".join(f"bytes added by step {p}" for p in pts)
-        + " | whole history | events | runs (continue-as-new) | run wall time |",
-        "|---" + "|---:" * (len(pts) + 4) + "|",
+        + " | whole history | events | runs (continue-as-new) | payloads in storage "
+        "| run wall time |",
+        "|---" + "|---:" * (len(pts) + 5) + "|",
     ]
     for key, h in r.history.items():
         base, _, how = key.partition("|")
@@ -341,7 +377,8 @@ def history_table(r: Results) -> list[str]:
         lines.append(
             f"| {name} | "
             + " | ".join(f"{h.per_step(p):,.0f}" for p in pts)
-            + f" | {h.total_bytes:,} | {h.events:,} | {h.runs} | {h.seconds:.1f} s |"
+            + f" | {h.total_bytes:,} | {h.events:,} | {h.runs} | {count(h.stored)} "
+            f"| {h.seconds:.1f} s |"
         )
     return lines + [""]
 
@@ -432,6 +469,9 @@ def render(r: Results) -> str:
     out += ["### Targets", ""] + targets(r)
     out += ["### Side by side", ""] + headline(r)
     out += ["### Latency per conversation", ""] + latency_tables(r)
+    overhead = overhead_tables(r)
+    if overhead:
+        out += ["### Keel's own overhead, one way of running it at a time", ""] + overhead
     out += ["### CPU per run (from /proc: user + system time)", ""] + cpu_table(r)
     out += ["### Throughput", ""] + throughput_table(r)
     out += [f"### Where a run's time goes (event times in its history, K={kmax})", ""]

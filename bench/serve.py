@@ -37,7 +37,8 @@ from keel.storage import LocalDirectoryDriver
 
 MODEL_URL_ENV = "BENCH_MODEL_URL"  # bench.systems.pydantic_ai_temporal reads it
 
-TEMPORAL_SYSTEMS = ("keel", "keel_local", "temporal_loop", "openai_agents", "pydantic_ai")
+KEEL_SYSTEMS = ("keel", "keel_local", "keel_api", "keel_stored")  # the client side tells them apart
+TEMPORAL_SYSTEMS = (*KEEL_SYSTEMS, "temporal_loop", "openai_agents", "pydantic_ai")
 LOOP_SYSTEMS = ("plain", "langgraph", "langgraph_sync")
 MODEL_TIMEOUT = 60.0
 
@@ -172,8 +173,7 @@ async def pydantic_ai_worker(cfg: ServeConfig) -> Worker:
 
 
 WORKERS: dict[str, Callable[[ServeConfig], Awaitable[Worker]]] = {
-    "keel": keel_worker,
-    "keel_local": keel_worker,
+    **{key: keel_worker for key in KEEL_SYSTEMS},
     "temporal_loop": loop_worker,
     "openai_agents": openai_agents_worker,
     "pydantic_ai": pydantic_ai_worker,

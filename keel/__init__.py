@@ -4,118 +4,70 @@
 
 Define tools and agents, add `KeelPlugin(agents=[...])` to your Temporal client (its workers
 then serve them beside your own workflows), and start and steer runs with `AgentClient`.
-Loops of your own subclass `keel.workflows.KeelWorkflow`.
+Loops of your own subclass `KeelWorkflow`.
 
-Everything else under `keel` is internal. Names load on first use, so workflow code that
-imports `keel.workflows` never pulls in the model client, HTTP or database code.
+The names below are the public API: what you build agents from, every type a public call
+takes or returns, and the errors those calls raise. Everything else under `keel` is
+internal. Workflow code runs in Temporal's sandbox, through which `KeelPlugin` passes the
+whole `keel` package: what this module imports (the model client, HTTP) is loaded once, by
+the worker, and never inside the sandbox.
 """
 
-from __future__ import annotations
+import types as _types
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from keel.activities.registry import Agent as Agent
+from keel.activities.registry import load_policy as load_policy
+from keel.activities.tools import SecretError as SecretError
+from keel.activities.tools import Tool as Tool
+from keel.activities.tools import ToolContext as ToolContext
+from keel.activities.tools import tool as tool
+from keel.client.api import AgentClient as AgentClient
+from keel.client.api import KeelClientError as KeelClientError
+from keel.client.api import NoWorker as NoWorker
+from keel.client.api import PendingApproval as PendingApproval
+from keel.client.api import RunSummary as RunSummary
+from keel.client.schedules import ScheduleError as ScheduleError
+from keel.client.schedules import ScheduleInfo as ScheduleInfo
+from keel.client.schedules import Schedules as Schedules
+from keel.client.signing import sign_decision as sign_decision
+from keel.config import Settings as Settings
+from keel.config import SettingsError as SettingsError
+from keel.config import connect as connect
+from keel.plugin import KeelPlugin as KeelPlugin
+from keel.plugin import ModelProvider as ModelProvider
+from keel.policy_file import PolicyError as PolicyError
+from keel.workflows.agent import AgentWorkflow as AgentWorkflow
+from keel.workflows.base import EndRun as EndRun
+from keel.workflows.base import KeelWorkflow as KeelWorkflow
+from keel.workflows.decisions import DecisionTarget as DecisionTarget
+from keel.workflows.events import EventKind as EventKind
+from keel.workflows.events import RunEvent as RunEvent
+from keel.workflows.models import AgentInput as AgentInput
+from keel.workflows.models import AgentResult as AgentResult
+from keel.workflows.models import AgentSpec as AgentSpec
+from keel.workflows.models import AgentStatus as AgentStatus
+from keel.workflows.models import ApprovalMode as ApprovalMode
+from keel.workflows.models import ApprovalPolicy as ApprovalPolicy
+from keel.workflows.models import ApprovalTimeoutAction as ApprovalTimeoutAction
+from keel.workflows.models import Condition as Condition
+from keel.workflows.models import DecideInput as DecideInput
+from keel.workflows.models import DecideReceipt as DecideReceipt
+from keel.workflows.models import Decision as Decision
+from keel.workflows.models import Limits as Limits
+from keel.workflows.models import MessagePolicy as MessagePolicy
+from keel.workflows.models import MessageReceipt as MessageReceipt
+from keel.workflows.models import ModelResult as ModelResult
+from keel.workflows.models import ModelSettings as ModelSettings
+from keel.workflows.models import Policy as Policy
+from keel.workflows.models import RunStatusView as RunStatusView
+from keel.workflows.models import ToolSpec as ToolSpec
 
 __version__ = "0.2.0"
 
-_EXPORTS = {
-    "Agent": "keel.activities.registry",
-    "Tool": "keel.activities.tools",
-    "ToolContext": "keel.activities.tools",
-    "tool": "keel.activities.tools",
-    "AgentClient": "keel.client.api",
-    "KeelClientError": "keel.client.api",
-    "KeelPlugin": "keel.plugin",
-    "ModelProvider": "keel.plugin",
-    "Settings": "keel.config",
-    "connect": "keel.config",
-    "AgentWorkflow": "keel.workflows.agent",
-    "KeelWorkflow": "keel.workflows.base",
-    "EndRun": "keel.workflows.base",
-    "AgentInput": "keel.workflows.models",
-    "AgentResult": "keel.workflows.models",
-    "AgentState": "keel.workflows.models",
-    "AgentStatus": "keel.workflows.models",
-    "ApprovalMode": "keel.workflows.models",
-    "ApprovalPolicy": "keel.workflows.models",
-    "ApprovalTimeoutAction": "keel.workflows.models",
-    "Condition": "keel.workflows.models",
-    "Limits": "keel.workflows.models",
-    "MessagePolicy": "keel.workflows.models",
-    "ModelSettings": "keel.workflows.models",
-    "Policy": "keel.workflows.models",
-    "load_policy": "keel.activities.registry",
-    "sign_decision": "keel.client.signing",
-    "RunEvent": "keel.workflows.events",
-    "EventKind": "keel.workflows.events",
-}
-
-__all__ = [
-    "Agent",
-    "AgentClient",
-    "AgentInput",
-    "AgentResult",
-    "AgentState",
-    "AgentStatus",
-    "AgentWorkflow",
-    "ApprovalMode",
-    "ApprovalPolicy",
-    "ApprovalTimeoutAction",
-    "Condition",
-    "EndRun",
-    "EventKind",
-    "KeelClientError",
-    "KeelPlugin",
-    "KeelWorkflow",
-    "Limits",
-    "MessagePolicy",
-    "ModelProvider",
-    "ModelSettings",
-    "Policy",
-    "RunEvent",
-    "Settings",
-    "Tool",
-    "ToolContext",
-    "connect",
-    "load_policy",
-    "sign_decision",
-    "tool",
-]
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'keel' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
-
-
-if TYPE_CHECKING:
-    from keel.activities.registry import Agent, load_policy
-    from keel.activities.tools import Tool, ToolContext, tool
-    from keel.client.api import AgentClient, KeelClientError
-    from keel.client.signing import sign_decision
-    from keel.config import Settings, connect
-    from keel.plugin import KeelPlugin, ModelProvider
-    from keel.workflows.agent import AgentWorkflow
-    from keel.workflows.base import EndRun, KeelWorkflow
-    from keel.workflows.events import EventKind, RunEvent
-    from keel.workflows.models import (
-        AgentInput,
-        AgentResult,
-        AgentState,
-        AgentStatus,
-        ApprovalMode,
-        ApprovalPolicy,
-        ApprovalTimeoutAction,
-        Condition,
-        Limits,
-        MessagePolicy,
-        ModelSettings,
-        Policy,
-    )
+# The imports above are the list: importing a submodule also sets it on this package, hence
+# the filter.
+__all__ = sorted(
+    name
+    for name, value in globals().items()
+    if not name.startswith("_") and not isinstance(value, _types.ModuleType)
+)

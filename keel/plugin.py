@@ -27,7 +27,7 @@ from temporalio.client import Client
 from temporalio.converter import DataConverter
 from temporalio.plugin import SimplePlugin
 from temporalio.service import RPCError
-from temporalio.worker import Worker, WorkerConfig, WorkflowRunner
+from temporalio.worker import ReplayerConfig, Worker, WorkerConfig, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from keel.activities import build_activities
@@ -36,6 +36,7 @@ from keel.activities.registry import Agent, AgentRegistry, load_policy
 from keel.codec import EncryptionCodec, keel_codec_of
 from keel.config import Settings, SettingsError
 from keel.policy_file import PolicyError
+from keel.tracing import check_provider
 from keel.workflows import WORKFLOWS
 from keel.workflows.errors import WORKFLOW_FAILURE_TYPES
 from keel.workflows.models import SEARCH_ATTRIBUTES, Policy
@@ -148,8 +149,10 @@ class KeelPlugin(SimplePlugin):
         return self.settings.data_converter(existing)
 
     def configure_worker(self, config: WorkerConfig) -> WorkerConfig:
-        """Add Keel to the worker; refuse a client that cannot carry Keel's payloads, and a
-        second KeelPlugin (one on the client and one on the worker, say)."""
+        """Add Keel to the worker; refuse a client that cannot carry Keel's payloads, a
+        second KeelPlugin (one on the client and one on the worker, say), and a tracer
+        provider that would export the spans of Keel's workflow code again on replay."""
+        check_provider()
         if any(w in WORKFLOWS for w in config.get("workflows") or []):
             raise ValueError(
                 "KeelPlugin is on this worker twice (its client already has one, or "
@@ -171,6 +174,11 @@ class KeelPlugin(SimplePlugin):
         if config.get("max_heartbeat_throttle_interval") == SDK_DEFAULT_HEARTBEAT_THROTTLE:
             config["max_heartbeat_throttle_interval"] = HEARTBEAT_THROTTLE
         return super().configure_worker(config)
+
+    def configure_replayer(self, config: ReplayerConfig) -> ReplayerConfig:
+        """Add Keel to the replayer; refuse a tracer provider that is not replay-safe."""
+        check_provider()
+        return super().configure_replayer(config)
 
     def _check_encryption(self, converter: DataConverter) -> None:
         """A worker encrypts with its client's converter: refuse one whose client does not

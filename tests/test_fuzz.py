@@ -37,9 +37,12 @@ from keel.workflows.models import (
     AgentSpec,
     AgentState,
     AgentStatus,
+    ApprovalMode,
+    ApprovalPolicy,
     ApprovalRequest,
     AuditKind,
     ChatMessage,
+    Condition,
     DecideInput,
     MessageInput,
     MessageReceipt,
@@ -75,6 +78,10 @@ ALICE, MALLORY = key_pair(), key_pair()
 POLICY = make_policy({"alice": ALICE, "mallory": MALLORY})
 SPEC = AgentSpec(name="guarded", tools=[t.spec for t in TOOLS], policy=POLICY)
 CALL = "call_1"  # stands for the pending call's id; replaced by the real one in real runs
+CHAT_SPEC = AgentSpec(name="chat", tools=SPEC.tools, policy=POLICY)
+OVER_20 = ApprovalPolicy(
+    mode=ApprovalMode.WHEN, when=[Condition(field="amount", op=">", value=20)], reason="over 20"
+)
 PURE = settings(max_examples=600, deadline=None, database=None)
 
 
@@ -174,15 +181,22 @@ def tool_arguments() -> st.SearchStrategy[str]:
 @PURE
 @given(payload=decision_payloads())
 def test_no_forged_decision_is_ever_accepted(payload: Any) -> None:
-    """Whatever arrives, deciding never raises, and nothing without alice's key holds."""
+    """Whatever arrives, deciding never raises, nothing without alice's key holds, judging
+    changes nothing, and the refusal names what is wrong."""
     try:
         d = DecideInput.model_validate(payload)
     except ValidationError:
         return  # refused at the door: the signal is recorded as malformed
     state = _state()
+    before = state.model_dump()
     assert rate_refusal(state, NOW, POLICY) == ""
     refusal = refuse_decision(SPEC, state, d, NOW, RUN)
-    assert isinstance(refusal, str) and refusal
+    assert refusal != ""
+    assert state.model_dump() == before
+    if not d.approver.strip():
+        assert "approver" in refusal
+    elif d.call_id != CALL:
+        assert repr(d.call_id) in refusal  # no such pending call: which one was asked for
 
 
 @settings(max_examples=300, deadline=None, database=None)
@@ -228,6 +242,8 @@ def test_a_signed_decision_changed_anywhere_is_refused(
 @PURE
 @given(payloads=st.lists(message_payloads(), min_size=1, max_size=8))
 def test_any_message_payload_is_taken_or_refused(payloads: list[Any]) -> None:
+    """Each message is queued once, answered as a duplicate, or refused with the reason the
+    inbox's judge gives, and a refused one leaves the run as it was but for the audit."""
     state = _state()
     state.transcript = [ChatMessage(role="system", content="")]
     inbox = Inbox(state)
@@ -238,9 +254,19 @@ def test_any_message_payload_is_taken_or_refused(payloads: list[Any]) -> None:
             )
         except ValidationError:
             continue
-        assert isinstance(message_refusal(SPEC, state, m), str)
+        refusal = message_refusal(SPEC, state, m)
+        seen = bool(m.id) and m.id in state.message_ids
+        before = state.model_dump(exclude={"audit", "audit_dropped"})
         receipt = inbox.accept(SPEC, m, NOW)
-        assert receipt.status in ("queued", "delivered", "rejected", "duplicate")
+        if seen:
+            assert receipt.status == "duplicate" and m.id in receipt.reason
+        elif refusal:
+            assert (receipt.status, receipt.reason) == ("rejected", refusal)
+        else:
+            assert receipt.status == "queued"  # a turn is in flight: it waits for the step
+            assert state.queued_messages[-1].text == m.text
+            continue
+        assert state.model_dump(exclude={"audit", "audit_dropped"}) == before
     assert len(state.queued_messages) <= MAX_QUEUED_MESSAGES
     assert (
         sum(e.kind in ("message_rejected", "message_duplicate") for e in state.audit)
@@ -252,16 +278,27 @@ def test_any_message_payload_is_taken_or_refused(payloads: list[Any]) -> None:
 @settings(max_examples=1000, deadline=None, database=None)
 @given(raw=tool_arguments(), index=st.integers(0, len(TOOLS) - 1), name=st.text(max_size=20))
 def test_any_tool_arguments_are_judged_without_raising(raw: str, index: int, name: str) -> None:
-    tool = SPEC.tools[index]
-    assert isinstance(short_args(raw), str)
-    assert isinstance(tool_refusal(SPEC, name), str)
+    """Whatever the model writes: the summary is a bounded prefix of the whole, only the
+    tools the policy allows run, arguments the schema accepts are ones the tool's model
+    takes, and a call its approval condition cannot judge goes to a person."""
+    whole = short_args(raw, limit=10**6)
+    short = short_args(raw)
+    assert short == whole if len(whole) <= 60 else short == whole[:59] + "…"
+    refusal = tool_refusal(CHAT_SPEC, name)  # the policy lets `chat` use `add` only
+    assert (refusal == "") == (name == "add")
+    assert refusal == "" or (repr(name) in refusal and "not run" in refusal)
     args, problem = parse_arguments(raw)
     if args is None:
         assert problem
         return
-    assert isinstance(validate_arguments(tool, args), str)
-    reason = approval_reason(tool.model_copy(update={"approval": SPEC.tools[1].approval}), args)
-    assert reason is None or isinstance(reason, str)
+    if validate_arguments(SPEC.tools[index], args) == "":
+        TOOLS[index].args_model.model_validate(args)  # raises if the tool could not take them
+    reason = approval_reason(SPEC.tools[index].model_copy(update={"approval": OVER_20}), args)
+    try:
+        judged_safe = "amount" in args and not args["amount"] > 20
+    except TypeError:
+        judged_safe = False  # cannot be compared: fails closed
+    assert (reason is None) == judged_safe
 
 
 @settings(max_examples=300, deadline=None, database=None)

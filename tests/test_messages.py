@@ -6,14 +6,23 @@ Each test checks what the scripted model received next, which is what DESIGN.md 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections import defaultdict
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
+from keel.activities.registry import Agent
+from keel.activities.tools import ToolContext, tool
 from keel.client.api import KeelClientError
+from keel.demo.agent import Ledger
+from keel.testing.model_server import RuleSet
 from keel.workflows.inbox import INTERRUPTED
-from keel.workflows.models import AgentState, AgentStatus
+from keel.workflows.models import AgentState, AgentStatus, MessagePolicy
+from tests.agents import INSTRUCTIONS
 from tests.conftest import Harness, wait_for
+from tests.rules import TEST_RULES
 
 
 def sent(h: Harness) -> list[list[dict[str, Any]]]:
@@ -32,18 +41,100 @@ def shape(messages: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-async def in_model_call(h: Harness, n: int) -> bool:
-    return h.model.stats()["requests"] >= n
-
-
 async def held(h: Harness, gate: str) -> bool:
     """A model call waits at the scripted model's gate: it is surely in flight."""
     return h.model.held(gate) >= 1
 
 
-async def tools_running(h: Harness, run: str) -> AgentState | None:
-    s = await h.agents.get_state(run)
-    return s if s.transcript and s.transcript[-1].tool_calls else None
+class Gate:
+    """The test's hold on one run's gated tools: each tool says when it started (and when it
+    was cancelled), then waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+        self.started: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self.cancelled: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+
+GATES: defaultdict[str, Gate] = defaultdict(Gate)  # by run id (the worker runs in-process)
+
+
+class NoArgs(BaseModel):
+    pass
+
+
+async def _behind_gate(ctx: ToolContext, name: str) -> None:
+    gate = GATES[ctx.run_id]
+    gate.started[name].set()
+    try:
+        await gate.opened.wait()
+    except asyncio.CancelledError:
+        gate.cancelled[name].set()
+        raise
+
+
+@tool(heartbeat_seconds=3, timeout_seconds=120)
+async def gated_lookup(args: NoArgs, ctx: ToolContext) -> str:
+    """A read that waits at the test's gate (interruptible)."""
+    await _behind_gate(ctx, "gated_lookup")
+    return json.dumps({"looked_up": True})
+
+
+@tool(side_effects=True, heartbeat_seconds=3, timeout_seconds=120)
+async def gated_email(args: NoArgs, ctx: ToolContext) -> str:
+    """A side effect that waits at the test's gate: once started, it finishes."""
+    await _behind_gate(ctx, "gated_email")
+    ledger: Ledger = ctx.resources
+    r = await asyncio.to_thread(
+        ledger.email, "ops@example.com", "gated", "done", ctx.idempotency_key
+    )
+    return json.dumps(r)
+
+
+GATED_TOOLS = [gated_lookup, gated_email]
+GATED_AGENTS = [
+    Agent(name="gated", instructions=INSTRUCTIONS, tools=GATED_TOOLS),
+    Agent(
+        name="strict-gated",
+        instructions=INSTRUCTIONS,
+        tools=GATED_TOOLS,
+        message_policy=MessagePolicy.REJECT,
+    ),
+]
+GATED_RULES = [
+    {
+        "name": "gated read",
+        "when": {"last_role": "user", "last_user": "(?i)look it up"},
+        "reply": {"tool_calls": [{"name": "gated_lookup", "arguments": {}}]},
+    },
+    {
+        "name": "gated read and side effect",
+        "when": {"last_role": "user", "last_user": "(?i)use gated tools"},
+        "reply": {
+            "tool_calls": [
+                {"name": "gated_lookup", "arguments": {}},
+                {"name": "gated_email", "arguments": {}},
+            ]
+        },
+    },
+]
+
+
+@pytest.fixture
+def gated(harness: Harness) -> Harness:
+    """The harness whose model also asks for the gated tools."""
+    rules = {**TEST_RULES, "rules": [*GATED_RULES, *TEST_RULES["rules"]]}
+    harness.model.set_rules(RuleSet.from_dict(rules))
+    return harness
+
+
+async def start_gated(h: Harness, agent: str, text: str, *tools: str) -> tuple[str, Gate]:
+    """Start a run whose tool calls wait at a gate; return once these tools are running."""
+    run = await h.start(agent, text)
+    gate = GATES[run]
+    for name in tools:
+        await gate.started[name].wait()
+    return run, gate
 
 
 async def test_queue_during_model_call(harness: Harness) -> None:
@@ -63,16 +154,17 @@ async def test_queue_during_model_call(harness: Harness) -> None:
     ]
 
 
-async def test_queue_during_tool_call(harness: Harness) -> None:
-    async with harness.running():
-        run = await harness.start("calc", "wait a bit")
-        await wait_for(lambda: tools_running(harness, run))
-        await harness.agents.send_message(run, "and then this", "queue")
-        result = await harness.agents.result(run, timeout=30)
+async def test_queue_during_tool_call(gated: Harness) -> None:
+    async with gated.running(GATED_AGENTS):
+        run, gate = await start_gated(gated, "gated", "look it up", "gated_lookup")
+        receipt = await gated.agents.send_message(run, "and then this", "queue")
+        assert receipt.status == "queued"
+        gate.opened.set()
+        result = await gated.agents.result(run, timeout=30)
     assert result.final_answer == "You said: and then this"
-    second = shape(sent(harness)[1])
+    second = shape(sent(gated)[1])
     assert second[2:] == [
-        "assistant->slow_lookup",
+        "assistant->gated_lookup",
         'tool:{"looked_up": true}',
         "user:and then this",
     ]
@@ -95,38 +187,49 @@ async def test_interrupt_during_model_call(harness: Harness) -> None:
     assert "interrupted" in [a.kind for a in state.audit]
 
 
-async def test_interrupt_during_tools(harness: Harness) -> None:
-    async with harness.running():
-        run = await harness.start("calc", "use slow tools")
-        await wait_for(lambda: tools_running(harness, run))
-        await harness.agents.send_message(run, "say hello", "interrupt")
-        result = await harness.agents.result(run, timeout=30)
-        state = await harness.agents.get_state(run)
+async def interrupt_both_gated_tools(h: Harness, text: str, policy: str) -> str:
+    """A run whose read and side effect both wait at the gate; the message (or a cancel, with
+    no policy) cancels the read; only then does the side effect go on."""
+    run, gate = await start_gated(h, "gated", text, "gated_lookup", "gated_email")
+    if policy:
+        await h.agents.send_message(run, "say hello", policy)
+    else:
+        await h.agents.cancel(run)
+    await gate.cancelled["gated_lookup"].wait()
+    assert not gate.cancelled["gated_email"].is_set()  # a side effect is never cut short
+    assert h.ledger.rows("outbox") == []  # and it had not happened before the stop
+    gate.opened.set()
+    return run
+
+
+async def test_interrupt_during_tools(gated: Harness) -> None:
+    async with gated.running(GATED_AGENTS):
+        run = await interrupt_both_gated_tools(gated, "use gated tools", "interrupt")
+        result = await gated.agents.result(run, timeout=30)
+        state = await gated.agents.get_state(run)
     assert result.final_answer == "Hello!"
-    second = sent(harness)[1]
+    second = sent(gated)[1]
     # the interruptible read was cancelled, the side effect finished; no dangling call
     assert shape(second)[2:] == [
-        "assistant->slow_lookup,slow_email",
+        "assistant->gated_lookup,gated_email",
         f"tool:{INTERRUPTED}",
         'tool:{"email_id": "E-0001", "to": "ops@example.com", "status": "queued"}',
         "user:say hello",
     ]
-    assert [e.tool for e in state.effects] == ["slow_email"]
-    assert len(harness.ledger.rows("outbox")) == 1
+    assert [e.tool for e in state.effects] == ["gated_email"]
+    assert len(gated.ledger.rows("outbox")) == 1
 
 
-async def test_rollback_during_tools(harness: Harness) -> None:
-    async with harness.running():
-        run = await harness.start("calc", "use slow tools")
-        await wait_for(lambda: tools_running(harness, run))
-        await harness.agents.send_message(run, "say hello", "rollback")
-        result = await harness.agents.result(run, timeout=30)
-        state = await harness.agents.get_state(run)
+async def test_rollback_during_tools(gated: Harness) -> None:
+    async with gated.running(GATED_AGENTS):
+        run = await interrupt_both_gated_tools(gated, "use gated tools", "rollback")
+        result = await gated.agents.result(run, timeout=30)
+        state = await gated.agents.get_state(run)
     assert result.final_answer == "Hello!"
     # the rolled-back turn is absent, as if "say hello" had been sent instead
-    assert shape(sent(harness)[1]) == ["system:You are a test agent.", "user:say hello"]
+    assert shape(sent(gated)[1]) == ["system:You are a test agent.", "user:say hello"]
     # the committed effect stays in the run's record
-    assert [e.tool for e in state.effects] == ["slow_email"]
+    assert [e.tool for e in state.effects] == ["gated_email"]
     assert "rolled_back" in [a.kind for a in state.audit]
 
 
@@ -168,27 +271,29 @@ async def _pending(h: Harness, run: str) -> AgentState | None:
 
 @pytest.mark.parametrize(
     ("text", "answer"),
-    [("take a moment", "Moment taken."), ("wait a bit", 'Done: {"looked_up": true}')],
+    [("take a moment", "Moment taken."), ("look it up", 'Done: {"looked_up": true}')],
     ids=["during-model-call", "during-tool-call"],
 )
 async def test_reject_policy_refuses_while_in_flight(
-    harness: Harness, text: str, answer: str
+    gated: Harness, text: str, answer: str
 ) -> None:
-    async with harness.running():
-        run = await harness.start("strict-chat", text)
-        await wait_for(lambda: in_model_call(harness, 1))
-        if text == "wait a bit":
-            await wait_for(lambda: tools_running(harness, run))
-        receipt = await harness.agents.send_message(run, "hurry up")
+    async with gated.running(GATED_AGENTS):
+        if text == "look it up":
+            run, gate = await start_gated(gated, "strict-gated", text, "gated_lookup")
+        else:
+            run, gate = await gated.start("strict-gated", text), Gate()  # no tool to hold
+            await wait_for(lambda: held(gated, "moment"))
+        receipt = await gated.agents.send_message(run, "hurry up")
         assert receipt.status == "rejected" and "in flight" in receipt.reason
-        await harness.client.get_workflow_handle(run).signal(
+        await gated.client.get_workflow_handle(run).signal(
             "keel.submit_message", {"text": "hurry!"}
         )
-        harness.model.release("moment")
-        result = await harness.agents.result(run, timeout=30)
-        state = await harness.agents.get_state(run)
+        gated.model.release("moment")
+        gate.opened.set()
+        result = await gated.agents.result(run, timeout=30)
+        state = await gated.agents.get_state(run)
     assert result.final_answer == answer
-    assert all("hurry" not in str(conversation) for conversation in sent(harness))
+    assert all("hurry" not in str(conversation) for conversation in sent(gated))
     assert [a.detail for a in state.audit if a.kind == "message_rejected"] == [
         "a turn is in flight and this message's policy is reject"
     ]
@@ -241,17 +346,15 @@ async def _status(h: Harness, run: str, status: AgentStatus) -> AgentState | Non
     return s if s.status == status else None
 
 
-async def test_cancel_lets_side_effects_finish_and_records_them(harness: Harness) -> None:
-    async with harness.running():
-        run = await harness.start("calc", "use slow tools")
-        await wait_for(lambda: tools_running(harness, run))
-        await harness.agents.cancel(run)  # slow_email (a side effect) is still running
-        result = await harness.agents.result(run, timeout=30)
-        state = await harness.agents.get_state(run)
+async def test_cancel_lets_side_effects_finish_and_records_them(gated: Harness) -> None:
+    async with gated.running(GATED_AGENTS):
+        run = await interrupt_both_gated_tools(gated, "use gated tools", "")
+        result = await gated.agents.result(run, timeout=30)
+        state = await gated.agents.get_state(run)
     assert result.status == AgentStatus.CANCELLED
     assert state.status == AgentStatus.CANCELLED
-    assert len(harness.ledger.rows("outbox")) == 1
-    assert [e.tool for e in state.effects] == ["slow_email"]
+    assert len(gated.ledger.rows("outbox")) == 1
+    assert [e.tool for e in state.effects] == ["gated_email"]
     results = [m.content for m in state.transcript if m.role == "tool"]
     assert results[0] == INTERRUPTED and "E-0001" in (results[1] or "")
 
@@ -285,17 +388,21 @@ async def test_rollback_before_the_spec_is_loaded_keeps_instructions(harness: Ha
     assert "user:say hello" in first
 
 
-async def test_cancel_during_an_interrupt_still_lets_side_effects_finish(harness: Harness) -> None:
-    async with harness.running():
-        run = await harness.start("calc", "use slow tools")
-        await wait_for(lambda: tools_running(harness, run))
-        await harness.agents.send_message(run, "say hello", "interrupt")
-        await harness.agents.cancel(run)
-        result = await harness.agents.result(run, timeout=30)
-        state = await harness.agents.get_state(run)
+async def test_cancel_during_an_interrupt_still_lets_side_effects_finish(gated: Harness) -> None:
+    async with gated.running(GATED_AGENTS):
+        run, gate = await start_gated(
+            gated, "gated", "use gated tools", "gated_lookup", "gated_email"
+        )
+        await gated.agents.send_message(run, "say hello", "interrupt")
+        await gated.agents.cancel(run)
+        await gate.cancelled["gated_lookup"].wait()
+        assert not gate.cancelled["gated_email"].is_set()
+        gate.opened.set()
+        result = await gated.agents.result(run, timeout=30)
+        state = await gated.agents.get_state(run)
     assert result.status == AgentStatus.CANCELLED
-    assert [e.tool for e in state.effects] == ["slow_email"]
-    assert len(harness.ledger.rows("outbox")) == 1
+    assert [e.tool for e in state.effects] == ["gated_email"]
+    assert len(gated.ledger.rows("outbox")) == 1
     assert [m.role for m in state.transcript[-2:]] == ["tool", "tool"]  # no dangling call
 
 

@@ -2,42 +2,149 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
+import inspect
 import re
-import subprocess
 import sys
+import uuid
+from datetime import timedelta
 from pathlib import Path
+from types import ModuleType
+from typing import Any, get_args, get_type_hints
 
 import pytest
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
 import keel
 from keel.config import Settings, SettingsError
+from keel.plugin import build_worker
 from keel.worker import load_agents, load_resources, load_workflows
+from tests.sandbox_probe import SandboxImports
 from tests.test_cli import keel as keel_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_workflow_code_imports_no_io_libraries() -> None:
-    """`import keel.workflows.agent` pulls in no model client, database or HTTP client."""
-    code = (
-        "import sys, keel.workflows.agent\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('openai', 'httpx', 'aiohttp', 'sqlite3', '_sqlite3', 'keel.activities') "
-        "or m.startswith(('keel.activities', 'keel.client', 'urllib.request', 'http.client')))\n"
-        "print(bad)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+@pytest.mark.filterwarnings("ignore:Module .* was imported after initial workflow load")
+async def test_workflow_code_in_the_sandbox_imports_no_io_libraries(
+    env: WorkflowEnvironment,
+) -> None:
+    """`import keel` loads the model client and HTTP eagerly; in a workflow's sandbox they
+    must come from the host (KeelPlugin passes the `keel` package through), never be
+    imported there again. Without that passthrough the same probe finds them."""
+    settings = Settings(task_queue=f"tq-{uuid.uuid4().hex[:8]}")
+    worker = build_worker(env.client, settings=settings, agents=[], workflows=[SandboxImports])
+    async with worker:
+        found = await _probe(env, settings.task_queue)
+    assert found == []
+    task_queue = f"tq-{uuid.uuid4().hex[:8]}"
+    async with Worker(env.client, task_queue=task_queue, workflows=[SandboxImports]):
+        found = await _probe(env, task_queue)
+    assert any(m.split(".")[0] in ("openai", "httpx") or "failed" in m for m in found), found
 
 
-def test_the_public_api_is_curated() -> None:
-    assert {"Agent", "tool", "ToolContext", "AgentClient", "KeelPlugin", "KeelWorkflow"} <= set(
-        keel.__all__
+async def _probe(env: WorkflowEnvironment, task_queue: str) -> list[str]:
+    return await env.client.execute_workflow(
+        SandboxImports.run,
+        id=f"probe-{uuid.uuid4().hex[:8]}",
+        task_queue=task_queue,
+        execution_timeout=timedelta(minutes=1),
     )
+
+
+# What a user calls: every public method of these classes (Temporal's handlers aside: a
+# client reaches those by name, through AgentClient), and these functions. Settings' other
+# methods are how KeelPlugin and keel.connect use it.
+PUBLIC_CALLS: list[Any] = [
+    keel.AgentClient,
+    keel.Schedules,
+    keel.KeelPlugin,
+    keel.ModelProvider,
+    keel.Agent,
+    keel.Tool,
+    keel.ToolContext,
+    keel.KeelWorkflow,
+    keel.tool,
+    keel.sign_decision,
+    keel.connect,
+    keel.load_policy,
+    keel.Settings.from_env,
+]
+# What a user builds those calls' inputs from or compares their results with, and the
+# default loop (`loop=` of AgentClient.start, Temporal's typed handles).
+PARTS = {"ApprovalMode", "Condition", "Decision", "EventKind", "AgentWorkflow"}
+# What those calls raise for a caller to catch (EndRun: what a loop raises to end its run).
+ERRORS = {
+    "KeelClientError",
+    "NoWorker",
+    "ScheduleError",
+    "SettingsError",
+    "PolicyError",
+    "SecretError",
+    "EndRun",
+}
+# Returned by a public call, yet internal: the run's whole state (`AgentClient.get_state`),
+# whose fields change with the runtime.
+NOT_EXPORTED = {"AgentState"}
+# what Temporal's decorators set on a handler (an update's definition is its `_defn`)
+HANDLER_MARKS = ("__temporal_query_definition", "__temporal_signal_definition", "_defn")
+
+
+def test_the_public_api_is_what_public_calls_take_and_return() -> None:
+    """One list: the public calls, every Keel type in their signatures, the parts and errors
+    above; nothing internal, nothing missing, each name the object of its home module."""
+    found = {t.__name__: t for c in PUBLIC_CALLS for t in _signature_types(c)}
+    assert NOT_EXPORTED <= set(found)  # still returned: else drop it from NOT_EXPORTED
+    calls = {c.__name__ for c in PUBLIC_CALLS} - {"from_env"}  # a method, of Settings
+    wanted = calls | (set(found) - NOT_EXPORTED) | PARTS | ERRORS
+    assert keel.__all__ == sorted(wanted)
     for name in keel.__all__:
-        assert getattr(keel, name) is not None
-    with pytest.raises(AttributeError):
-        keel.build_worker  # noqa: B018 - internal, not exported
+        value = getattr(keel, name)
+        assert found.get(name, value) is value
+        home = importlib.import_module(value.__module__)
+        assert getattr(home, name) is value, f"keel.{name} is not {value.__module__}.{name}"
+    for internal in (*NOT_EXPORTED, "AgentRegistry", "build_worker"):
+        assert not hasattr(keel, internal)
+    assert all(issubclass(getattr(keel, e), Exception) for e in ERRORS)
+
+
+def _signature_types(obj: Any) -> set[type]:
+    """The Keel types in the signatures of `obj` (a function, or a class's constructor,
+    public methods and properties), out of unions, containers and callables."""
+    calls: list[Any] = [obj]
+    if inspect.isclass(obj):
+        calls = [] if "__init__" in vars(obj) else [obj]  # a dataclass: its fields
+        for name, member in vars(obj).items():
+            member = getattr(member, "fget", getattr(member, "__func__", member))
+            handler = any(hasattr(member, mark) for mark in HANDLER_MARKS)
+            public = name == "__init__" or not name.startswith("_")
+            if inspect.isfunction(member) and public and not handler:
+                calls.append(member)
+    out: set[type] = set()
+    namespace = _namespace(sys.modules[obj.__module__])
+    for call in calls:
+        for hint in get_type_hints(call, namespace).values():
+            _keel_types(hint, out)
+    return out
+
+
+def _namespace(module: ModuleType) -> dict[str, Any]:
+    """The module's names, with those it imports only for type checkers."""
+    ns = dict(vars(module))
+    for node in ast.parse(inspect.getsource(module)).body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            exec(compile(ast.Module(node.body, []), module.__name__, "exec"), ns)
+    return ns
+
+
+def _keel_types(hint: Any, out: set[type]) -> None:
+    if isinstance(hint, type) and hint.__module__.startswith("keel."):
+        out.add(hint)
+    for arg in get_args(hint):
+        for a in arg if isinstance(arg, list) else [arg]:  # a Callable's parameters
+            _keel_types(a, out)
 
 
 def test_agents_resources_and_workflows_load_by_module_attribute() -> None:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from keel.client.api import AgentClient
@@ -84,3 +90,44 @@ def _attr(span: object, key: str) -> object:
 async def _pending(agents: AgentClient, run: str) -> object:
     s = await agents.get_state(run)
     return s if s.pending_approvals else None
+
+
+@pytest.mark.parametrize("provider", ["plain", "replay-safe", "keel"])
+async def test_workflow_spans_are_exported_once_whatever_the_tracer_provider(
+    harness: Harness, tmp_path: Path, provider: str
+) -> None:
+    """A worker that keeps no run in its cache replays the run's history at every task: the
+    spans Keel's workflow code starts must still be exported once each, and the approval's
+    span, started again at each replay, must end. A user's own provider that cannot promise
+    that is refused, saying what to use instead."""
+    out = await _worker_process(harness, tmp_path, provider)
+    if "refused" in out:
+        assert provider == "plain", out["refused"]
+        assert "create_tracer_provider()" in out["refused"] and "replay" in out["refused"]
+        return
+    assert out["status"] == AgentStatus.COMPLETED
+    # Keel's own: what its workflow code starts (Temporal's spans are its plugin's business)
+    keels = [(name, i) for name, i, _ in out["spans"] if name.startswith(("approval", "message"))]
+    assert sorted(name for name, _ in keels) == ["approval charge", "message"], out["spans"]
+    assert len({i for _, i in keels}) == 2
+    assert out["approvals_started"] and set(out["approvals_started"]) == set(out["approvals_ended"])
+
+
+async def _worker_process(h: Harness, tmp_path: Path, provider: str) -> dict[str, Any]:
+    """Run tests/tracing_process.py: a process of its own sets its own tracer provider."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.tracing_process",
+        h.client.service_client.config.target_host,
+        h.model.url,
+        str(tmp_path / "ledger.db"),
+        provider,
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    result: dict[str, Any] = json.loads(out.decode().splitlines()[-1])
+    return result
