@@ -52,7 +52,6 @@ from keel.workflows.models import (
     WORKFLOW_TYPE,
     AgentInput,
     AgentResult,
-    AgentState,
     AgentStatus,
     ChatMessage,
     DecideInput,
@@ -62,6 +61,7 @@ from keel.workflows.models import (
     MessagePolicy,
     MessageReceipt,
     Policy,
+    RunState,
     RunStatusView,
     TranscriptPage,
     Usage,
@@ -258,7 +258,7 @@ class AgentClient:
                 raise KeelClientError(f"run {run_id}: {e.message}") from e
             raise
 
-    async def get_state(self, run_id: str, *, timeout: timedelta = QUERY_TIMEOUT) -> AgentState:
+    async def get_state(self, run_id: str, *, timeout: timedelta = QUERY_TIMEOUT) -> RunState:
         """The run's state: status, step, the whole transcript, usage, approvals, and the
         latest 300 entries of its effects, decisions and audit trail. Reading it needs a
         worker serving the run; without one, NoWorker says so."""
@@ -404,7 +404,7 @@ class AgentClient:
                 w.cancel()
             await asyncio.gather(*waits, return_exceptions=True)
 
-    async def _state_or_none(self, run_id: str) -> AgentState | None:
+    async def _state_or_none(self, run_id: str) -> RunState | None:
         try:
             return await self.get_state(run_id)
         except KeelClientError:

@@ -59,6 +59,7 @@ from keel.workflows.models import MessageReceipt as MessageReceipt
 from keel.workflows.models import ModelResult as ModelResult
 from keel.workflows.models import ModelSettings as ModelSettings
 from keel.workflows.models import Policy as Policy
+from keel.workflows.models import RunState as RunState
 from keel.workflows.models import RunStatusView as RunStatusView
 from keel.workflows.models import ToolSpec as ToolSpec
 

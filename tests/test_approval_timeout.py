@@ -17,7 +17,7 @@ from keel.config import Settings
 from keel.demo.agent import Ledger
 from keel.plugin import ModelProvider, build_worker, ensure_search_attributes
 from keel.testing.model_server import ScriptedModelServer
-from keel.workflows.models import AgentState, AgentStatus
+from keel.workflows.models import AgentStatus, RunState
 from tests.agents import TEST_AGENTS
 from tests.conftest import binary, wait_for
 
@@ -32,7 +32,7 @@ async def skipping() -> AsyncIterator[WorkflowEnvironment]:
         yield env
 
 
-async def _waiting(agents: AgentClient, run: str) -> AgentState | None:
+async def _waiting(agents: AgentClient, run: str) -> RunState | None:
     s = await agents.get_state(run)
     return s if s.pending_approvals else None
 
@@ -92,8 +92,6 @@ async def test_approval_expires_and_policy_applies(
             assert described.status == WorkflowExecutionStatus.FAILED
 
 
-async def _status_in(
-    agents: AgentClient, run: str, statuses: set[AgentStatus]
-) -> AgentState | None:
+async def _status_in(agents: AgentClient, run: str, statuses: set[AgentStatus]) -> RunState | None:
     s = await agents.get_state(run)
     return s if s.status in statuses else None

@@ -11,12 +11,12 @@ from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.common import RawValue
 
 from keel.client.api import KeelClientError
-from keel.workflows.models import AgentState, AgentStatus
+from keel.workflows.models import AgentStatus, RunState
 from tests.conftest import Harness, wait_for
 
 
-async def pending(h: Harness, run: str, n: int = 1) -> AgentState:
-    async def check() -> AgentState | None:
+async def pending(h: Harness, run: str, n: int = 1) -> RunState:
+    async def check() -> RunState | None:
         s = await h.agents.get_state(run)
         return s if len(s.pending_approvals) >= n else None
 
@@ -220,6 +220,6 @@ async def _status(h: Harness, run: str, status: AgentStatus) -> bool:
     return (await h.agents.get_state(run)).status == status
 
 
-async def _answered(h: Harness, run: str, answer: str) -> AgentState | None:
+async def _answered(h: Harness, run: str, answer: str) -> RunState | None:
     s = await h.agents.get_state(run)
     return s if s.status == AgentStatus.IDLE and s.final_answer == answer else None

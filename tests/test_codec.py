@@ -37,7 +37,7 @@ from keel.config import Settings, SettingsError
 from keel.demo.agent import Ledger
 from keel.plugin import build_worker
 from keel.testing.model_server import RuleSet, ScriptedModelServer
-from keel.workflows.models import AgentState, AgentStatus, ApprovalMode, ApprovalPolicy
+from keel.workflows.models import AgentStatus, ApprovalMode, ApprovalPolicy, RunState
 from tests.conftest import Harness, wait_for
 from tests.rules import TEST_RULES
 from tests.test_cli import keel as keel_cli
@@ -341,7 +341,7 @@ async def test_rotation_keeps_old_runs_readable_and_encrypts_with_the_new_key(
     assert e.value.key_id == "key-a" and "KEEL_ENCRYPTION_KEYS" in str(e.value)
 
 
-async def _pending(h: Harness, run: str) -> AgentState | None:
+async def _pending(h: Harness, run: str) -> RunState | None:
     state = await h.agents.get_state(run)
     return state if state.pending_approvals else None
 

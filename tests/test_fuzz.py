@@ -46,6 +46,7 @@ from keel.workflows.models import (
     DecideInput,
     MessageInput,
     MessageReceipt,
+    RunState,
 )
 from keel.workflows.policy import (
     approval_reason,
@@ -453,6 +454,6 @@ async def test_fuzzed_signals_and_updates_leave_a_live_run_unharmed(harness: Har
     assert len(refused) == min(sum(n != "add" for b in batches for n, _ in b), MAX_REFUSALS)
 
 
-async def _idle(h: Harness, run: str) -> AgentState | None:
+async def _idle(h: Harness, run: str) -> RunState | None:
     state = await h.agents.get_state(run)
     return state if state.status == AgentStatus.IDLE else None

@@ -7,7 +7,7 @@ import asyncio
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus
 
-from keel.workflows.models import RUN_TOOL, AgentState, AgentStatus, ModelResult, ToolInput
+from keel.workflows.models import RUN_TOOL, AgentStatus, ModelResult, RunState, ToolInput
 from tests.conftest import Harness, wait_for
 
 
@@ -83,7 +83,7 @@ async def test_queries_answer_small_whatever_the_runs_size(harness: Harness) -> 
         result = await harness.agents.result(run, timeout=60)
         handle = harness.client.get_workflow_handle(run)
         raw = await asyncio.gather(
-            *(handle.query("keel.get_state", result_type=AgentState) for _ in range(6))
+            *(handle.query("keel.get_state", result_type=RunState) for _ in range(6))
         )
         full = await asyncio.gather(*(harness.agents.get_state(run) for _ in range(6)))
         status = await harness.agents.status(run)  # what lists and waits read
@@ -107,7 +107,7 @@ async def test_a_run_parked_on_an_approval_continues_as_new(harness: Harness) ->
     async with harness.running():
         run = await harness.start("shop", "charge twice")
 
-        async def parked() -> AgentState | None:
+        async def parked() -> RunState | None:
             s = await harness.agents.get_state(run)
             return s if s.pending_approvals and harness.ledger.rows("refunds") else None
 

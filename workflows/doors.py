@@ -38,6 +38,7 @@ from keel.workflows.models import (
     DecideReceipt,
     MessageInput,
     MessageReceipt,
+    RunState,
     RunStatusView,
     StreamBatch,
     TranscriptPage,
@@ -59,7 +60,7 @@ class RunDoors:
     model: ModelCall
 
     @workflow.query(name=QUERY_STATE)
-    def get_state(self) -> AgentState:
+    def get_state(self) -> RunState:
         """Status, step, pending approvals, queued messages, transcript, usage, effects, audit.
 
         The answer stays small whatever the run's size (a query's answer is one gRPC message):

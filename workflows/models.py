@@ -509,16 +509,16 @@ class OpenStep(BaseModel):
     decided: dict[str, DecideInput] = Field(default_factory=dict)  # accepted, not yet acted on
 
 
-class AgentState(BaseModel):
-    """Everything a run is; carried whole across continue-as-new, and what `get_state` shows."""
+class RunState(BaseModel):
+    """What `get_state` shows of a run: its status, record and conversation (the transcript's
+    tail, long texts cut: `transcript_from`, `transcript_of` and `cut` say what is shown)."""
 
-    run_key: str = ""
+    run_key: str = ""  # the prefix of every idempotency key the run makes
     agent: str = ""
     user: str = ""
     status: AgentStatus = AgentStatus.RUNNING
     step: int = 0
     turn: int = 0
-    turn_start: int = 0  # index in transcript where the current turn began
     transcript: list[ChatMessage] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
     pending_approvals: list[ApprovalRequest] = Field(default_factory=list)
@@ -529,11 +529,9 @@ class AgentState(BaseModel):
     error: str | None = None
     decisions: list[DecisionRecord] = Field(default_factory=list)  # never dropped
     retired_call_ids: list[str] = Field(default_factory=list)  # calls of rolled-back turns
-    paused_seconds: float = 0.0  # time spent waiting for people (approvals, idle): not work
-    idle_since: datetime | None = None  # while idle, across continue-as-new
     audit_dropped: int = 0  # refusals beyond MAX_REFUSALS, dropped (the count is kept)
     started_at: datetime | None = None
-    spec: AgentSpec | None = None
+    spec: AgentSpec | None = None  # the snapshot the run started with (its policy's digest)
     # a custom loop's own progress (e.g. its plan), carried across continue-as-new with the rest
     loop_state: dict[str, Any] = Field(default_factory=dict)
     provider_error: str = ""  # while waiting_provider: what the provider last said
@@ -542,6 +540,19 @@ class AgentState(BaseModel):
     transcript_from: int = 0
     transcript_of: int = 0
     cut: bool = False
+
+    def decision(self, call_id: str) -> DecisionRecord | None:
+        """How the approval of this call ended, if it has."""
+        return next((d for d in self.decisions if d.call_id == call_id), None)
+
+
+class AgentState(RunState):
+    """Everything a run is, carried whole across continue-as-new: what `get_state` shows and
+    the loop's own bookkeeping, which no client reads."""
+
+    turn_start: int = 0  # index in transcript where the current turn began
+    paused_seconds: float = 0.0  # time spent waiting for people (approvals, idle): not work
+    idle_since: datetime | None = None  # while idle, across continue-as-new
     message_ids: list[str] = Field(default_factory=list)  # the latest ids received, bounded
     empty_replies: int = 0  # empty model replies in a row (one gets a corrective turn)
     open_step: OpenStep | None = None  # a tool step parked on approvals, carried (see OpenStep)
@@ -564,10 +575,6 @@ class AgentState(BaseModel):
             if len(refusals) > MAX_REFUSALS:
                 del self.audit[refusals[0]]
                 self.audit_dropped += 1
-
-    def decision(self, call_id: str) -> DecisionRecord | None:
-        """How the approval of this call ended, if it has."""
-        return next((d for d in self.decisions if d.call_id == call_id), None)
 
     def used_call_ids(self) -> list[str]:
         """Call ids the run used outside its transcript: never handed out again."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from keel.workflows.models import AgentState, ChatMessage, TranscriptSlice
+from keel.workflows.models import AgentState, ChatMessage, RunState, TranscriptSlice
 
 VIEW_TEXT_CHARS = 20_000  # a message's text in the state view, cut past this
 VIEW_TRANSCRIPT_CHARS = 300_000  # the transcript's tail shown in the state view
@@ -20,7 +20,7 @@ def _cut(text: str | None, limit: int = VIEW_TEXT_CHARS) -> tuple[str | None, bo
     return text[:limit] + f"…[{len(text) - limit} more characters]", True
 
 
-def state_view(state: AgentState) -> AgentState:
+def state_view(state: AgentState) -> RunState:
     """The state with its transcript's tail (long texts cut), a cut final answer, the latest
     entries of its records and queued texts cut: well under a megabyte whatever the run's
     size, so queries at once stay far below gRPC's limit. (`keel.get_transcript` pages the
@@ -45,8 +45,10 @@ def state_view(state: AgentState) -> AgentState:
     tail = -VIEW_LIST_ITEMS
     lists = (state.audit, state.effects, state.decisions, state.retired_call_ids)
     cut = cut or any(len(x) > VIEW_LIST_ITEMS for x in lists)
-    return state.model_copy(
-        update={
+    public = {name: getattr(state, name) for name in RunState.model_fields}
+    return RunState(
+        **public
+        | {
             "transcript": shown,
             "final_answer": answer,
             "queued_messages": queued,
@@ -54,8 +56,6 @@ def state_view(state: AgentState) -> AgentState:
             "effects": state.effects[tail:],
             "decisions": state.decisions[tail:],
             "retired_call_ids": state.retired_call_ids[tail:],
-            "message_ids": [],
-            "stream": None,
             "transcript_from": len(state.transcript) - len(shown),
             "transcript_of": len(state.transcript),
             "cut": cut or answer_cut,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keel.chaos.agent import DONE_ANSWER, STOPPED_ANSWER, op_of
-from keel.workflows.models import AgentState, AuditKind
+from keel.workflows.models import AuditKind, RunState
 
 MALLORY = "chaos-mallory"  # signs the decisions for calls that do not exist
 
@@ -140,7 +140,7 @@ class Observed:
     notes: list[str] = field(default_factory=list)
 
 
-def outcome_of(run_id: str, of: int, st: AgentState) -> RunOutcome:
+def outcome_of(run_id: str, of: int, st: RunState) -> RunOutcome:
     """What the checks need of a run's record."""
     out = RunOutcome(run_id, of, st.status.value, st.final_answer, st.error)
     for e in st.effects:

@@ -81,10 +81,10 @@ from keel.dev import DevStackError
 from keel.testing.model_server import RuleSet, ScriptedModelServer
 from keel.workflows.models import (
     PENDING_APPROVALS,
-    AgentState,
     DecideInput,
     Decision,
     MessagePolicy,
+    RunState,
 )
 
 STEP_SECONDS = 1.2  # what a step costs besides the model's think time (tool, workflow tasks)
@@ -538,7 +538,7 @@ class Chaos:
                 return out
         return outcome_of(plan.run_id, plan.of, st)
 
-    async def _final_state(self, run_id: str) -> AgentState:
+    async def _final_state(self, run_id: str) -> RunState:
         """The run's whole record; a worker just started, or a busy one, gets a minute."""
         assert self.agents is not None
         until = time.time() + 60

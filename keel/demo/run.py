@@ -9,12 +9,12 @@ import textwrap
 from keel.client.api import AgentClient
 from keel.config import Settings
 from keel.dev import DevStack
-from keel.workflows.models import TERMINAL_STATUSES, AgentState, AgentStatus, ApprovalRequest
+from keel.workflows.models import TERMINAL_STATUSES, AgentStatus, ApprovalRequest, RunState
 
 APPROVER = "you"
 
 
-def print_transcript(state: AgentState) -> None:
+def print_transcript(state: RunState) -> None:
     """The conversation as a person reads it."""
     for m in state.transcript:
         if m.role == "system":
