@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import re
@@ -20,6 +21,7 @@ from temporalio.common import MetricCounter, MetricMeter
 from temporalio.exceptions import ApplicationError
 
 from keel.activities.heartbeat import annotate_span, heartbeat_while
+from keel.activities.streaming import BadStream, Reply, StreamBroke, stream_reply
 from keel.workflows import errors
 from keel.workflows.models import (
     CALL_MODEL,
@@ -34,6 +36,8 @@ from keel.workflows.models import (
 # Temporal refuses payloads past 2 MB; fail fast below that instead of retrying forever.
 MAX_RESULT_BYTES = 1_500_000
 RETRYABLE_STATUS = {408, 409, 429}
+CHAT_PATH = "/chat/completions"
+log = logging.getLogger("keel.model")
 MAX_RETRY_AFTER_SECONDS = 300.0  # a provider cannot park a run for longer than this
 
 
@@ -91,6 +95,10 @@ def classify(e: Exception) -> ApplicationError:
             return _fatal(message, errors.PROVIDER_REJECTED)
         return ApplicationError(
             message, type=errors.PROVIDER_UNAVAILABLE, next_retry_delay=retry_after(e.response)
+        )
+    if isinstance(e, StreamBroke):  # mid-stream: the next attempt asks again
+        return ApplicationError(
+            f"the provider's stream broke off: {e}", type=errors.PROVIDER_UNAVAILABLE
         )
     if isinstance(e, openai.APIConnectionError):  # includes timeouts
         return ApplicationError(
@@ -210,6 +218,37 @@ class ModelActivities:
         self._default_model = default_model
         self._clients: dict[tuple[str | None, str, float], AsyncOpenAI] = {}
         self._pace = Pace(calls_per_second)
+        self._whole_only: set[tuple[str | None, str]] = set()  # (base URL, model): no streams
+
+    async def _ask(self, client: AsyncOpenAI, kwargs: dict[str, Any], input: ModelInput) -> Reply:
+        """The reply, streamed when the run asked for it and the provider can; else whole."""
+        where = (str(client.base_url), str(kwargs["model"]))
+        if input.stream_id and where not in self._whole_only:
+            try:
+                return await heartbeat_while(stream_reply(client, kwargs, input.stream_id))
+            except (BadStream, ValueError, AttributeError, TypeError, KeyError) as e:
+                problem = f"{type(e).__name__}: {e}"  # a stream that is not one
+            except openai.APIStatusError as e:
+                if e.status_code not in (400, 404, 405, 415, 422, 501):
+                    raise  # failures a whole request would meet too
+                problem = f"{e.status_code}: {_provider_message(e)}"
+            completion = await heartbeat_while(self._whole(client, kwargs))
+            self._whole_only.add(where)  # the whole request worked: this provider does not stream
+            log.warning(
+                "the provider at %s (model %s) does not stream replies (%s); Keel asks it for "
+                "whole replies from now on",
+                where[0],
+                where[1],
+                problem[:300],
+            )
+            return Reply.of(completion)
+        return Reply.of(await heartbeat_while(self._whole(client, kwargs)))
+
+    async def _whole(self, client: AsyncOpenAI, kwargs: dict[str, Any]) -> ChatCompletion:
+        # the body Keel built, sent as is: `chat.completions.create` would walk every
+        # message against its typed params first (~0.2 ms a message, a fifth of a
+        # worker's CPU at 40 messages); the errors and the response type are the same
+        return await client.post(CHAT_PATH, body=kwargs, cast_to=ChatCompletion)
 
     def _client(self, s: ModelSettings) -> AsyncOpenAI:
         base_url = s.base_url or self._base_url
@@ -268,23 +307,16 @@ class ModelActivities:
         await heartbeat_while(self._pace.wait())  # this worker's share of the provider
         began = time.monotonic()
         try:
-            # the body Keel built, sent as is: `chat.completions.create` would walk every
-            # message against its typed params first (~0.2 ms a message, a fifth of a
-            # worker's CPU at 40 messages); the errors and the response type are the same
-            completion = await heartbeat_while(
-                client.post("/chat/completions", body=kwargs, cast_to=ChatCompletion)
-            )
-            choice = completion.choices[0]
-            msg = choice.message
-            usage = completion.usage
+            reply = await self._ask(client, kwargs, input)
+            usage = reply.usage
             used = {t.id for m in input.messages for t in m.tool_calls}
             used.update(input.reserved_call_ids)
-            model = completion.model or kwargs["model"]
+            model = reply.model or kwargs["model"]
             result = ModelResult(
                 message=ChatMessage(
                     role="assistant",
-                    content=msg.content,
-                    tool_calls=normalise_tool_calls(msg.tool_calls, input.step, used),
+                    content=reply.text,
+                    tool_calls=normalise_tool_calls(reply.raw_calls, input.step, used),
                     model=model,
                 ),
                 usage=Usage(
@@ -292,10 +324,18 @@ class ModelActivities:
                     completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
                     total_tokens=getattr(usage, "total_tokens", 0) or 0,
                 ),
-                finish_reason=choice.finish_reason or "",
+                finish_reason=reply.finish_reason,
                 model=model,
+                attempt=activity.info().attempt,
             )
-        except (openai.APIError, ValueError, AttributeError, IndexError, TypeError) as e:
+        except (
+            openai.APIError,
+            StreamBroke,
+            ValueError,
+            AttributeError,
+            IndexError,
+            TypeError,
+        ) as e:
             # pydantic's ValidationError is a ValueError: a body of the wrong shape lands here
             failure = classify(e)
             annotate_span(
