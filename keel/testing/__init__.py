@@ -16,9 +16,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from keel.testing.model_server import (
+    BreakAfter,
     Conditions,
     ErrorSpec,
     FaultSpec,
+    HoldAfter,
     Reply,
     Rule,
     RulesError,
@@ -29,9 +31,11 @@ from keel.testing.model_server import (
 
 __all__ = [
     "AgentEnvironment",
+    "BreakAfter",
     "Conditions",
     "ErrorSpec",
     "FaultSpec",
+    "HoldAfter",
     "Reply",
     "Rule",
     "RuleSet",

@@ -4,19 +4,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .completions import MODEL_ID, error_body
 from .rules import RulesError
-from .script import Answer, ScriptedModel
+from .script import Answer, DroppedConnection, ScriptedModel
 
 MODEL_CARD = {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "keel"}
 
@@ -93,12 +93,39 @@ class _CloseConnections:
 
 
 def render(answer: Answer) -> Response:
-    """An answer as OpenAI sends it. (A streamed request would get its completion as
-    ``chat.completion.chunk`` Server-Sent Events here.)"""
+    """An answer as OpenAI sends it: a JSON body, or ``chat.completion.chunk`` Server-Sent
+    Events for a streamed request."""
+    if answer.events is not None:
+        return StreamingResponse(
+            _server_sent(answer.events), answer.status, answer.headers, "text/event-stream"
+        )
     if answer.raw is not None:
         return Response(answer.raw, answer.status, answer.headers, "application/json")
     payload = answer.completion if answer.completion is not None else answer.error
-    return JSONResponse(payload, answer.status, answer.headers)
+    response = JSONResponse(payload, answer.status, answer.headers)
+    if answer.dropped:
+        # the headers promise the whole body; the connection closes halfway through it
+        return StreamingResponse(
+            _cut(response.body), answer.status, response.headers, "application/json"
+        )
+    return response
+
+
+async def _server_sent(events: AsyncIterator[dict[str, Any] | str]) -> AsyncIterator[bytes]:
+    """Each event as OpenAI frames it: one ``data:`` line of compact JSON, and a blank line."""
+    async for event in events:
+        data = (
+            event
+            if isinstance(event, str)
+            else json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        )
+        yield f"data: {data}\n\n".encode()
+
+
+async def _cut(body: bytes) -> AsyncIterator[bytes]:
+    yield body[: len(body) // 2]
+    # the ASGI server closes a connection whose app fails after the response started
+    raise DroppedConnection("a scripted break")
 
 
 def _error(status: int, message: str, type: str | None = None, code: str | None = None) -> Response:

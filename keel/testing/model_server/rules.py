@@ -25,7 +25,12 @@ from .matching import _compile, _Conversation
 
 SUPPORT_RULES = Path(__file__).resolve().parents[2] / "demo" / "rules.json"
 
-FaultKind = Literal["429", "500", "503", "400", "401", "403", "404", "slow", "malformed"]
+FaultKind = Literal["429", "500", "503", "400", "401", "403", "404", "slow", "malformed", "drop"]
+BreakKind = Literal["drop", "malformed"]
+
+# Chunks a streamed reply sends before it pauses or breaks, unless told: the role chunk and
+# the first piece, so a client holds some text of a reply it will not get whole.
+CHUNKS_BEFORE = 2
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
@@ -97,8 +102,25 @@ class ErrorSpec(_Strict):
     code: str | None = None
 
 
+class HoldAfter(_Strict):
+    """A streamed reply pauses at the gate ``gate`` once it has sent ``chunks`` chunks."""
+
+    gate: str
+    chunks: int = Field(default=CHUNKS_BEFORE, ge=0)
+
+
+class BreakAfter(_Strict):
+    """A streamed reply breaks once it has sent ``chunks`` chunks: ``drop`` closes the
+    connection, ``malformed`` sends a chunk whose JSON is cut off."""
+
+    kind: BreakKind
+    chunks: int = Field(default=CHUNKS_BEFORE, ge=0)
+
+
 class Reply(_Strict):
-    """What the model answers: text, tool calls or an error, optionally after a delay."""
+    """What the model answers: text, tool calls or an error, optionally after a delay; a
+    streamed answer is paced, held half-written or broken by the ``chunk_*``, ``hold_after``
+    and ``break_after`` options."""
 
     content: str | None = None
     tool_calls: list[ToolCallSpec] | None = None
@@ -110,11 +132,27 @@ class Reply(_Strict):
     duplicate_tool_call_ids: bool = False
     content_with_tool_calls: str | None = None
     error: ErrorSpec | None = None
+    # characters a streamed piece of text or arguments holds (None: a few words), and
+    # seconds between chunks (0: as fast as the client reads)
+    chunk_size: int | None = Field(default=None, ge=1)
+    chunk_delay: float = Field(default=0.0, ge=0)
+    hold_after: HoldAfter | None = None
+    break_after: BreakAfter | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Reply:
         if self.error is not None and (self.content is not None or self.tool_calls):
             raise ValueError("an error reply cannot also have 'content' or 'tool_calls'")
+        streamed = (
+            self.chunk_size is not None
+            or self.chunk_delay
+            or self.hold_after is not None
+            or self.break_after is not None
+        )
+        if self.error is not None and streamed:
+            raise ValueError(
+                "an error reply is not streamed: it has no 'chunk_*', 'hold_after' or 'break_after'"
+            )
         if self.tool_calls and self.content is not None:
             raise ValueError(
                 "'content' is sent as null beside tool calls; "
@@ -150,6 +188,7 @@ class FaultSpec(_Strict):
     when: Conditions | None = None
     message: str | None = None
     should_retry: bool | None = None  # sent as the x-should-retry header, as OpenAI does
+    chunks: int = Field(default=CHUNKS_BEFORE, ge=0)  # a stream's chunks before drop/malformed
 
     @field_validator("kind", mode="before")
     @classmethod

@@ -1,8 +1,9 @@
 """``ScriptedModel``: the model itself, without HTTP: rules, faults, gates, the request log.
 
-It answers a chat request's raw body with an ``Answer`` (a completion, an error, or bytes sent
-as they are); how an answer goes on the wire is the HTTP layer's business (``app``). Its state
-is read and changed from any thread (a test's, the server's event loop), under one lock.
+It answers a chat request's raw body with an ``Answer`` (a completion, an error, bytes sent
+as they are, or a streamed request's chunks); how an answer goes on the wire is the HTTP
+layer's business (``app``). Its state is read and changed from any thread (a test's, the
+server's event loop), under one lock.
 """
 
 from __future__ import annotations
@@ -13,24 +14,35 @@ import json
 import random
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .chunks import DONE, MALFORMED_CHUNK, completion_chunks
 from .completions import MALFORMED_BODY, build_completion, error_body
 from .matching import _Conversation, _substitute_text
-from .rules import FaultSpec, RuleSet, parse_faults
+from .rules import BreakAfter, FaultSpec, Reply, RuleSet, parse_faults
+
+
+class DroppedConnection(Exception):
+    """Raised where an answer stops short: the connection closes at once, the answer
+    unfinished (the ``drop`` fault and break, a stream the server's stop cuts)."""
 
 
 @dataclass
 class Answer:
-    """The answer to one chat request: a ``chat.completion``, an error, or raw bytes."""
+    """The answer to one chat request: a ``chat.completion``, an error, raw bytes, or the
+    events of a stream."""
 
     status: int = 200
     completion: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     raw: bytes | None = None  # sent verbatim (the malformed fault)
     headers: dict[str, str] = field(default_factory=dict)
+    # a streamed answer: each event's data, a chunk or a text sent as it is; the iterator
+    # raises DroppedConnection where the connection is to close
+    events: AsyncIterator[dict[str, Any] | str] | None = None
+    dropped: bool = False  # the completion's body stops halfway and the connection closes
 
     @classmethod
     def failure(
@@ -256,10 +268,15 @@ class ScriptedModel:
                     entry["outcome"] = f"fault:{fault.kind}"
                     break
 
+        streamed = bool(body.get("stream"))
+        broken: BreakAfter | None = None
         if fault is not None:
-            if fault.kind == "malformed":
+            if fault.kind == "malformed" and not streamed:
                 return Answer(raw=MALFORMED_BODY, headers=headers)
-            if fault.kind == "slow":
+            if fault.kind in ("malformed", "drop"):
+                # a break needs a reply to break: the rules give it, as to any request
+                broken = BreakAfter(kind=fault.kind, chunks=fault.chunks)
+            elif fault.kind == "slow":
                 if not await self._wait(delay=fault.delay):
                     return STOPPING
             else:
@@ -286,9 +303,68 @@ class ScriptedModel:
                 err.status, _substitute_text(err.message, captures), err.type, err.code, headers
             )
         completion = build_completion(body, reply, captures)
-        if fault is None:
-            self._finish(entry, generation, "served", "served")
-        return Answer(completion=completion, headers=headers)
+        # a fault's outcome is written when it fires; a scripted break counts as an error
+        outcome = None if fault is not None else ("served", "served")
+        if broken is None and reply.break_after is not None:
+            broken = reply.break_after
+            outcome = (f"broken:{broken.kind}", "errors")
+        if streamed:
+            options = body.get("stream_options") or {}
+            chunks = completion_chunks(
+                completion, reply.chunk_size, bool(options.get("include_usage"))
+            )
+            events = self._stream(chunks, reply, broken, entry, generation, outcome)
+            return Answer(events=events, headers=headers)
+        # a whole reply: nothing of it can reach the client before it passes the gate
+        if reply.hold_after is not None and not await self._wait(gate=reply.hold_after.gate):
+            return STOPPING
+        self._done(entry, generation, outcome)
+        if broken is not None and broken.kind == "malformed":
+            return Answer(raw=MALFORMED_BODY, headers=headers)
+        return Answer(completion=completion, headers=headers, dropped=broken is not None)
+
+    def _done(
+        self, entry: dict[str, Any], generation: int, outcome: tuple[str, str] | None
+    ) -> None:
+        if outcome is not None:
+            self._finish(entry, generation, *outcome)
+
+    async def _stream(
+        self,
+        chunks: list[dict[str, Any]],
+        reply: Reply,
+        broken: BreakAfter | None,
+        entry: dict[str, Any],
+        generation: int,
+        outcome: tuple[str, str] | None,
+    ) -> AsyncIterator[dict[str, Any] | str]:
+        """The events of a streamed reply: its chunks, paced, held at its gate, broken where
+        it breaks, then ``[DONE]``. The server's stop drops a stream still waiting."""
+        hold = reply.hold_after
+        try:
+            for sent in range(len(chunks) + 1):
+                if hold is not None and sent == min(hold.chunks, len(chunks)):
+                    if not await self._wait(gate=hold.gate):
+                        raise DroppedConnection("the server stops")
+                if broken is not None and sent == min(broken.chunks, len(chunks)):
+                    self._done(entry, generation, outcome)
+                    if broken.kind == "drop":
+                        raise DroppedConnection("a scripted break")
+                    yield MALFORMED_CHUNK
+                    return
+                if sent == len(chunks):
+                    break
+                if sent and reply.chunk_delay and not await self._wait(delay=reply.chunk_delay):
+                    raise DroppedConnection("the server stops")
+                yield chunks[sent]
+            self._done(entry, generation, outcome)
+            yield DONE
+        except (asyncio.CancelledError, GeneratorExit):
+            # the client went away (a model call cancelled, say): its gate holds it no more
+            with self._lock:
+                if entry["outcome"] == "pending":
+                    entry["outcome"] = "disconnected"
+            raise
 
 
 _UNPARSABLE = (
@@ -304,6 +380,9 @@ def _problem(body: Any) -> str | None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         return "Invalid request: 'messages' must be a list of message objects."
-    if body.get("stream"):
-        return "Invalid request: streaming is not supported by the scripted model server."
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        return "Invalid type for 'stream_options': expected an object."
+    if options is not None and not body.get("stream"):
+        return "The 'stream_options' parameter is only allowed when 'stream' is enabled."
     return None

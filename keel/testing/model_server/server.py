@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 import threading
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ import uvicorn
 
 from .app import build_app
 from .rules import RuleSet
-from .script import ScriptedModel
+from .script import DroppedConnection, ScriptedModel
 
 # How long a stopping server waits for replies already on their way out.
 STOP_GRACE_SECONDS = 5.0
@@ -27,6 +28,16 @@ class ServerBindError(OSError):
 
 class PortInUseError(ServerBindError):
     """The port is already taken."""
+
+
+class _QuietDrops(logging.Filter):
+    """uvicorn logs an app that fails mid-answer as a crash; a scripted drop is no crash."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], DroppedConnection))
+
+
+_QUIET_DROPS = _QuietDrops()
 
 
 def as_rules(rules: RuleSet | Mapping[str, Any] | str | Path | None) -> RuleSet:
@@ -84,6 +95,7 @@ class ScriptedModelServer(ScriptedModel):
             timeout_graceful_shutdown=STOP_GRACE_SECONDS,
         )
         self._uvicorn = uvicorn.Server(config)
+        logging.getLogger("uvicorn.error").addFilter(_QUIET_DROPS)  # added once, however often
         self._begin()
         self._thread = threading.Thread(
             target=self._serve,
@@ -121,7 +133,8 @@ class ScriptedModelServer(ScriptedModel):
         asyncio.run(server.serve(sockets=[sock]))
 
     def stop(self) -> None:
-        """Stop serving; replies still waiting (delays, gates, slow faults) answer 503."""
+        """Stop serving; replies still waiting (delays, gates, slow faults) answer 503, and
+        streams already under way (paused at a gate or between chunks) are dropped."""
         server, thread, sock = self._uvicorn, self._thread, self._socket
         if server is None or thread is None:
             return
