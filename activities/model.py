@@ -218,7 +218,8 @@ class ModelActivities:
         self._default_model = default_model
         self._clients: dict[tuple[str | None, str, float], AsyncOpenAI] = {}
         self._pace = Pace(calls_per_second)
-        self._whole_only: set[tuple[str | None, str]] = set()  # (base URL, model): no streams
+        self._whole_only: set[tuple[str, str]] = set()  # (base URL, model): no streams
+        self._said: set[tuple[tuple[str, str], bool]] = set()  # fallbacks logged once
 
     async def _ask(self, client: AsyncOpenAI, kwargs: dict[str, Any], input: ModelInput) -> Reply:
         """The reply, streamed when the run asked for it and the provider can; else whole."""
@@ -226,21 +227,29 @@ class ModelActivities:
         if input.stream_id and where not in self._whole_only:
             try:
                 return await heartbeat_while(stream_reply(client, kwargs, input.stream_id))
-            except (BadStream, ValueError, AttributeError, TypeError, KeyError) as e:
-                problem = f"{type(e).__name__}: {e}"  # a stream that is not one
+            except BadStream as e:  # a stream that is not one
+                never, problem = e.never, str(e)
             except openai.APIStatusError as e:
-                if e.status_code not in (400, 404, 405, 415, 422, 501):
-                    raise  # failures a whole request would meet too
                 problem = f"{e.status_code}: {_provider_message(e)}"
+                refused = e.status_code in (405, 415, 501) or (
+                    400 <= e.status_code < 500 and "stream" in problem.lower()
+                )
+                if not refused:
+                    raise  # what a whole request would meet too: asked once, not twice
+                never = True
             completion = await heartbeat_while(self._whole(client, kwargs))
-            self._whole_only.add(where)  # the whole request worked: this provider does not stream
-            log.warning(
-                "the provider at %s (model %s) does not stream replies (%s); Keel asks it for "
-                "whole replies from now on",
-                where[0],
-                where[1],
-                problem[:300],
-            )
+            if never:  # the whole request worked: this provider does not stream
+                self._whole_only.add(where)
+            if (where, never) not in self._said:
+                self._said.add((where, never))
+                log.warning(
+                    "the provider at %s (model %s) %s (%s); Keel asks it for whole replies %s",
+                    where[0],
+                    where[1],
+                    "does not stream replies" if never else "streamed a reply badly",
+                    problem[:300],
+                    "from now on" if never else "when that happens",
+                )
             return Reply.of(completion)
         return Reply.of(await heartbeat_while(self._whole(client, kwargs)))
 

@@ -13,6 +13,7 @@ fails the model call: a batch that cannot be sent is dropped, and the reply is w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -43,7 +44,12 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 class BadStream(Exception):
     """The provider answered a streamed request with something that is not a stream of
-    chat completion chunks: the call asks for a whole reply instead."""
+    chat completion chunks: the call asks for a whole reply instead. `never`: nothing came
+    that could be read as a stream at all (this provider does not stream)."""
+
+    def __init__(self, message: str, *, never: bool = False) -> None:
+        super().__init__(message)
+        self.never = never
 
 
 @dataclass
@@ -173,6 +179,19 @@ class Batcher:
         if self._task is not None:
             await self._task
 
+    async def void(self) -> None:
+        """The stream turned out bad: nothing more is sent, and if anything was, the run is
+        told to drop it (the call's reply comes another way)."""
+        self.abandon()
+        if self._task is not None:
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self._sent:
+            self._broken = False
+            self._pending = []
+            await self._send(restart=True)
+            self._broken = True
+
     def abandon(self) -> None:
         """The call failed or was cancelled: nothing more is sent."""
         self._broken = True
@@ -198,11 +217,13 @@ class Batcher:
         except TimeoutError:
             pass
 
-    async def _send(self) -> None:
-        if not self._pending:
+    async def _send(self, restart: bool = False) -> None:
+        if not self._pending and not restart:
             return
         pieces, self._pending, self._chars = _merge(self._pending), [], 0
-        batch = StreamBatch(stream_id=self._stream_id, attempt=self._attempt, deltas=pieces)
+        batch = StreamBatch(
+            stream_id=self._stream_id, attempt=self._attempt, deltas=pieces, restart=restart
+        )
         try:
             await self._handle.signal(SIGNAL_STREAM, batch)
             self._sent += 1
@@ -250,11 +271,14 @@ async def stream_reply(client: AsyncOpenAI, body: dict[str, Any], stream_id: str
     except _transport_errors() as e:
         batcher.abandon()
         raise StreamBroke(f"{type(e).__name__}: {e}") from e
+    except (BadStream, ValueError, AttributeError, TypeError, KeyError) as e:
+        await batcher.void()  # what was shown of it is not the reply
+        raise BadStream(f"{type(e).__name__}: {e}", never=reply.chunks == 0) from e
     except BaseException:
         batcher.abandon()
         raise
     if reply.chunks == 0:
         batcher.abandon()
-        raise BadStream("the stream ended without a single chunk")
+        raise BadStream("the stream ended without a single chunk", never=True)
     await batcher.finish()
     return reply.reply()

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+STORY = (
+    "Once upon a time a keel kept a small boat upright through a long storm, and the sailors slept."
+)
 TEST_RULES: dict[str, Any] = {
     "rules": [
         {
@@ -25,6 +28,17 @@ TEST_RULES: dict[str, Any] = {
             "name": "grow",
             "when": {"any_user": "(?i)grow big"},
             "reply": {"tool_calls": [{"name": "blob", "arguments": {"size": 400000}}]},
+        },
+        {
+            # a reply written in pieces that stops at the gate "story" after three chunks
+            # (the role chunk and two pieces), until the test releases it
+            "name": "story",
+            "when": {"last_role": "user", "last_user": "(?i)^tell a story"},
+            "reply": {
+                "content": STORY,
+                "chunk_size": 12,
+                "hold_after": {"gate": "story", "chunks": 3},
+            },
         },
         {
             "name": "slow loop",

@@ -75,7 +75,7 @@ class ModelCall:
             return
         if batch.attempt < self._attempt:
             return
-        if batch.attempt > self._attempt:
+        if batch.attempt > self._attempt or batch.restart:
             self._void("retried")
             self._attempt = batch.attempt
         for d in batch.deltas:
@@ -107,11 +107,11 @@ class ModelCall:
         self._attempt = 0
         try:
             result = await model_step(spec, self._state, tools, settings, self._flight)
-        except asyncio.CancelledError:
-            self._void("interrupted")
-            raise
-        except BaseException:
-            self._void("failed")
+        except BaseException as e:
+            cancelled = isinstance(e, asyncio.CancelledError) or (
+                isinstance(e, ActivityError) and isinstance(e.cause, CancelledError)
+            )
+            self._void("interrupted" if cancelled else "failed")
             raise
         finally:
             self._flight = ""

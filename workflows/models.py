@@ -311,6 +311,8 @@ class StreamBatch(BaseModel):
     stream_id: str = Field(max_length=200)  # the ModelInput's: which call of which step
     attempt: int = Field(ge=1)  # the activity attempt writing
     deltas: list[StreamDelta] = Field(max_length=1000)
+    # what this attempt sent before is void (its stream went bad; the reply comes whole)
+    restart: bool = False
 
 
 class ToolInput(BaseModel):

@@ -1,0 +1,202 @@
+"""Replies streamed as they are written: watchers see the text before the model has finished,
+and what the run records (the reply, whole) never depends on the stream. A gate in the
+scripted model holds a reply half-written (rule "story": three chunks, then the gate)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+
+import pytest
+
+from keel.workflows.models import AgentStatus, EventKind, MessagePolicy, RunEvent
+from tests.conftest import Harness
+from tests.rules import STORY
+from tests.test_crash import killable_worker
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def first_delta(h: Harness, run: str) -> list[RunEvent]:
+    """The run's events, followed live, up to its first model_delta."""
+    seen: list[RunEvent] = []
+
+    async def follow() -> None:
+        async for _, e in h.agents.events(run):
+            seen.append(e)
+            if e.kind == EventKind.MODEL_DELTA:
+                return
+
+    await asyncio.wait_for(follow(), timeout=60)
+    return seen
+
+
+async def all_events(h: Harness, run: str) -> list[RunEvent]:
+    return [e async for _, e in h.agents.events(run, follow=False)]
+
+
+def written(events: list[RunEvent], step: int = 1) -> str:
+    """The text a client shows for a step: deltas, less what a discard voided."""
+    text = ""
+    for e in events:
+        if e.step != step:
+            continue
+        if e.kind == EventKind.MODEL_DELTA and not e.call_id:
+            text += e.text
+        elif e.kind == EventKind.MODEL_DISCARD:
+            text = ""
+    return text
+
+
+async def test_a_reply_shows_in_part_before_the_model_has_finished(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("calc", "tell a story")
+        await harness.model.wait_held("story")
+        seen = await first_delta(harness, run)
+        delta = seen[-1]
+        # the model is still held mid-reply: its first words are out, the rest is not
+        assert harness.model.held("story") == 1
+        assert delta.text and STORY.startswith(delta.text) and delta.text != STORY
+        assert delta.step == 1 and delta.attempt == 1
+        assert not any(e.kind == EventKind.MODEL_REPLY for e in seen)
+        harness.model.release("story")
+        result = await harness.agents.result(run, timeout=60)
+        events = await all_events(harness, run)
+    assert result.status == AgentStatus.COMPLETED and result.final_answer == STORY
+    assert written(events) == STORY  # the pieces add up to the reply, none twice or lost
+    replies = [e for e in events if e.kind == EventKind.MODEL_REPLY and e.step == 1]
+    assert len(replies) == 1
+    assert not any(e.kind == EventKind.MODEL_DISCARD for e in events)
+    # the history holds the batches as signals, few for the reply's pieces
+    history = await harness.client.get_workflow_handle(run).fetch_history()
+    batches = [
+        e
+        for e in history.events
+        if e.HasField("workflow_execution_signaled_event_attributes")
+        and e.workflow_execution_signaled_event_attributes.signal_name == "keel.model_stream"
+    ]
+    assert 1 <= len(batches) <= 3
+
+
+async def test_a_worker_killed_mid_stream_voids_the_partial_text_then_replies_once(
+    harness: Harness,
+) -> None:
+    async with killable_worker(harness) as proc:
+        run = await harness.start("calc", "tell a story")
+        await harness.model.wait_held("story")
+        seen = await first_delta(harness, run)
+        assert seen[-1].attempt == 1
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    harness.model.release("story")  # the next attempt is not held
+    async with harness.running():
+        result = await harness.agents.result(run, timeout=90)
+        events = await all_events(harness, run)
+    assert result.status == AgentStatus.COMPLETED and result.final_answer == STORY
+    step = [e for e in events if e.step == 1 and e.kind.value.startswith("model_")]
+    kinds = [e.kind for e in step]
+    first_discard = kinds.index(EventKind.MODEL_DISCARD)
+    # attempt 1's pieces, then the event that voids them, then the reply, once
+    assert all(e.attempt == 1 for e in step[:first_discard])
+    assert step[first_discard].detail == "retried"
+    assert kinds.count(EventKind.MODEL_REPLY) == 1 and kinds[-1] == EventKind.MODEL_REPLY
+    assert written(events) in ("", STORY)  # whatever a client shows is the new attempt's
+    assert sum(1 for r in harness.model.requests() if r["rule"] == "story") == 2
+
+
+async def test_an_interrupt_mid_stream_ends_the_partial_text(harness: Harness) -> None:
+    async with harness.running():
+        run = await harness.start("calc", "tell a story")
+        await harness.model.wait_held("story")
+        await first_delta(harness, run)
+        receipt = await harness.agents.send_message(
+            run, "never mind, add 2 and 3", MessagePolicy.INTERRUPT
+        )
+        assert receipt.status == "queued"
+        result = await harness.agents.result(run, timeout=60)
+        events = await all_events(harness, run)
+    assert result.status == AgentStatus.COMPLETED and result.final_answer == "The sum is 5."
+    step1 = [e for e in events if e.step == 1]
+    discards = [e for e in step1 if e.kind == EventKind.MODEL_DISCARD]
+    assert [d.detail for d in discards] == ["interrupted"]
+    assert not any(e.kind == EventKind.MODEL_REPLY for e in step1)  # it never finished
+    assert written(events) == ""
+
+
+async def test_a_stream_that_breaks_off_halfway_is_asked_again(harness: Harness) -> None:
+    # attempt 1 sends three chunks, waits at the gate, then the connection drops
+    harness.model.set_faults(
+        [{"kind": "drop", "count": 1, "chunks": 4, "when": {"any_user": "(?i)tell a story"}}]
+    )
+    async with harness.running():
+        run = await harness.start("calc", "tell a story")
+        await harness.model.wait_held("story")
+        await first_delta(harness, run)
+        harness.model.release("story")
+        result = await harness.agents.result(run, timeout=60)
+        events = await all_events(harness, run)
+    assert result.status == AgentStatus.COMPLETED and result.final_answer == STORY
+    assert [r["outcome"] for r in harness.model.requests() if r["rule"] == "story"] == [
+        "fault:drop",
+        "served",
+    ]
+    kinds = [e.kind for e in events if e.step == 1 and e.kind.value.startswith("model_")]
+    assert EventKind.MODEL_DISCARD in kinds and kinds.count(EventKind.MODEL_REPLY) == 1
+    assert kinds.index(EventKind.MODEL_DISCARD) < kinds.index(EventKind.MODEL_REPLY)
+
+
+async def test_a_badly_streamed_reply_is_asked_for_whole(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a chunk that is not JSON after the gate: the pieces shown are voided, the reply comes
+    # whole in the same attempt, and the worker says so once
+    harness.model.set_faults(
+        [{"kind": "malformed", "count": 1, "chunks": 4, "when": {"any_user": "(?i)tell"}}]
+    )
+    caplog.set_level(logging.WARNING, logger="keel.model")
+    async with harness.running():
+        run = await harness.start("calc", "tell a story")
+        await harness.model.wait_held("story")
+        await first_delta(harness, run)
+        harness.model.release("story")
+        result = await harness.agents.result(run, timeout=60)
+        events = await all_events(harness, run)
+    assert result.status == AgentStatus.COMPLETED and result.final_answer == STORY
+    step = [e for e in events if e.step == 1 and e.kind.value.startswith("model_")]
+    assert [e.detail for e in step if e.kind == EventKind.MODEL_DISCARD] == ["retried"]
+    assert step[-1].kind == EventKind.MODEL_REPLY
+    said = [r for r in caplog.records if "streamed a reply badly" in r.getMessage()]
+    assert len(said) == 1
+
+
+async def test_a_provider_that_cannot_stream_gets_whole_requests(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.model.set_faults(
+        [{"kind": "400", "count": 1, "message": "Invalid request: stream is not supported"}]
+    )
+    caplog.set_level(logging.WARNING, logger="keel.model")
+    async with harness.running():
+        run = await harness.start("calc", "add 2 and 3")
+        result = await harness.agents.result(run, timeout=60)
+    assert result.status == AgentStatus.COMPLETED and result.final_answer == "The sum is 5."
+    bodies = [r["body"] for r in harness.model.requests()]
+    # the refused stream, then whole requests: this step's, and the next step's
+    assert [bool(b.get("stream")) for b in bodies] == [True, False, False]
+    said = [r for r in caplog.records if "does not stream replies" in r.getMessage()]
+    assert len(said) == 1
+
+
+async def test_an_agent_may_turn_streaming_off(harness: Harness) -> None:
+    from keel.workflows.models import ModelSettings
+    from tests.agents import TEST_AGENTS
+
+    calc = next(a for a in TEST_AGENTS if a.name == "calc")
+    quiet = dataclasses.replace(calc, name="quiet", model=ModelSettings(stream=False))
+    async with harness.running([*TEST_AGENTS, quiet]):
+        run = await harness.start("quiet", "add 2 and 3")
+        result = await harness.agents.result(run, timeout=60)
+    assert result.final_answer == "The sum is 5."
+    assert not any(r["body"].get("stream") for r in harness.model.requests())
