@@ -27,7 +27,7 @@ from keel.demo.agent import Ledger
 from keel.dev import dev_server_args
 from keel.plugin import ModelProvider, build_worker
 from keel.testing.model_server import RuleSet, ScriptedModelServer
-from keel.workflows.models import SEARCH_ATTRIBUTES
+from keel.workflows.models import SEARCH_ATTRIBUTES, EventKind
 from tests.conftest import Harness, binary, wait_for
 from tests.rules import TEST_RULES
 
@@ -54,6 +54,7 @@ SCENARIOS = [
     ("plan", "planner", "My laptop will not boot and the VPN is down"),
     ("parked", "shop", "charge twice"),
     ("expiry", "shop-brief", "charge 30"),  # no decision: the approval expires (1 s)
+    ("streamed", "calc", "tell a story"),  # the reply's pieces reach the run as signals
 ]
 
 
@@ -105,6 +106,10 @@ async def scenario(h: Harness, name: str, agent: str, text: str) -> None:
         if name in ("interrupt", "rollback"):
             await wait_for(lambda: _tools_running(h, run))
             await h.agents.send_message(run, "say hello", name)
+        if name == "streamed":  # held mid-reply until a piece of it has reached the run
+            await h.model.wait_held("story")
+            await wait_for(lambda: _delta(h, run))
+            h.model.release("story")
         if name == "cancel":
             await wait_for(lambda: _tools_running(h, run))
             await h.agents.cancel(run)
@@ -171,6 +176,13 @@ async def _child_pending(h: Harness, run: str) -> object:
 async def _turns(h: Harness, run: str, n: int) -> object:
     s = await h.agents.get_state(run)
     return s if s.turn >= n and s.status.value == "idle" else None
+
+
+async def _delta(h: Harness, run: str) -> object:
+    async for _, e in h.agents.events(run, follow=False):
+        if e.kind == EventKind.MODEL_DELTA:
+            return e
+    return None
 
 
 async def _tools_running(h: Harness, run: str) -> object:

@@ -48,6 +48,7 @@ def test_histories_are_there() -> None:
         "plan",
         "parked",
         "expiry",
+        "streamed",
     } <= names
 
 
