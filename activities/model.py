@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import openai
 from openai import AsyncOpenAI
@@ -34,6 +35,7 @@ from keel.workflows.models import (
 # Temporal refuses payloads past 2 MB; fail fast below that instead of retrying forever.
 MAX_RESULT_BYTES = 1_500_000
 RETRYABLE_STATUS = {408, 409, 429}
+CHAT_PATH = "/chat/completions"
 MAX_RETRY_AFTER_SECONDS = 300.0  # a provider cannot park a run for longer than this
 
 
@@ -93,13 +95,28 @@ def classify(e: Exception) -> ApplicationError:
             message, type=errors.PROVIDER_UNAVAILABLE, next_retry_delay=retry_after(e.response)
         )
     if isinstance(e, openai.APIConnectionError):  # includes timeouts
+        request = getattr(e, "request", None)
+        at = f" at {shown_url(str(request.url))}" if request is not None else ""
         return ApplicationError(
-            f"provider unreachable: {type(e).__name__}: {e}", type=errors.PROVIDER_UNAVAILABLE
+            f"provider unreachable{at}: {type(e).__name__}: {e}", type=errors.PROVIDER_UNAVAILABLE
         )
     return ApplicationError(
         f"provider sent a response that is not a chat completion: {type(e).__name__}: {e}",
         type=errors.PROVIDER_BAD_RESPONSE,
     )
+
+
+def shown_url(url: str) -> str:
+    """A provider's base URL as messages and logs may show it: without the user and password
+    it may carry, without its query (where some proxies take a key), and without the path
+    of the call made to it."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    path = parts.path.rstrip("/").removesuffix(CHAT_PATH).rstrip("/")
+    return urlunsplit((parts.scheme, netloc, path, "", ""))
 
 
 def _fatal(message: str, type: str) -> ApplicationError:
@@ -272,7 +289,7 @@ class ModelActivities:
             # message against its typed params first (~0.2 ms a message, a fifth of a
             # worker's CPU at 40 messages); the errors and the response type are the same
             completion = await heartbeat_while(
-                client.post("/chat/completions", body=kwargs, cast_to=ChatCompletion)
+                client.post(CHAT_PATH, body=kwargs, cast_to=ChatCompletion)
             )
             choice = completion.choices[0]
             msg = choice.message
