@@ -152,7 +152,10 @@ def load_agents(ref: str) -> list[Agent]:
     """The agents `ref` names: a list of Agent, one Agent, or a function returning either."""
     value = load_object(ref, "agents")
     if callable(value) and not isinstance(value, Agent):
-        value = value()
+        try:
+            value = value()
+        except AgentDefinitionError as e:  # an agent the function made was refused
+            raise SettingsError(f"agents {ref!r}: {e}") from None
     agents = [value] if isinstance(value, Agent) else value
     if not isinstance(agents, Sequence) or not all(isinstance(a, Agent) for a in agents):
         raise SettingsError(f"agents {ref!r} is not an Agent or a list of Agent")

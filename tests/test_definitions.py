@@ -70,15 +70,16 @@ async def test_keel_worker_refuses_a_misspelt_name_before_it_serves(
     (tmp_path / "typo_agents.py").write_text(
         "from keel import Agent, ApprovalMode, ApprovalPolicy\n"
         "from tests.agents import charge\n"
-        "AGENTS = [Agent(name='refunds', instructions='Refund.', tools=[charge],\n"
-        "    approvals={'chrage': ApprovalPolicy(mode=ApprovalMode.ALWAYS)})]\n"
+        "def make():\n"
+        "    return [Agent(name='refunds', instructions='Refund.', tools=[charge],\n"
+        "        approvals={'chrage': ApprovalPolicy(mode=ApprovalMode.ALWAYS)})]\n"
     )
+    (tmp_path / "typo_module.py").write_text("from typo_agents import make\nAGENTS = make()\n")
     env = {"PYTHONPATH": str(Path.cwd())}
-    code, _, err = await keel(
-        harness, "worker", "--agents", "typo_agents:AGENTS", env=env, cwd=tmp_path
-    )
-    assert code == 1 and "Traceback" not in err, err
-    assert "approvals names chrage, which is not one of its tools (charge)" in err
+    for ref in ("typo_module:AGENTS", "typo_agents:make"):  # made on import, or by a function
+        code, _, err = await keel(harness, "worker", "--agents", ref, env=env, cwd=tmp_path)
+        assert code == 1 and "Traceback" not in err, err
+        assert "approvals names chrage, which is not one of its tools (charge)" in err
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps(policy_data(tools={"chrage": {"approvers": ["approver"]}})))
     code, _, err = await keel(
