@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import openai
 from openai import AsyncOpenAI
@@ -101,13 +102,28 @@ def classify(e: Exception) -> ApplicationError:
             f"the provider's stream broke off: {e}", type=errors.PROVIDER_UNAVAILABLE
         )
     if isinstance(e, openai.APIConnectionError):  # includes timeouts
+        request = getattr(e, "request", None)
+        at = f" at {shown_url(str(request.url))}" if request is not None else ""
         return ApplicationError(
-            f"provider unreachable: {type(e).__name__}: {e}", type=errors.PROVIDER_UNAVAILABLE
+            f"provider unreachable{at}: {type(e).__name__}: {e}", type=errors.PROVIDER_UNAVAILABLE
         )
     return ApplicationError(
         f"provider sent a response that is not a chat completion: {type(e).__name__}: {e}",
         type=errors.PROVIDER_BAD_RESPONSE,
     )
+
+
+def shown_url(url: str) -> str:
+    """A provider's base URL as messages and logs may show it: without the user and password
+    it may carry, without its query (where some proxies take a key), and without the path
+    of the call made to it."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    path = parts.path.rstrip("/").removesuffix(CHAT_PATH).rstrip("/")
+    return urlunsplit((parts.scheme, netloc, path, "", ""))
 
 
 def _fatal(message: str, type: str) -> ApplicationError:
@@ -244,7 +260,7 @@ class ModelActivities:
                 self._said.add((where, never))
                 log.warning(
                     "the provider at %s (model %s) %s (%s); Keel asks it for whole replies %s",
-                    where[0],
+                    shown_url(where[0]),
                     where[1],
                     "does not stream replies" if never else "streamed a reply badly",
                     problem[:300],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,12 @@ from keel.workflows.models import (
     ToolSpec,
 )
 
+log = logging.getLogger("keel.worker")
+
+
+class AgentDefinitionError(ValueError):
+    """An agent defined with a setting that cannot hold (a name that is no tool of its)."""
+
 
 @dataclass
 class Agent:
@@ -46,10 +53,29 @@ class Agent:
     approvals: dict[str, ApprovalPolicy] = field(default_factory=dict)  # per-tool overrides
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse settings that name no tool of this agent: a misspelt key in `approvals`
+        would otherwise drop the approval, and the side effect would run with no one asked.
+        The registry checks again, for an agent changed after it was made."""
+        names = [t.name for t in self.tools]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise AgentDefinitionError(
+                f"agent {self.name!r}: two of its tools are named {twice[0]!r}; "
+                "give each a name of its own (tool(name=...))"
+            )
+        unknown = sorted(set(self.approvals) - set(names))
+        if unknown:
+            raise AgentDefinitionError(
+                f"agent {self.name!r}: approvals names {_listed(unknown)}, which is not one "
+                f"of its tools ({_listed(sorted(names)) or 'it has none'})"
+            )
         for t in self.tools:
             policy = self.approvals.get(t.name)
             if t.spec.local and policy is not None and policy.mode != ApprovalMode.NEVER:
-                raise ValueError(
+                raise AgentDefinitionError(
                     f"agent {self.name!r}: tool {t.name!r} runs locally (local=True), so it "
                     "cannot need an approval; make it an ordinary tool"
                 )
@@ -151,9 +177,11 @@ def load_policy(path: str | Path) -> Policy:
 
 
 def check_policy(policy: Policy, agents: list[Agent]) -> None:
-    """Refuse a policy that names tools an agent served here does not have (a typo would
-    otherwise take a tool away unnoticed). Agents it names but this worker does not serve
-    are left alone: one policy may serve several workers."""
+    """Refuse a policy that names tools the agents served here do not have: a typo would
+    otherwise take a tool away (`agents.X.tools`) or leave its approvers unset
+    (`tools.X`), unnoticed. Agents it names but this worker does not serve are left alone:
+    one policy may serve several workers; so are the tools such a policy names that none of
+    this worker's agents has (they may be those agents' tools), with a warning."""
     by_name = {a.name: a for a in agents}
     for name, entry in policy.agents.items():
         agent = by_name.get(name)
@@ -163,9 +191,27 @@ def check_policy(policy: Policy, agents: list[Agent]) -> None:
         unknown = sorted(set(entry.tools) - have)
         if unknown:
             raise PolicyError(
-                f"policy: agents.{name}.tools names {', '.join(unknown)}, which agent {name!r} "
-                f"does not have (its tools: {', '.join(sorted(have)) or 'none'})"
+                f"policy: agents.{name}.tools names {_listed(unknown)}, which agent {name!r} "
+                f"does not have (its tools: {_listed(sorted(have)) or 'none'})"
             )
+    have = {t.name for a in agents for t in a.tools}
+    unknown = sorted(set(policy.tools) - have)
+    if not unknown or not agents:
+        return
+    named = set(policy.agents) | {n for r in policy.roles.values() for n in r.agents}
+    elsewhere = sorted(named - set(by_name) - {"*"})
+    where = f"policy: tools names {_listed(unknown)}, which no agent served here has"
+    if not elsewhere:
+        raise PolicyError(f"{where} (their tools: {_listed(sorted(have)) or 'none'})")
+    log.warning(
+        "%s; left as is, as the policy also names agents served elsewhere (%s)",
+        where,
+        ", ".join(elsewhere),
+    )
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names)
 
 
 class AgentRegistry:
@@ -181,6 +227,8 @@ class AgentRegistry:
         policy: Policy | None = None,
     ) -> None:
         self._agents = {a.name: a for a in with_subagents(agents)}
+        for a in self._agents.values():
+            a.check()
         self._default_model = default_model
         self._payload_storage = payload_storage
         self._task_queues = task_queues  # (model calls, tool calls); "": the run's own

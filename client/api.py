@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
-from temporalio.api.enums.v1 import TaskQueueType
-from temporalio.api.taskqueue.v1 import TaskQueue
-from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
@@ -28,6 +26,7 @@ from temporalio.contrib.workflow_streams import WorkflowStreamClient
 from temporalio.exceptions import ApplicationError, CancelledError, FailureError
 from temporalio.service import RPCError, RPCStatusCode
 
+from keel.client.presence import worker_arrives, worker_polls
 from keel.client.signing import load_signing_key, sign_decision
 from keel.client.visibility import visibility_query
 from keel.config import Settings, SettingsError, connect
@@ -73,12 +72,15 @@ if TYPE_CHECKING:
 
     from keel.client.schedules import Schedules
 
+T = TypeVar("T")
 POLL_EVERY = 0.25
 QUERY_TIMEOUT = timedelta(seconds=30)  # a busy worker replaying a long history still answers
 LIST_QUERY_TIMEOUT = timedelta(seconds=10)  # per run, when listing many
 ACCEPT_TIMEOUT = timedelta(seconds=15)  # a worker takes an update at once (busy: in seconds)
 UPDATE_TIMEOUT = timedelta(seconds=30)
-WORKER_SEEN_SECONDS = 70.0  # workers long-poll for up to a minute
+# a query sent is let finish though its answer is no longer wanted: one abandoned midway
+# leaves the worker an answer for a query that is gone, and it warns "Query not found"
+QUERY_DRAIN_SECONDS = 5.0
 SEND_ATTEMPTS = 8  # a message is idempotent by its id: resending it is always safe
 SEND_RETRY_FIRST = 0.2
 SEND_RETRY_MAX = 5.0
@@ -105,9 +107,12 @@ class RunSummary(BaseModel):
     started: datetime | None = None
     temporal_status: str = ""
     error: str = ""
+    task_queue: str = ""  # where its workflow tasks wait for a worker
 
     @classmethod
-    def of(cls, run_id: str, sa: TypedSearchAttributes, started: datetime | None) -> RunSummary:
+    def of(
+        cls, run_id: str, sa: TypedSearchAttributes, started: datetime | None, task_queue: str = ""
+    ) -> RunSummary:
         """A run as its search attributes describe it."""
         return cls(
             run_id=run_id,
@@ -117,6 +122,7 @@ class RunSummary(BaseModel):
             steps=sa.get(AGENT_STEPS) or 0,
             tokens=sa.get(TOTAL_TOKENS) or 0,
             started=started,
+            task_queue=task_queue,
         )
 
 
@@ -179,9 +185,11 @@ class AgentClient:
         run_id: str | None = None,
         execution_timeout: timedelta | None = None,
         loop: str | type = WORKFLOW_TYPE,
+        task_queue: str | None = None,
     ) -> str:
         """Start a run of `agent` on `message`; returns the run id. `loop` is the workflow
-        that runs it: Keel's default loop, or a KeelWorkflow of your own (class or type name).
+        that runs it: Keel's default loop, or a KeelWorkflow of your own (class or type name);
+        `task_queue` is where its workers poll (default: the client's, KEEL_TASK_QUEUE).
 
         `user` defaults to the caller (`as_user`). With the workers' policy known here, a
         user it does not let start this agent is refused at once (the run would fail at its
@@ -204,10 +212,10 @@ class AgentClient:
                 )
         run_id = run_id or f"{agent}-{uuid.uuid4().hex[:12]}"
         await self.client.start_workflow(
-            _workflow_type(loop),
+            workflow_type(loop),
             AgentInput(agent=agent, message=message, user=user),
             id=run_id,
-            task_queue=self.task_queue,
+            task_queue=task_queue or self.task_queue,
             result_type=AgentResult,
             execution_timeout=execution_timeout,
             **options,
@@ -306,15 +314,20 @@ class AgentClient:
             return KeelClientError(f"run {run_id}: {message}")
         if not isinstance(e, RPCError):  # the run answered: with a refusal or an error
             return KeelClientError(f"run {run_id}: the query failed: {message}")
-        if "poller" in message or not await self.has_worker(run_id):
-            return NoWorker(
-                f"run {run_id}: no worker is serving it, so its record cannot be read "
-                f"now ({message}); start a worker for its task queue"
-            )
+        queue = await self._task_queue_or_none(run_id)
+        if "poller" in message or (queue and await worker_polls(self.client, queue) is False):
+            return no_worker(run_id, queue, message)
+        where = f"task queue {queue!r}" if queue else "its task queue"
         return NoWorker(
             f"run {run_id}: no worker answered within {timeout.total_seconds():.0f} s "
-            f"({message}); is one serving its task queue?"
+            f"({message}); is one serving {where}?"
         )
+
+    async def _task_queue_or_none(self, run_id: str) -> str | None:
+        try:
+            return (await self._handle(run_id).describe()).task_queue
+        except RPCError:
+            return None
 
     async def summary(self, run_id: str) -> RunSummary:
         """What Temporal itself knows of a run (no worker needed): status, agent, counts,
@@ -332,7 +345,7 @@ class AgentClient:
                 ending = _cause(e)
             except RPCError:
                 pass
-        summary = RunSummary.of(run_id, sa, desc.start_time)
+        summary = RunSummary.of(run_id, sa, desc.start_time, desc.task_queue)
         summary.temporal_status = desc.status.name.lower() if desc.status else ""
         summary.error = ending
         return summary
@@ -340,6 +353,14 @@ class AgentClient:
     async def result(self, run_id: str, timeout: float | None = None) -> AgentResult:
         """Wait for the run's latest answer: when it ends, or goes idle after a turn."""
         handle = self._handle(run_id)
+        reads: set[asyncio.Task[Any]] = set()
+
+        async def read(query: Awaitable[T]) -> T:
+            # let a query finish though its answer is no longer wanted (see QUERY_DRAIN_SECONDS)
+            task = asyncio.ensure_future(query)
+            reads.add(task)
+            task.add_done_callback(reads.discard)
+            return await asyncio.shield(task)
 
         async def ended() -> AgentResult:
             try:
@@ -364,13 +385,15 @@ class AgentClient:
             stream = WorkflowStreamClient.create(self.client, run_id)
             while True:
                 try:
-                    start = await stream.get_offset()
-                    view = await handle.query(KeelWorkflow.get_status, rpc_timeout=QUERY_TIMEOUT)
+                    start = await read(stream.get_offset())
+                    view = await read(
+                        handle.query(KeelWorkflow.get_status, rpc_timeout=QUERY_TIMEOUT)
+                    )
                 except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError):
                     await asyncio.sleep(POLL_EVERY)  # no worker yet, or the run just started
                     continue
                 if view.status == AgentStatus.IDLE:
-                    state = await self._state_or_none(run_id)
+                    state = await read(self._state_or_none(run_id))
                     if state is not None and state.status == AgentStatus.IDLE:
                         return AgentResult(
                             status=state.status,
@@ -393,7 +416,12 @@ class AgentClient:
                 else:
                     await asyncio.Event().wait()  # the run ended: `ended` answers
 
-        waits = [asyncio.create_task(ended()), asyncio.create_task(idle())]
+        try:
+            closed = (await handle.describe()).status not in (None, WorkflowExecutionStatus.RUNNING)
+        except RPCError:
+            closed = False  # `ended` says why
+        # a closed run's answer is its result: no query for a turn that cannot come
+        waits = [asyncio.create_task(ended())] + ([] if closed else [asyncio.create_task(idle())])
         try:
             done, _ = await asyncio.wait(waits, timeout=timeout, return_when="FIRST_COMPLETED")
             if not done:
@@ -403,6 +431,10 @@ class AgentClient:
             for w in waits:
                 w.cancel()
             await asyncio.gather(*waits, return_exceptions=True)
+            if reads:
+                await asyncio.wait(list(reads), timeout=QUERY_DRAIN_SECONDS)
+                for r in list(reads):
+                    r.cancel()
 
     async def _state_or_none(self, run_id: str) -> RunState | None:
         try:
@@ -421,7 +453,9 @@ class AgentClient:
         query += self._visible(as_user)
         out: list[RunSummary] = []
         async for wf in self.client.list_workflows(query, limit=limit):
-            out.append(RunSummary.of(wf.id, wf.typed_search_attributes, wf.start_time))
+            out.append(
+                RunSummary.of(wf.id, wf.typed_search_attributes, wf.start_time, wf.task_queue)
+            )
         return out
 
     def _visible(self, as_user: str | None) -> str:
@@ -492,13 +526,8 @@ class AgentClient:
         `keel.decide` signal instead: it is kept, and applies (or is refused, as the run's
         audit trail then says) when a worker serves the run; the receipt's note says so."""
         if signing_key is None and self.settings.approver_key:
-            try:
-                with open(self.settings.approver_key, "rb") as f:
-                    signing_key = load_signing_key(f.read())
-            except (OSError, ValueError) as e:
-                raise KeelClientError(
-                    f"KEEL_APPROVER_KEY={self.settings.approver_key}: {e}"
-                ) from None
+            path = self.settings.approver_key
+            signing_key = load_approver_key(path, f"KEEL_APPROVER_KEY={path}")
         handle = self._handle(run_id)
         if signing_key is not None:
             # bound to this run: its chain's first run id tells it from a later run that
@@ -543,21 +572,15 @@ class AgentClient:
 
     async def has_worker(self, run_id: str) -> bool:
         """Whether a worker has polled the run's task queue lately."""
-        try:
-            desc = await self._handle(run_id).describe()
-            pollers = await self.client.workflow_service.describe_task_queue(
-                DescribeTaskQueueRequest(
-                    namespace=self.client.namespace,
-                    task_queue=TaskQueue(name=desc.task_queue),
-                    task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
-                )
-            )
-        except RPCError:
+        queue = await self._task_queue_or_none(run_id)
+        if queue is None:
             return True  # cannot tell: try the update, which answers for itself
-        now = datetime.now(UTC).timestamp()
-        return any(
-            now - p.last_access_time.ToSeconds() < WORKER_SEEN_SECONDS for p in pollers.pollers
-        )
+        return await worker_polls(self.client, queue) is not False
+
+    async def worker_arrives(self, task_queue: str | None = None, patience: float = 0.0) -> bool:
+        """Whether a worker polls `task_queue` (default: the client's) now or within
+        `patience` seconds; a run started there waits, in silence, until one does."""
+        return await worker_arrives(self.client, task_queue or self.task_queue, patience)
 
     async def send_message(
         self,
@@ -695,6 +718,26 @@ class AgentClient:
         return sorted(out, key=lambda p: -p.age_seconds)
 
 
+def no_worker(run_id: str, queue: str | None, why: str = "") -> NoWorker:
+    """The run cannot be read now: no worker polls its task queue (named when known)."""
+    where = f"task queue {queue!r}" if queue else "its task queue"
+    because = f" ({why})" if why else ""
+    return NoWorker(
+        f"run {run_id}: no worker is serving {where}, so its record cannot be read "
+        f"now{because}; start a worker for {where}"
+    )
+
+
+def load_approver_key(path: str, source: str = "") -> Ed25519PrivateKey:
+    """The approver's signing key in the file at `path` (`~` allowed); a KeelClientError
+    that starts with `source` (the flag or variable that named it) when it cannot be used."""
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            return load_signing_key(f.read())
+    except (OSError, ValueError) as e:
+        raise KeelClientError(f"{source or path}: {e}") from None
+
+
 def _ending(e: WorkflowFailureError) -> AgentStatus:
     """How a run ended, from its workflow's failure (when its state cannot be read)."""
     if isinstance(e.cause, CancelledError):
@@ -706,7 +749,8 @@ def _ending(e: WorkflowFailureError) -> AgentStatus:
     }.get(kind or "", AgentStatus.FAILED)
 
 
-def _workflow_type(loop: str | type) -> str:
+def workflow_type(loop: str | type) -> str:
+    """The workflow type name of a loop given as a name or a @workflow.defn class."""
     if isinstance(loop, str):
         return loop
     defn = getattr(loop, "__temporal_workflow_definition", None)

@@ -15,13 +15,21 @@ from typing import Any
 
 from temporalio.service import RPCError
 
-from keel.client.api import QUERY_TIMEOUT, AgentClient, KeelClientError, NoWorker
-from keel.config import Settings, SettingsError
+from keel.client.api import (
+    QUERY_TIMEOUT,
+    AgentClient,
+    KeelClientError,
+    NoWorker,
+    load_approver_key,
+    no_worker,
+)
+from keel.config import Settings, SettingsError, use_core_logging
 from keel.workflows.events import EventKind, RunEvent
 from keel.workflows.models import TERMINAL_STATUSES, WORKFLOW_TYPE, AgentStatus
 
 TERMINAL_VALUES = {st.value for st in TERMINAL_STATUSES}
 CLOSED_QUERY_TIMEOUT = timedelta(seconds=5)  # a finished run's record: else its summary
+WORKER_PATIENCE = 5.0  # seconds a waiting command gives a worker that is starting too
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
@@ -58,7 +66,12 @@ async def cmd_worker(a: argparse.Namespace, s: Settings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         await run_worker(
-            s, agents=a.agents, resources=a.resources, workflows=a.workflows, role=a.role
+            s,
+            agents=a.agents,
+            resources=a.resources,
+            workflows=a.workflows,
+            activities=a.activities,
+            role=a.role,
         )
     except RuntimeError as e:  # the SDK's "failed client connect" and the like
         raise KeelClientError(f"worker: {e} (TEMPORAL_ADDRESS is {s.address})") from e
@@ -67,10 +80,14 @@ async def cmd_worker(a: argparse.Namespace, s: Settings) -> int:
 
 async def cmd_start(a: argparse.Namespace, s: Settings) -> int:
     agents = await _agents(s)
-    run_id = await agents.start(a.agent, a.message, user=a.user, run_id=a.id, loop=a.loop)
+    queue = a.task_queue or agents.task_queue
+    run_id = await agents.start(
+        a.agent, a.message, user=a.user, run_id=a.id, loop=a.loop, task_queue=queue
+    )
     if not a.wait:
         print(run_id)
         return 0
+    await _served(agents, run_id, queue)
     result = await agents.result(run_id)
     if result.final_answer:
         print(result.final_answer)
@@ -80,33 +97,48 @@ async def cmd_start(a: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+async def _served(agents: AgentClient, run_id: str, queue: str) -> None:
+    """Refuse to wait in silence for a run no worker serves: say which queue it waits on."""
+    if await agents.worker_arrives(queue, WORKER_PATIENCE):
+        return
+    raise NoWorker(
+        f"run {run_id} waits on task queue {queue!r}, where no worker is polling: start one "
+        f"there (KEEL_TASK_QUEUE={queue} keel worker ...), or start runs on your worker's "
+        f"queue (keel start --task-queue NAME). The run stays queued: `keel result {run_id}` "
+        f"waits for its answer, `keel cancel {run_id}` drops it"
+    )
+
+
 async def cmd_status(a: argparse.Namespace, s: Settings) -> int:
     agents = await _agents(s)
     summary = await agents.summary(a.run)
     closed = summary.temporal_status != "running"  # then a worker is nice to have, not needed
     try:
+        if not await agents.worker_arrives(summary.task_queue):
+            raise no_worker(a.run, summary.task_queue)  # no query that cannot be answered
         state = await agents.get_state(
             a.run, timeout=CLOSED_QUERY_TIMEOUT if closed else QUERY_TIMEOUT
         )
     except NoWorker as e:
-        # what Temporal itself knows, which needs no worker
-        if not closed:
-            raise
+        # what Temporal itself knows, which needs no worker; a running run's record is not
+        # all there, and the exit status says so
         if a.json:
             _json(summary.model_dump())
-            return 0
-        print(
-            f"{a.run}: {summary.status or summary.temporal_status} (Temporal: "
-            f"{summary.temporal_status}), step {summary.steps}, {summary.tokens} tokens"
-        )
-        if summary.error:
-            print(f"  ended: {summary.error}")
+        else:
+            print(
+                f"{a.run}: {summary.status or summary.temporal_status} (Temporal: "
+                f"{summary.temporal_status}), step {summary.steps}, {summary.tokens} tokens"
+            )
+            print(f"  task queue: {summary.task_queue}")
+            if summary.error:
+                print(f"  ended: {summary.error}")
         print(f"  {e}", file=sys.stderr)
-        return 0
+        return 0 if closed else 1
     if a.json:
-        print(state.model_dump_json(indent=2))
+        _json({**state.model_dump(mode="json"), "task_queue": summary.task_queue})
         return 0
     print(f"{a.run}: {state.status.value}, step {state.step}, {state.usage.total_tokens} tokens")
+    print(f"  task queue: {summary.task_queue}")
     for r in state.pending_approvals:
         print(f"  waiting for approval: {r.call_id} {r.tool}({r.arguments}) — {r.reason}")
     for q in state.queued_messages:
@@ -121,7 +153,11 @@ async def cmd_status(a: argparse.Namespace, s: Settings) -> int:
 
 
 async def cmd_result(a: argparse.Namespace, s: Settings) -> int:
-    result = await (await _agents(s)).result(a.run)
+    agents = await _agents(s)
+    summary = await agents.summary(a.run)
+    if summary.temporal_status == "running":
+        await _served(agents, a.run, summary.task_queue)
+    result = await agents.result(a.run)
     if result.final_answer:
         print(result.final_answer)
     if result.error:
@@ -220,7 +256,7 @@ async def cmd_approve(a: argparse.Namespace, s: Settings) -> int:
             raise KeelClientError(f"--edit is not valid JSON: {e}") from e
         if not isinstance(edit, dict):
             raise KeelClientError("--edit must be a JSON object of arguments")
-    key = _approver_key(a.key or s.approver_key)
+    key = load_approver_key(a.key, f"--key {a.key}") if a.key else None
     agents = await _agents(s)
     receipt = await agents.approve(
         a.run, a.call_id, a.as_user, edit=edit, wait=not a.no_wait, signing_key=key
@@ -234,21 +270,8 @@ async def cmd_approve(a: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
-def _approver_key(path: str | None) -> Any:
-    """The signing key in the file --key (or KEEL_APPROVER_KEY) names; None without one."""
-    if not path:
-        return None
-    from keel.client.signing import load_signing_key
-
-    try:
-        with open(os.path.expanduser(path), "rb") as f:
-            return load_signing_key(f.read())
-    except (OSError, ValueError) as e:
-        raise KeelClientError(f"--key {path}: {e}") from None
-
-
 async def cmd_reject(a: argparse.Namespace, s: Settings) -> int:
-    key = _approver_key(a.key or s.approver_key)
+    key = load_approver_key(a.key, f"--key {a.key}") if a.key else None
     agents = await _agents(s)
     receipt = await agents.reject(
         a.run, a.call_id, a.as_user, a.reason, wait=not a.no_wait, signing_key=key
@@ -369,6 +392,8 @@ async def cmd_schedule(a: argparse.Namespace, s: Settings) -> int:
     from keel.client.schedules import parse_every
 
     every = parse_every(a.every) if getattr(a, "every", None) else None
+    if getattr(a, "task_queue", None):
+        s = dataclasses.replace(s, task_queue=a.task_queue)
     schedules = (await _agents(s)).schedules
     if a.action == "create":
         await schedules.create(
@@ -381,9 +406,12 @@ async def cmd_schedule(a: argparse.Namespace, s: Settings) -> int:
             overlap=a.overlap,
             paused=a.paused,
             note=a.note,
+            loop=a.loop,
         )
+        by = f" with {a.loop}" if a.loop != WORKFLOW_TYPE else ""
         print(
-            f"schedule {a.name}: {a.agent} on {a.cron or 'every ' + a.every}, overlap {a.overlap}"
+            f"schedule {a.name}: {a.agent}{by} on {a.cron or 'every ' + a.every}, "
+            f"overlap {a.overlap}"
         )
     elif a.action == "list":
         found = await schedules.list()
@@ -395,9 +423,10 @@ async def cmd_schedule(a: argparse.Namespace, s: Settings) -> int:
         for f in found:
             state = "paused" if f.paused else "active"
             nxt = f.next_runs[0].isoformat(timespec="seconds") if f.next_runs else "-"
+            by = f" with {f.loop}" if f.loop != WORKFLOW_TYPE else ""
             print(
-                f"{f.name} [{state}] {f.agent} for {f.user or 'anyone'}: {f.message[:60]!r} "
-                f"{f.when}, overlap {f.overlap}, next {nxt}"
+                f"{f.name} [{state}] {f.agent}{by} for {f.user or 'anyone'}: "
+                f"{f.message[:60]!r} {f.when}, overlap {f.overlap}, next {nxt}"
             )
     elif a.action in ("pause", "unpause"):
         await getattr(schedules, a.action)(a.name, a.note)
@@ -440,12 +469,19 @@ def parser() -> argparse.ArgumentParser:
         "KeelWorkflow class or a list (default: $KEEL_WORKFLOWS)",
     )
     sp.add_argument(
+        "--activities",
+        default=None,
+        help="the activities those workflows call, as module:attribute of an activity or a "
+        "list (default: $KEEL_ACTIVITIES)",
+    )
+    sp.add_argument(
         "--role",
         default=os.environ.get("KEEL_WORKER_ROLE") or "all",
         choices=["all", "workflows", "model", "tools"],
         help="what this process serves when model and tool calls have task queues of their "
         "own (KEEL_MODEL_TASK_QUEUE, KEEL_TOOL_TASK_QUEUE); default all",
     )
+    queue_help = "the task queue its worker polls (default: $KEEL_TASK_QUEUE or keel-agents)"
     sp = add("start", cmd_start, "start a run")
     sp.add_argument("agent")
     sp.add_argument("message")
@@ -457,6 +493,7 @@ def parser() -> argparse.ArgumentParser:
         default=WORKFLOW_TYPE,
         help="the workflow type that runs the agent (default: Keel's own loop)",
     )
+    sp.add_argument("--task-queue", default=None, help=queue_help)
     sp = add("status", cmd_status, "a run's state")
     sp.add_argument("run")
     sp.add_argument("--json", action="store_true")
@@ -607,8 +644,18 @@ def parser() -> argparse.ArgumentParser:
     )
     sc.add_argument("--paused", action="store_true", help="create it paused")
     sc.add_argument("--note", default="")
-    schedule.add_parser("list", help="the schedules that start Keel runs").add_argument(
-        "--json", action="store_true"
+    sc.add_argument(
+        "--loop",
+        default=WORKFLOW_TYPE,
+        help="the workflow type that runs the agent (default: Keel's own loop)",
+    )
+    sc.add_argument("--task-queue", default=None, help=queue_help)
+    sc = schedule.add_parser("list", help="the schedules that start Keel runs")
+    sc.add_argument("--json", action="store_true")
+    sc.add_argument(
+        "--task-queue",
+        default=None,
+        help="those whose runs go to this task queue (default: $KEEL_TASK_QUEUE or keel-agents)",
     )
     for action, help in (
         ("pause", "stop starting runs"),
@@ -625,22 +672,42 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `keel` console script."""
+    try:
+        code = _main(argv)
+    except SystemExit as e:  # argparse's --help, and its usage errors (already printed)
+        code = e.code if isinstance(e.code, int) else 1
+    except BrokenPipeError:
+        code = _reader_gone()
+    # The SDK's native runtime threads can abort the interpreter's finalization
+    # ("PyGILState_Release ... finalizing"); everything is flushed and closed by now.
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = _reader_gone()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     from keel.codec import PayloadDecryptError
     from keel.dev import DevStackError
 
     args = parser().parse_args(argv)
+    use_core_logging()
     try:
-        code = asyncio.run(args.fn(args, Settings.from_env()))
+        return asyncio.run(args.fn(args, Settings.from_env()))
     except KeyboardInterrupt:
-        code = 130
+        return 130
     except (KeelClientError, DevStackError, SettingsError, PayloadDecryptError) as e:
         print(f"keel: {e}", file=sys.stderr)
-        code = 1
     except RPCError as e:
         print(f"keel: {e.message}", file=sys.stderr)
-        code = 1
-    # The SDK's native runtime threads can abort the interpreter's finalization
-    # ("PyGILState_Release ... finalizing"); everything is flushed and closed by now.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    return 1
+
+
+def _reader_gone() -> int:
+    """Whoever read the output stopped (`keel list | head -3`): what is left unread is
+    dropped, quietly, as other command-line tools do; it is no failure of the command."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 0

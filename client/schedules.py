@@ -9,6 +9,7 @@ a static summary naming the schedule.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -25,8 +26,8 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from keel.client.api import KeelClientError
-from keel.workflows.models import WORKFLOW_TYPE, AgentInput
+from keel.client.api import KeelClientError, workflow_type
+from keel.workflows.models import AGENT_NAME, WORKFLOW_TYPE, AgentInput
 
 if TYPE_CHECKING:
     from keel.client.api import AgentClient
@@ -40,6 +41,10 @@ OVERLAP = {
     "allow_all": ScheduleOverlapPolicy.ALLOW_ALL,
 }
 SCHEDULED_BY = "TemporalScheduledById"  # Temporal sets it on every run a schedule starts
+# Temporal lists schedules from its visibility store, a moment behind a create: `create`
+# returns once the new schedule is listed, or after this many seconds
+LISTED_PATIENCE = 10.0
+LOOK_EVERY = 0.2
 
 
 class ScheduleError(KeelClientError):
@@ -60,6 +65,7 @@ class ScheduleInfo:
     note: str
     next_runs: list[datetime]
     recent_runs: list[str]  # the run ids it started lately
+    loop: str = WORKFLOW_TYPE  # the workflow type its runs run
 
 
 def parse_every(text: str) -> timedelta:
@@ -103,8 +109,12 @@ class Schedules:
         overlap: str = "skip",
         paused: bool = False,
         note: str = "",
+        loop: str | type = WORKFLOW_TYPE,
+        task_queue: str | None = None,
     ) -> str:
-        """A schedule that starts `agent` on `message` by `cron` (or `every`); its name."""
+        """A schedule that starts `agent` on `message` by `cron` (or `every`); its name.
+        `loop` and `task_queue` as `AgentClient.start` takes them. It returns once the
+        schedule is listed (`list`), or after LISTED_PATIENCE seconds."""
         if (cron is None) == (every is None):
             raise ScheduleError("a schedule needs exactly one of --cron and --every")
         if overlap not in OVERLAP:
@@ -116,10 +126,10 @@ class Schedules:
         )
         options = self.agents.start_options(agent, message, user, schedule=name)
         action = ScheduleActionStartWorkflow(
-            WORKFLOW_TYPE,
+            workflow_type(loop),
             AgentInput(agent=agent, message=message, user=user),
             id=name,
-            task_queue=self.agents.task_queue,
+            task_queue=task_queue or self.agents.task_queue,
             typed_search_attributes=options["search_attributes"],
             static_summary=options["static_summary"],
         )
@@ -142,10 +152,22 @@ class Schedules:
             if e.status == RPCStatusCode.INVALID_ARGUMENT:
                 raise ScheduleError(f"the schedule was refused: {e.message}") from None
             raise
+        await self._listed(name)
         return name
 
+    async def _listed(self, name: str) -> bool:
+        """Whether the schedule is listed now, or within LISTED_PATIENCE seconds."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + LISTED_PATIENCE
+        while True:
+            if any([entry.id == name async for entry in await self.client.list_schedules()]):
+                return True
+            if loop.time() >= give_up:
+                return False
+            await asyncio.sleep(LOOK_EVERY)
+
     async def list(self) -> list[ScheduleInfo]:
-        """Every schedule that starts Keel runs on this task queue."""
+        """Every schedule that starts Keel runs (with any loop) on this task queue."""
         found = []
         async for entry in await self.client.list_schedules():
             try:
@@ -157,7 +179,9 @@ class Schedules:
             action = desc.schedule.action
             if not isinstance(action, ScheduleActionStartWorkflow):
                 continue
-            if action.workflow != WORKFLOW_TYPE or action.task_queue != self.agents.task_queue:
+            # every Keel run carries AgentName from its start, whatever its loop
+            keel_run = action.typed_search_attributes.get(AGENT_NAME) is not None
+            if not keel_run or action.task_queue != self.agents.task_queue:
                 continue
             args = action.args
             decoded = await self.client.data_converter.decode(args, [AgentInput]) if args else []
@@ -187,6 +211,7 @@ class Schedules:
                         for a in desc.info.recent_actions
                         if hasattr(a.action, "workflow_id")
                     ],
+                    loop=action.workflow,
                 )
             )
         return found

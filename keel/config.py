@@ -10,7 +10,9 @@ settings (task queue, model, payload storage and encryption, what a worker serve
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from temporalio.converter import (
     ExternalStorage,
 )
 from temporalio.envconfig import ClientConfigProfile
+from temporalio.runtime import LogForwardingConfig, LoggingConfig, Runtime, TelemetryConfig
 
 from keel.codec import (
     EncryptedPayloadGuard,
@@ -70,6 +73,7 @@ class Settings:
     agents: str | None = None  # what `keel worker` serves: `module:attribute`
     resources: str | None = None  # and the resources its tools get: `module:attribute`
     workflows: str | None = None  # and loops of the team's own beside Keel's: `module:attribute`
+    activities: str | None = None  # and the activities those loops call: `module:attribute`
     durable_fsync: bool = False  # the embedded dev server: SQLite's full fsync (slower)
     # set: every payload is encrypted (`id:base64key,...`; the first encrypts, all decrypt)
     encryption_keys: str | None = field(default=None, repr=False)
@@ -163,6 +167,7 @@ class Settings:
             agents=env.get("KEEL_AGENTS") or None,
             resources=env.get("KEEL_RESOURCES") or None,
             workflows=env.get("KEEL_WORKFLOWS") or None,
+            activities=env.get("KEEL_ACTIVITIES") or None,
             durable_fsync=env.get("KEEL_DURABLE_FSYNC", "").lower() in ("1", "true", "yes", "on"),
             encryption_keys=env.get("KEEL_ENCRYPTION_KEYS") or None,
             encryption_keys_file=env.get("KEEL_ENCRYPTION_KEYS_FILE") or None,
@@ -284,3 +289,24 @@ async def connect(settings: Settings | None = None, plugins: Sequence[Plugin] = 
         **extra,
         **s.temporal,
     )
+
+
+def core_logging() -> LoggingConfig:
+    """How Temporal's own (Rust) log lines are written: coloured, straight to a terminal;
+    anywhere else (a file, a pipe, a log collector) through Python's logging as
+    `temporalio.core`, as plain text with no escape codes."""
+    if sys.stderr.isatty():
+        return LoggingConfig.default
+    forwarding = LogForwardingConfig(
+        logger=logging.getLogger("temporalio.core"), append_target_to_name=False
+    )
+    return dataclasses.replace(LoggingConfig.default, forwarding=forwarding)
+
+
+def use_core_logging() -> None:
+    """Make the process's Temporal runtime write its logs as `core_logging` says; before
+    the first client connects."""
+    if sys.stderr.isatty():
+        return  # the SDK's default runtime does just that
+    telemetry = TelemetryConfig(logging=core_logging())
+    Runtime.set_default(Runtime(telemetry=telemetry), error_if_already_set=False)

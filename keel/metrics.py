@@ -29,6 +29,7 @@ import logging
 from temporalio.client import Client
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
+from keel.config import core_logging
 from keel.workflows.models import AGENT_STATUS, AgentStatus
 
 log = logging.getLogger("keel.metrics")
@@ -49,7 +50,8 @@ def prometheus_runtime(host: str, port: int) -> Runtime:
     if runtime is None:
         runtime = Runtime(
             telemetry=TelemetryConfig(
-                metrics=PrometheusConfig(bind_address=address, counters_total_suffix=True)
+                logging=core_logging(),
+                metrics=PrometheusConfig(bind_address=address, counters_total_suffix=True),
             )
         )
         _RUNTIMES[address] = runtime

@@ -31,8 +31,8 @@ from temporalio.worker import ReplayerConfig, Worker, WorkerConfig, WorkflowRunn
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from keel.activities import build_activities
-from keel.activities.model import ModelActivities
-from keel.activities.registry import Agent, AgentRegistry, load_policy
+from keel.activities.model import ModelActivities, shown_url
+from keel.activities.registry import Agent, AgentDefinitionError, AgentRegistry, load_policy
 from keel.codec import EncryptionCodec, keel_codec_of
 from keel.config import Settings, SettingsError
 from keel.policy_file import PolicyError
@@ -48,6 +48,7 @@ log = logging.getLogger("keel.worker")
 # the libraries its workflow code uses.
 PASSTHROUGH_MODULES = ("keel", "pydantic", "pydantic_core", "jsonschema", "cryptography")
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
+OPENAI_BASE_URL = "https://api.openai.com/v1"  # the openai client's, when none is set
 # A dead worker's workflow tasks wait this long on its sticky queue before another worker
 # takes them (the SDK's default is 10 s); a longer value set on the worker is kept.
 STICKY_TIMEOUT = timedelta(seconds=3)
@@ -68,6 +69,12 @@ class ModelProvider:
     model: str = DEFAULT_OPENAI_MODEL
     base_url: str | None = None
     api_key: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """The model and where it is served, as a worker's start line names them (the key
+        never)."""
+        return f"{self.model} at {shown_url(self.base_url or OPENAI_BASE_URL)}"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelProvider:
@@ -122,7 +129,7 @@ class KeelPlugin(SimplePlugin):
                 task_queues=(self.settings.model_task_queue, self.settings.tool_task_queue),
                 policy=policy,
             )
-        except PolicyError as e:  # a policy naming tools these agents do not have
+        except (PolicyError, AgentDefinitionError) as e:  # a name that is no tool of theirs
             raise SettingsError(str(e)) from None
         self.model_activities = ModelActivities(
             provider.base_url,

@@ -1,7 +1,8 @@
 """Serve a team's agents: `keel worker --agents mypkg.agents:AGENTS` (or `python worker.py`).
 
-Agents and the resources their tools get are named `module:attribute`, as uvicorn and
-gunicorn name an app; the current directory is importable, as it is for them.
+Agents, the resources their tools get, and loops and activities of the team's own are named
+`module:attribute`, as uvicorn and gunicorn name an app; the current directory is importable,
+as it is for them.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from keel.activities.registry import Agent, with_subagents
+from keel.activities.registry import Agent, AgentDefinitionError, with_subagents
 from keel.activities.tools import ToolActivities
 from keel.config import Settings, SettingsError, connect, env_number
-from keel.plugin import HEARTBEAT_THROTTLE, KeelPlugin
+from keel.loops import check_activities, workflow_name
+from keel.plugin import HEARTBEAT_THROTTLE, KeelPlugin, ModelProvider
+from keel.workflows import WORKFLOWS
 
 log = logging.getLogger("keel.worker")
 CONNECT_PATIENCE = 60.0  # seconds a starting worker waits for the server
@@ -135,6 +138,8 @@ def load_object(ref: str, what: str) -> Any:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
         raise SettingsError(f"{what} {ref!r}: cannot import {module_name!r}: {e}") from e
+    except AgentDefinitionError as e:  # an agent in it refused as it was made
+        raise SettingsError(f"{what} {ref!r}: {e}") from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -147,7 +152,10 @@ def load_agents(ref: str) -> list[Agent]:
     """The agents `ref` names: a list of Agent, one Agent, or a function returning either."""
     value = load_object(ref, "agents")
     if callable(value) and not isinstance(value, Agent):
-        value = value()
+        try:
+            value = value()
+        except AgentDefinitionError as e:  # an agent the function made was refused
+            raise SettingsError(f"agents {ref!r}: {e}") from None
     agents = [value] if isinstance(value, Agent) else value
     if not isinstance(agents, Sequence) or not all(isinstance(a, Agent) for a in agents):
         raise SettingsError(f"agents {ref!r} is not an Agent or a list of Agent")
@@ -167,6 +175,21 @@ def load_workflows(ref: str | None) -> list[type]:
     ):
         raise SettingsError(f"workflows {ref!r} is not a @workflow.defn class or a list of them")
     return list(classes)
+
+
+def load_activities(ref: str | None) -> list[Any]:
+    """The activities `ref` names: one @activity.defn callable or a list of them."""
+    if not ref:
+        return []
+    value = load_object(ref, "activities")
+    found = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    if not found or not all(
+        callable(f) and hasattr(f, "__temporal_activity_definition") for f in found
+    ):
+        raise SettingsError(
+            f"activities {ref!r} is not an @activity.defn function or a list of them"
+        )
+    return list(found)
 
 
 def load_resources(ref: str | None) -> Any:
@@ -189,13 +212,16 @@ def build_workers(
     agents: Sequence[Agent],
     resources: Any = None,
     workflows: Sequence[type] = (),
+    activities: Sequence[Any] = (),
     role: str = "all",
     worker_options: Mapping[str, Any] | None = None,
 ) -> list[Worker]:
-    """The workers a `keel worker` process runs: the runs (workflows) on the settings' task
-    queue, and, when KEEL_MODEL_TASK_QUEUE / KEEL_TOOL_TASK_QUEUE are set, the model calls
-    and the tool calls on queues of their own, so slow tools cannot starve model calls.
-    `role` picks which of these this process serves (`all`, `workflows`, `model`, `tools`)."""
+    """The workers a `keel worker` process runs: the runs (workflows, with the `activities`
+    the team's own call) on the settings' task queue, and, when KEEL_MODEL_TASK_QUEUE /
+    KEEL_TOOL_TASK_QUEUE are set, the model calls and the tool calls on queues of their own,
+    so slow tools cannot starve model calls. `role` picks which of these this process serves
+    (`all`, `workflows`, `model`, `tools`). A workflow that calls an activity none of these
+    serve is refused, where its code names the activity plainly."""
     if role not in ROLES:
         raise SettingsError(f"--role is one of {', '.join(ROLES)}, not {role!r}")
     queue = {"model": settings.model_task_queue, "tools": settings.tool_task_queue}
@@ -208,11 +234,13 @@ def build_workers(
     activity_options = {"max_heartbeat_throttle_interval": HEARTBEAT_THROTTLE, **options}
     workers = []
     if role in ("all", "workflows"):
+        check_activities(workflows, [*plugin.activities, *activities])
         workers.append(
             Worker(
                 client,
                 task_queue=settings.task_queue,
                 workflows=list(workflows),
+                activities=list(activities),
                 plugins=[plugin],
                 **options,
             )
@@ -239,6 +267,17 @@ def build_workers(
     return workers
 
 
+def served_parts(settings: Settings, loops: Sequence[type], role: str) -> list[str]:
+    """What the start line says besides agents and queues: the loops (workflow types) this
+    process runs and the model endpoint its model calls go to, where it serves them."""
+    parts = []
+    if role in ("all", "workflows"):
+        parts.append("loops " + ", ".join(workflow_name(w) for w in [*WORKFLOWS, *loops]))
+    if role in ("all", "model") or (role == "workflows" and not settings.model_task_queue):
+        parts.append("model " + ModelProvider.from_settings(settings).endpoint)
+    return parts
+
+
 async def connect_patiently(settings: Settings, patience: float = CONNECT_PATIENCE) -> Client:
     """Connect, trying again for `patience` seconds: a worker started while the server
     restarts (a deploy, an outage) waits for it rather than exiting."""
@@ -262,6 +301,7 @@ async def run_worker(
     agents: str | None = None,
     resources: str | None = None,
     workflows: str | None = None,
+    activities: str | None = None,
     options: WorkerOptions | None = None,
     role: str = "all",
 ) -> None:
@@ -275,6 +315,7 @@ async def run_worker(
         )
     served = load_agents(ref)
     loops = load_workflows(workflows or settings.workflows)
+    own_activities = load_activities(activities or settings.activities)
     res = load_resources(resources or settings.resources)
     opts = options or WorkerOptions.from_env()
     client = await connect_patiently(settings, opts.connect_seconds)
@@ -284,6 +325,7 @@ async def run_worker(
         agents=served,
         resources=res,
         workflows=loops,
+        activities=own_activities,
         role=role,
         worker_options=opts.worker_options(),
     )
@@ -294,10 +336,11 @@ async def run_worker(
         port = await health.start(opts.health_host, opts.health_port)
         log.info("health endpoint on http://%s:%d/healthz", opts.health_host, port)
     log.info(
-        "worker serving %s on task queue(s) %s at %s",
+        "worker serving %s on task queue(s) %s at %s%s",
         ", ".join(names),
         ", ".join(queues),
         settings.address,
+        "".join(f"; {part}" for part in served_parts(settings, loops, role)),
     )
     counts = None
     if settings.metrics_port:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from keel.workflows.models import AgentStatus
 from tests.conftest import Harness, wait_for
@@ -16,7 +20,7 @@ KEEL = str(Path(sys.executable).parent / "keel")
 
 
 async def keel(
-    h: Harness | None, *args: str, env: dict[str, str] | None = None
+    h: Harness | None, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> tuple[int, str, str]:
     e = dict(os.environ)
     e.pop("OPENAI_API_KEY", None)
@@ -26,7 +30,12 @@ async def keel(
         e["KEEL_TASK_QUEUE"] = h.settings.task_queue
     e.update(env or {})
     proc = await asyncio.create_subprocess_exec(
-        KEEL, *args, env=e, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        KEEL,
+        *args,
+        env=e,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode or 0, out.decode(), err.decode()
@@ -162,3 +171,91 @@ async def test_a_refusal_reads_as_the_reason_alone(harness: Harness) -> None:
         await harness.agents.cancel(run)
     assert code == 1
     assert err.strip() == "keel: 'mallory' may not decide this call (allowed: alice, bob)"
+
+
+async def test_a_run_waiting_on_a_queue_no_worker_polls_says_which(harness: Harness) -> None:
+    """A worker on another task queue: `--wait` says so at once, naming the queue, and
+    `--task-queue` starts the run where the worker is."""
+    elsewhere = {"KEEL_TASK_QUEUE": f"{harness.settings.task_queue}-elsewhere"}
+    queue = elsewhere["KEEL_TASK_QUEUE"]
+    run = f"cli-lost-{queue}"
+    async with harness.running():
+        code, out, err = await keel(
+            harness, "start", "calc", "add 2 and 3", "--id", run, "--wait", env=elsewhere
+        )
+        assert code == 1 and "Traceback" not in err, err
+        assert f"run {run} waits on task queue {queue!r}, where no worker is polling" in err
+        assert f"keel result {run}" in err
+        code, out, err = await keel(harness, "status", run)
+        assert code == 1 and f"no worker is serving task queue {queue!r}" in err, err
+        code, out, err = await keel(harness, "result", run)
+        assert code == 1 and f"waits on task queue {queue!r}" in err, err
+        await harness.client.get_workflow_handle(run).terminate()
+        # started on the worker's queue, the same command answers
+        found = f"cli-found-{queue}"
+        code, out, err = await keel(
+            harness,
+            "start",
+            "calc",
+            "add 2 and 3",
+            "--id",
+            found,
+            "--task-queue",
+            harness.settings.task_queue,
+            "--wait",
+            env=elsewhere,
+        )
+        assert (code, out.strip()) == (0, "The sum is 5."), err
+        code, out, err = await keel(harness, "status", found, env=elsewhere)
+    assert code == 0 and f"  task queue: {harness.settings.task_queue}" in out.splitlines()
+
+
+def test_a_reader_that_stops_early_ends_the_output_quietly() -> None:
+    """`keel list | head -3`: the reader leaves before the output ends; no traceback."""
+    for args in (["keygen"], ["--help"]):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before anything is written
+        try:
+            done = subprocess.run([KEEL, *args], stdout=write, stderr=subprocess.PIPE, timeout=60)
+        finally:
+            os.close(write)
+        assert (done.returncode, done.stderr.decode()) == (0, ""), args
+
+
+async def test_an_approver_key_file_is_read_one_way(
+    harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KEEL_APPROVER_KEY and `--key` are read by the same code: `~` is the home directory
+    for both, and a file that cannot be used is refused in the same words."""
+    from keel.client.api import AgentClient
+    from tests.policies import key_pair, make_policy
+    from tests.test_approvals import pending
+
+    keys = {"alice": key_pair()}
+    (tmp_path / "alice.key").write_bytes(keys["alice"].pem)
+    (tmp_path / "bad.key").write_text("not a key")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    alice = AgentClient(
+        harness.client, dataclasses.replace(harness.settings, approver_key="~/alice.key")
+    )
+    async with harness.worker(policy=make_policy(keys)):
+        run = await harness.start("guarded", "charge 30", user="dana")
+        call = (await pending(harness, run)).pending_approvals[0].call_id
+        code, _, err = await keel(
+            harness,
+            "approve",
+            run,
+            call,
+            "--as",
+            "alice",
+            "--key",
+            "~/bad.key",
+            env={"HOME": str(tmp_path)},
+        )
+        assert code == 1 and "Traceback" not in err
+        assert err.startswith("keel: --key ~/bad.key: the key file is neither a PEM nor base64")
+        receipt = await alice.approve(run, call, "alice")
+        await harness.agents.result(run, timeout=30)
+        state = await harness.agents.get_state(run)
+    assert receipt.accepted
+    assert [(d.by, d.signed) for d in state.decisions] == [("alice", True)]

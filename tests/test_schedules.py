@@ -81,3 +81,45 @@ async def test_the_schedule_commands(harness: Harness) -> None:
     assert (code, err.strip()) == (1, f"keel: no schedule named {name!r} (keel schedule list)")
     code, out, err = await keel(harness, "schedule", "create", "y", "calc", "hi", "--every", "x")
     assert code == 1 and "Traceback" not in err and "--every takes" in err
+
+
+async def test_a_schedule_starts_a_loop_of_your_own(harness: Harness) -> None:
+    """`loop` as `AgentClient.start` takes it; the schedule is listed as soon as it is made."""
+    from examples.helpdesk.workflows import PlanAndExecute
+
+    name = f"plans-{uuid.uuid4().hex[:6]}"
+    schedules = harness.agents.schedules
+    await schedules.create(
+        name, "planner", "plan the week", every=timedelta(days=1), paused=True, loop=PlanAndExecute
+    )
+    try:
+        listed = next(s for s in await schedules.list() if s.name == name)
+        assert (listed.agent, listed.loop) == ("planner", "helpdesk.PlanAndExecute")
+        await schedules.trigger(name)  # no worker serves it here: the run waits, typed
+        (run,) = await wait_for(lambda: _runs(harness, f"{SCHEDULED_BY} = '{name}'"))
+        assert run.workflow_type == "helpdesk.PlanAndExecute"
+        await harness.client.get_workflow_handle(run.id).terminate()
+    finally:
+        await schedules.delete(name)
+    other = f"plans-{uuid.uuid4().hex[:6]}"
+    code, out, err = await keel(
+        harness,
+        "schedule",
+        "create",
+        other,
+        "planner",
+        "plan the day",
+        "--every",
+        "1d",
+        "--paused",
+        "--loop",
+        "helpdesk.PlanAndExecute",
+    )
+    assert (
+        out.strip()
+        == f"schedule {other}: planner with helpdesk.PlanAndExecute on every 1d, overlap skip"
+    ), err
+    code, out, err = await keel(harness, "schedule", "list")
+    line = next(x for x in out.splitlines() if x.startswith(other))
+    assert f"{other} [paused] planner with helpdesk.PlanAndExecute for anyone" in line
+    assert (await keel(harness, "schedule", "delete", other))[0] == 0

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from keel.config import SettingsError
 from keel.worker import WorkerOptions
 from keel.workflows.models import AgentStatus
 from tests.conftest import Harness, wait_for
+from tests.test_cli import keel as keel_cli
 
 ROOT = Path(__file__).parent.parent
 
@@ -39,7 +41,7 @@ def _health(port: int) -> tuple[int, dict]:  # type: ignore[type-arg]
         return 0, {}
 
 
-def _keel_worker(h: Harness, health_port: int) -> subprocess.Popen[bytes]:
+def _keel_worker(h: Harness, health_port: int, **extra: str) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "TEMPORAL_ADDRESS": h.env.client.service_client.config.target_host,
@@ -50,11 +52,15 @@ def _keel_worker(h: Harness, health_port: int) -> subprocess.Popen[bytes]:
         "KEEL_TEST_LEDGER": str(h.ledger.path),
         "KEEL_WORKER_HEALTH_PORT": str(health_port),
         "KEEL_WORKER_GRACEFUL_SECONDS": "120",
+        **extra,
     }
     for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "KEEL_MODEL"):
         env.pop(name, None)
     keel = Path(sys.executable).parent / "keel"
-    return subprocess.Popen([str(keel), "worker"], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    # its whole output, as a log file gets it (Temporal's own lines may go to either stream)
+    return subprocess.Popen(
+        [str(keel), "worker"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 def _attempts(h: Harness) -> list[str]:
@@ -76,7 +82,7 @@ async def test_sigterm_lets_a_busy_worker_finish_its_tool(harness: Harness) -> N
         assert proc.poll() is None
         (harness.ledger.path.parent / "gate").touch()  # the tool may finish now
         code = await asyncio.to_thread(proc.wait, 60)
-        log = proc.stderr.read().decode() if proc.stderr else ""
+        log = proc.stdout.read().decode() if proc.stdout else ""
         assert code == 0, log
         assert "stopping: no new work" in log and "worker stopped" in log
     finally:
@@ -195,3 +201,121 @@ async def test_model_and_tool_calls_on_queues_of_their_own(harness: Harness) -> 
 async def _tool_waiting(h: Harness, run: str) -> bool:
     events = [e async for _, e in h.agents.events(run, follow=False)]
     return any(e.kind.value == "tool_started" for e in events)
+
+
+async def test_the_worker_log_reads_plainly(harness: Harness) -> None:
+    """What an operator reads in a worker's log (a file, not a terminal): a start line that
+    names the loops and the model endpoint; Temporal's own lines with no escape codes; and
+    no "Query not found" after ordinary reads (a read that left before its answer)."""
+    port = _free_port()
+    proc = _keel_worker(harness, port, KEEL_WORKFLOWS="examples.helpdesk.workflows:PlanAndExecute")
+    try:
+        await wait_for(lambda: _health(port)[0] == 200)
+        run = await harness.start("calc", "add 2 and 3")
+        failed = await harness.start("nope", "hi")  # ends at once: its first task fails
+        await harness.agents.result(run, timeout=60)
+        for _ in range(4):
+            code, out, err = await keel_cli(harness, "result", run)
+            assert (code, out.strip()) == (0, "The sum is 5."), err
+        code, _, err = await keel_cli(harness, "result", failed)
+        assert code == 1 and "unknown agent 'nope'" in err
+        # a loop this worker does not serve: its workflow task fails, and Temporal says so
+        stray = await harness.agents.start("calc", "hi", loop="NoSuchLoop")
+        await wait_for(lambda: _task_failed(harness, stray))
+        await harness.client.get_workflow_handle(stray).terminate()
+        await harness.agents.get_state(run)  # the worker has answered what came before
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 60)
+    log = proc.stdout.read().decode() if proc.stdout else ""
+    start = next(line for line in log.splitlines() if "worker serving" in line)
+    assert "; loops keel.AgentWorkflow, helpdesk.PlanAndExecute" in start, start
+    assert f"; model scripted at http://127.0.0.1:{harness.model.port}/v1" in start, start
+    assert "Failing workflow task" in log  # Temporal's own line, written through logging
+    assert "\x1b[" not in log
+    assert "Query not found" not in log
+
+
+async def _task_failed(h: Harness, run: str) -> bool:
+    from temporalio.api.enums.v1 import EventType
+
+    history = await h.client.get_workflow_handle(run).fetch_history()
+    return any(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED for e in history.events)
+
+
+async def test_an_unreachable_model_is_named_by_its_address(harness: Harness) -> None:
+    from keel.activities.registry import Agent
+    from keel.workflows.models import ModelSettings
+
+    port = _free_port()  # nothing listens there
+    far = Agent(
+        name="far",
+        instructions="Answer.",
+        model=ModelSettings(
+            base_url=f"http://someone:secret@127.0.0.1:{port}/v1?key=sk-secret", max_attempts=1
+        ),
+    )
+    async with harness.running([far]):
+        run = await harness.start("far", "say hello")
+        state = await wait_for(lambda: _waiting_provider(harness, run))
+        await harness.agents.cancel(run)
+    assert f"provider unreachable at http://127.0.0.1:{port}/v1:" in state.provider_error
+    assert "secret" not in state.provider_error
+
+
+async def _waiting_provider(h: Harness, run: str) -> object:
+    s = await h.agents.get_state(run)
+    return s if s.status == AgentStatus.WAITING_PROVIDER else None
+
+
+async def test_a_workflow_of_your_own_is_served_with_its_activities(harness: Harness) -> None:
+    from keel.worker import build_workers, load_activities, load_workflows
+    from tests.agents import TEST_AGENTS
+    from tests.plain_workflows import Shout
+
+    loops = load_workflows("tests.plain_workflows:Shout")
+
+    def workers(activities: list) -> list:  # type: ignore[type-arg]
+        return build_workers(
+            harness.client,
+            harness.settings,
+            agents=TEST_AGENTS,
+            workflows=loops,
+            activities=activities,
+        )
+
+    # without its activities the worker would take the workflow and retry them forever
+    with pytest.raises(SettingsError) as refused:
+        workers([])
+    assert str(refused.value).startswith(
+        "workflow tests.Shout calls activity 'tests.count_words', "
+        "'tests.shout' (tests.plain_workflows:shout), which this worker does not serve: "
+        "name it with --activities module:attribute"
+    )
+    with pytest.raises(SettingsError, match="calls activity 'tests.count_words', which"):
+        workers(load_activities("tests.plain_workflows:shout"))
+    with pytest.raises(SettingsError, match="is not an @activity.defn function"):
+        load_activities("tests.plain_workflows:CALL_TIMEOUT")
+    (worker,) = workers(load_activities("tests.plain_workflows:ACTIVITIES"))
+    async with worker:
+        said = await harness.client.execute_workflow(
+            Shout.run,
+            "hello there",
+            id=f"shout-{harness.settings.task_queue}",
+            task_queue=harness.settings.task_queue,
+            execution_timeout=timedelta(minutes=1),
+        )
+    assert said == "HELLO THERE (2 words)"
+    # `keel worker` says the same, before it serves anything
+    code, _, err = await keel_cli(
+        harness,
+        "worker",
+        "--agents",
+        "tests.agents:TEST_AGENTS",
+        "--workflows",
+        "tests.plain_workflows:Shout",
+        "--activities",
+        "tests.plain_workflows:shout",
+    )
+    assert code == 1 and "Traceback" not in err
+    assert "keel: workflow tests.Shout calls activity 'tests.count_words'" in err
