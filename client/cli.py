@@ -208,13 +208,56 @@ def event_line(run: str, offset: int, e: RunEvent) -> str:
     return f"{head} {body}"
 
 
+class EventPrinter:
+    """`keel watch RUN`'s output: a line per event, except a reply being written, which grows
+    on one line as its pieces arrive (text, and tool calls as they are formed), is struck
+    when a discard voids it, and is closed by the whole reply's line."""
+
+    def __init__(self, run: str) -> None:
+        self._run = run
+        self._open: tuple[int, int] | None = None  # (step, attempt) of the line being written
+        self._call = ""  # the tool call the line is writing, if any
+        self._wrote = False  # the line has some of the reply on it
+
+    def feed(self, offset: int, e: RunEvent) -> str:
+        """What to print for this event (no newline at the end of a line still growing)."""
+        k = e.kind
+        if k == EventKind.MODEL_DELTA:
+            out = ""
+            if self._open != (e.step, e.attempt):
+                out += self._close()
+                out += f"{e.at:%H:%M:%S} #{offset:<4} step {e.step:<3} writing: "
+                self._open, self._call, self._wrote = (e.step, e.attempt), "", False
+            if e.call_id and e.call_id != self._call:
+                out += f"{')' if self._call else ''}{'  ' if self._wrote else ''}→ {e.tool}("
+                self._call = e.call_id
+            self._wrote = True
+            return out + e.text + e.arguments
+        if k == EventKind.MODEL_DISCARD:
+            struck = f" [{e.detail}: not the reply]" if self._open else ""
+            self._open = None
+            return struck + ("\n" if struck else "")
+        written = self._open is not None and self._open[0] == e.step
+        out = self._close()
+        if k == EventKind.MODEL_REPLY and written:  # its text is on the line above
+            e = e.model_copy(update={"text": ""})
+        return out + event_line(self._run, offset, e) + "\n"
+
+    def _close(self) -> str:
+        if self._open is None:
+            return ""
+        self._open = None
+        return ")\n" if self._call else "\n"
+
+
 async def cmd_watch(a: argparse.Namespace, s: Settings) -> int:
     agents = await _agents(s)
     if a.run:
+        printer = EventPrinter(a.run)
         async for offset, event in agents.events(
             a.run, from_offset=a.from_offset, follow=not a.no_follow
         ):
-            print(event_line(a.run, offset, event), flush=True)
+            print(printer.feed(offset, event), end="", flush=True)
         return 0
     # every active run, in one table, redrawn when it changes
     shown = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 
 import pytest
@@ -200,3 +201,56 @@ async def test_an_agent_may_turn_streaming_off(harness: Harness) -> None:
         result = await harness.agents.result(run, timeout=60)
     assert result.final_answer == "The sum is 5."
     assert not any(r["body"].get("stream") for r in harness.model.requests())
+
+
+def test_keel_watch_writes_a_reply_on_one_line_as_it_grows() -> None:
+    from datetime import UTC, datetime
+
+    from keel.client.cli import EventPrinter
+
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    p = EventPrinter("r")
+
+    def ev(kind: EventKind, **f: object) -> RunEvent:
+        return RunEvent(kind=kind, at=at, **f)  # type: ignore[arg-type]
+
+    out = p.feed(1, ev(EventKind.MODEL_DELTA, step=1, attempt=1, text="Once "))
+    out += p.feed(2, ev(EventKind.MODEL_DELTA, step=1, attempt=1, text="upon"))
+    assert out.endswith("writing: Once upon") and "\n" not in out  # still growing
+    out = p.feed(3, ev(EventKind.MODEL_DISCARD, step=1, detail="retried"))
+    assert out == " [retried: not the reply]\n"
+    out = p.feed(4, ev(EventKind.MODEL_DELTA, step=1, attempt=2, text="Hi"))
+    out += p.feed(5, ev(EventKind.MODEL_DELTA, step=1, attempt=2, call_id="0", tool="add"))
+    out += p.feed(6, ev(EventKind.MODEL_DELTA, step=1, attempt=2, call_id="0", arguments='{"a"'))
+    out += p.feed(7, ev(EventKind.MODEL_REPLY, step=1, text="Hi", model="m", detail="add(a=1)"))
+    lines = out.splitlines()
+    assert lines[0].endswith('writing: Hi  → add({"a")')
+    assert "model m" in lines[1] and "'Hi'" not in lines[1]  # the text is not said twice
+
+
+async def test_keel_watch_shows_the_reply_as_it_is_written(harness: Harness) -> None:
+    from tests.test_cli import KEEL
+
+    async with harness.running():
+        run = await harness.start("calc", "tell a story")
+        await harness.model.wait_held("story")
+        env = {
+            **os.environ,
+            "TEMPORAL_ADDRESS": harness.client.service_client.config.target_host,
+            "KEEL_TASK_QUEUE": harness.settings.task_queue,
+        }
+        proc = await asyncio.create_subprocess_exec(
+            KEEL, "watch", run, env=env, stdout=asyncio.subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        shown = b""
+        while b"writing: " not in shown or shown.endswith(b"writing: "):
+            shown += await asyncio.wait_for(proc.stdout.read(64), 60)
+        partial = shown.decode().split("writing: ", 1)[1]
+        assert STORY.startswith(partial) and partial != STORY  # the rest is still held
+        harness.model.release("story")
+        rest, _ = await asyncio.wait_for(proc.communicate(), 60)
+    out = (shown + rest).decode()
+    lines = out.splitlines()
+    assert lines[-1].endswith("ENDED completed: " + STORY)
+    assert sum(STORY in line for line in lines[:-1]) == 1  # written once, as it came
