@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -11,8 +12,8 @@ from temporalio.client import Client
 
 from keel.client.signing import load_signing_key, new_signing_key
 from keel.policy_file import parse_policy
-from keel.workflows.decisions import DecisionTarget
-from keel.workflows.models import Policy
+from keel.workflows.decisions import DecisionTarget, judge
+from keel.workflows.models import AgentSpec, AgentState, DecideInput, Policy
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,17 @@ async def target_of(client: Client, run: str) -> DecisionTarget:
     """What a decision for this run is signed for (as AgentClient.decide finds it)."""
     info = (await client.get_workflow_handle(run).describe()).raw_description
     return DecisionTarget(client.namespace, run, info.workflow_execution_info.first_run_id)
+
+
+NO_RUN = DecisionTarget("", "", "")
+
+
+def refuse_decision(
+    spec: AgentSpec | None,
+    state: AgentState,
+    d: DecideInput,
+    now: datetime,
+    target: DecisionTarget = NO_RUN,
+) -> str:
+    """Why the run refuses this decision ('' when it applies): `judge`'s verdict."""
+    return judge(spec, state, d, now, target).refusal

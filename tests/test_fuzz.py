@@ -26,7 +26,7 @@ from keel.client.signing import sign_decision
 from keel.policy_file import PolicyError, parse_policy
 from keel.testing.model_server import RuleSet
 from keel.workflows.authz import tool_refusal
-from keel.workflows.decisions import DecisionTarget, judge, rate_refusal
+from keel.workflows.decisions import DecisionTarget, rate_refusal
 from keel.workflows.inbox import MAX_QUEUED_MESSAGES, Inbox, message_refusal
 from keel.workflows.models import (
     MAX_REFUSALS,
@@ -56,22 +56,8 @@ from keel.workflows.policy import (
 )
 from tests.agents import TOOLS
 from tests.conftest import Harness, wait_for
-from tests.policies import key_pair, make_policy, policy_data, target_of
+from tests.policies import key_pair, make_policy, policy_data, refuse_decision, target_of
 from tests.test_approvals import pending
-
-NO_RUN = DecisionTarget("", "", "")
-
-
-def refuse_decision(
-    spec: AgentSpec | None,
-    state: AgentState,
-    d: DecideInput,
-    now: datetime,
-    target: DecisionTarget = NO_RUN,
-) -> str:
-    """Why the run refuses this decision ('' when it applies): `judge`'s verdict."""
-    return judge(spec, state, d, now, target).refusal
-
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 RUN = DecisionTarget("default", "run-1", "first-run-1")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
-from keel.workflows.decisions import DecisionTarget, judge
 from keel.workflows.inbox import Inbox, message_refusal
 from keel.workflows.models import (
     MAX_REFUSALS,
@@ -34,6 +33,7 @@ from keel.workflows.policy import (
     parse_arguments,
     short_args,
 )
+from tests.policies import refuse_decision
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 REFUND = ToolSpec(
@@ -52,20 +52,6 @@ REFUND = ToolSpec(
 SPEC = AgentSpec(
     name="a", tools=[REFUND], limits=Limits(max_steps=3, max_tokens=100, max_seconds=60)
 )
-
-
-NO_RUN = DecisionTarget("", "", "")
-
-
-def refuse_decision(
-    spec: AgentSpec | None,
-    state: AgentState,
-    d: DecideInput,
-    now: datetime,
-    target: DecisionTarget = NO_RUN,
-) -> str:
-    """Why the run refuses this decision ('' when it applies): `judge`'s verdict."""
-    return judge(spec, state, d, now, target).refusal
 
 
 def test_approval_reason_by_condition() -> None:
