@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 from bench.conversation import PIECE, model_steps
 from bench.measure import Sample
-from bench.report import mean, med, ms, paired, quantile
+from bench.report import mean, med, ms, paired, quantile, ratio_text
 from bench.streaming import StreamingResults, Watched
 
 FIRST_DELTA_TARGET = 0.150  # seconds, p50
@@ -28,10 +28,6 @@ def rate(w: Watched) -> float | None:
 
 def per_step(samples: Sequence[Sample], k: int) -> list[float]:
     return [s.seconds / model_steps(k) for s in samples]
-
-
-def spread(xs: Sequence[float]) -> str:
-    return f"{med(xs):.2f}× ({quantile(xs, 0.1):.2f}–{quantile(xs, 0.9):.2f})"
 
 
 def verdict(ok: bool, low: float = 0, high: float = 0, at: float = 0) -> str:
@@ -73,7 +69,7 @@ def render(s: StreamingResults) -> str:
         f"over {sc['over_ms'] / 1000:.1f} s ({chunks} chunks, "
         f"{sc['over_ms'] / (chunks - 1):.0f} ms apart; the first is the role's, with no "
         "text); a client follows the run with `AgentClient.events` from its start. Streaming "
-        "off, the endpoint sends the whole reply at the time it would have sent the last chunk",
+        "off, the endpoint sends the whole reply at the time it would have sent the last chunk.",
         "",
         "| target | measured | verdict |",
         "|---|---|---|",
@@ -100,7 +96,7 @@ def render(s: StreamingResults) -> str:
         lo, hi = quantile(pr, 0.1), quantile(pr, 0.9)
         out.append(
             f"| per model step, streaming on ≤ {STEP_RATIO_TARGET:.1f}× off: replies {name} "
-            f"| {ms(med(a))} vs {ms(med(b))}: {med(a) / med(b):.2f}× (paired {spread(pr)}) "
+            f"| {ms(med(a))} vs {ms(med(b))}: {ratio_text(a, b)} "
             f"| {verdict(med(pr) <= STEP_RATIO_TARGET, lo, hi, STEP_RATIO_TARGET)} |"
         )
     out += ["", "#### When a client sees the reply", "", "| | p50 | p90 |", "|---|---:|---:|"]
@@ -199,7 +195,6 @@ def render(s: StreamingResults) -> str:
             return f"{w * 1000:.0f} + {sv * 1000:.0f} ms"
 
         out.append(
-            f"| {name} | {ms(med(a))} | {ms(med(b))} | {med(a) / med(b):.2f}× "
-            f"({spread(paired(a, b))}) | {cpu(sa)} | {cpu(sb)} |"
+            f"| {name} | {ms(med(a))} | {ms(med(b))} | {ratio_text(a, b)} | {cpu(sa)} | {cpu(sb)} |"
         )
     return "\n".join(out).rstrip() + "\n"
