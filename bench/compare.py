@@ -7,6 +7,9 @@ Temporal dev server (with `keel.dev.dev_server_args`).
     python -m bench.compare --quick    # a smoke run (~2 min); the report goes to bench/results/quick.md
     python -m bench.compare --only keel keel_api keel_stored plain   # Keel's own overhead
 
+With Keel among the systems, it also measures Keel's streamed replies (`bench.streaming`),
+on a fake endpoint and a Keel worker of their own; their report goes between their markers.
+
 Every measurement is interleaved round by round (the order rotates), and reported as medians
 and as ratios measured side by side. See docs/benchmarks.md for what is measured, and how.
 """
@@ -48,6 +51,12 @@ from bench.measure import (
 )
 from bench.procstat import load as load_average
 from bench.report import Results, load, render, save
+from bench.streaming import BEGIN as STREAMING_BEGIN
+from bench.streaming import END as STREAMING_END
+from bench.streaming import Scale as StreamingScale
+from bench.streaming import StreamingResults
+from bench.streaming import measure as measure_streaming
+from bench.streaming_report import render as render_streaming
 from keel.config import DEFAULT_PAYLOAD_THRESHOLD
 
 DOC = REPO / "docs" / "benchmarks.md"
@@ -83,6 +92,7 @@ class Scale:
     recovery_k: int
     recovery_delay_ms: int
     recovery_systems: tuple[str, ...] | None  # None: every system that can recover
+    streaming_rounds: int  # of Keel's streamed replies against streaming off (bench.streaming)
 
     def describe(self) -> str:
         lat = ", ".join(
@@ -94,7 +104,8 @@ class Scale:
             f"(payload threshold {self.payload_threshold:,} bytes); "
             f"{self.parked:,} parked runs; {self.approvals} approval samples per path; "
             f"recovery {self.recovery_runs} runs of K={self.recovery_k} "
-            f"(model replies delayed {self.recovery_delay_ms} ms); {self.warmup} warm-up runs"
+            f"(model replies delayed {self.recovery_delay_ms} ms); {self.warmup} warm-up runs; "
+            f"streamed replies {self.streaming_rounds} rounds"
         )
 
 
@@ -114,6 +125,7 @@ FULL = Scale(
     recovery_k=20,
     recovery_delay_ms=200,
     recovery_systems=None,
+    streaming_rounds=15,
 )
 QUICK = Scale(
     warmup=1,
@@ -132,6 +144,7 @@ QUICK = Scale(
     recovery_delay_ms=200,
     # the other systems wait out a 60 s activity timeout
     recovery_systems=("keel", "langgraph", "langgraph_sync"),
+    streaming_rounds=2,
 )
 
 
@@ -314,6 +327,15 @@ async def amain(args: argparse.Namespace) -> Results:
 
         await section(r, "approval to resume", approval)
 
+        async def streamed() -> None:
+            if "keel" in by_key:
+                meta = {k: r.meta[k] for k in ("date", "command")}
+                scale_ = StreamingScale(rounds=scale.streaming_rounds)
+                results = await measure_streaming(address, dev.pid, workdir, scale_, meta)
+                r.streaming = dataclasses.asdict(results)
+
+        await section(r, "streamed replies", streamed)
+
         async def hist() -> None:
             payloads = str(workdir / "payloads")
             runs = [(s, f"{s.key}", scale.payload_threshold) for s in temporal if s in peers]
@@ -373,15 +395,19 @@ async def amain(args: argparse.Namespace) -> Results:
     return r
 
 
-def write(text: str, out: Path) -> None:
-    """Into `out` between the markers when it has them (the prose around stays), else whole."""
+def write(text: str, out: Path, begin: str = BEGIN, end: str = END) -> None:
+    """Into `out` between the markers when it has them (the prose around stays); else the
+    main report is the whole file, and another block (between its own markers) is appended."""
     out.parent.mkdir(parents=True, exist_ok=True)
     old = out.read_text(encoding="utf-8") if out.exists() else ""
-    if BEGIN in old and END in old:
-        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-        new = pattern.sub(lambda _: f"{BEGIN}\n{text}{END}", old, count=1)
-    else:
+    block = f"{begin}\n{text}{end}"
+    if begin in old and end in old:
+        pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+        new = pattern.sub(lambda _: block, old, count=1)
+    elif begin == BEGIN:
         new = text
+    else:
+        new = old + ("\n" if old else "") + block + "\n"
     out.write_text(new, encoding="utf-8")
 
 
@@ -419,6 +445,10 @@ def main(argv: list[str] | None = None) -> None:
         text = render(results)
         print(text, flush=True)
         write(text, out)
+        if results.streaming:
+            streaming = render_streaming(StreamingResults.of(results.streaming))
+            print(streaming, flush=True)
+            write(streaming, out, STREAMING_BEGIN, STREAMING_END)
         log(f"wrote {out}")
         if results.errors:
             code = 1

@@ -272,11 +272,14 @@ class Arrivals:
                 await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
 
 
-async def start_fake_model(workdir: Path, arrivals: Arrivals) -> tuple[Proc, str]:
+async def start_fake_model(
+    workdir: Path, arrivals: Arrivals, *args: str, name: str = "fakemodel"
+) -> tuple[Proc, str]:
+    """The fake endpoint (`bench.fakemodel`, with these command-line `args`)."""
     proc = Proc(
         "fake model endpoint",
-        [sys.executable, "-m", "bench.fakemodel"],
-        workdir / "logs" / "fakemodel.log",
+        [sys.executable, "-m", "bench.fakemodel", *args],
+        workdir / "logs" / f"{name}.log",
         on_line=arrivals.on_line,
     )
     await proc.start()

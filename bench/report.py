@@ -79,6 +79,7 @@ class Results:
     approvals: dict[str, Resume] = field(default_factory=dict)
     recovery: dict[str, Recovery] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # a section that failed, and why
+    streaming: dict[str, Any] | None = None  # bench.streaming's results, as saved
 
     def per_step(self, k: int, key: str) -> list[float]:
         return [s.seconds / model_steps(k) for s in self.latency.get(k, {}).get(key, [])]
@@ -114,6 +115,7 @@ def load(path: Path) -> Results:
         approvals={k: Resume(**v) for k, v in d["approvals"].items()},
         recovery={k: Recovery(**v) for k, v in d["recovery"].items()},
         errors=d["errors"],
+        streaming=d.get("streaming"),
     )
 
 

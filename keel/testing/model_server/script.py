@@ -139,7 +139,9 @@ class ScriptedModel:
 
     def requests(self) -> list[dict[str, Any]]:
         """Chat requests in arrival order: ``{"seq", "at", "body", "outcome", "rule"}`` (``at``:
-        when it arrived, in ``time.time()`` seconds)."""
+        when it arrived, in ``time.time()`` seconds); a streamed reply's entry also has
+        ``chunks_at``, when each of its chunks went out (``time.time()``, ``[DONE]`` not
+        counted), so a client's view of the reply can be timed against the provider's."""
         with self._lock:
             return copy.deepcopy(self._log)
 
@@ -356,6 +358,8 @@ class ScriptedModel:
                     break
                 if sent and reply.chunk_delay and not await self._wait(delay=reply.chunk_delay):
                     raise DroppedConnection("the server stops")
+                with self._lock:  # `requests()` copies the entry under the lock
+                    entry.setdefault("chunks_at", []).append(time.time())
                 yield chunks[sent]
             self._done(entry, generation, outcome)
             yield DONE
