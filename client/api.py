@@ -89,6 +89,9 @@ UNKNOWN_OUTCOME = {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED}
 KEEL_RUNS = "AgentName IS NOT NULL"
 
 
+POLL_COOLDOWN = timedelta(milliseconds=25)  # between a watcher's polls of a run's events
+
+
 class KeelClientError(Exception):
     """A request Keel refused, with the reason the run gave."""
 
@@ -257,7 +260,12 @@ class AgentClient:
             if from_offset >= upto:
                 return
         try:
-            async for item in stream.subscribe(TOPIC, from_offset, result_type=RunEvent):
+            # a short pause between polls: a reply's last pieces and the run's end often come
+            # within 100 ms (the SDK's default), and a poll that finds the run closed must read
+            # the rest through a query, which replays the run's whole history
+            async for item in stream.subscribe(
+                TOPIC, from_offset, result_type=RunEvent, poll_cooldown=POLL_COOLDOWN
+            ):
                 yield item.offset, item.data
                 if item.data.kind == EventKind.ENDED or (not follow and item.offset + 1 >= upto):
                     return
