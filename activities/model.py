@@ -235,7 +235,7 @@ class ModelActivities:
         self._clients: dict[tuple[str | None, str, float], AsyncOpenAI] = {}
         self._pace = Pace(calls_per_second)
         self._whole_only: set[tuple[str, str]] = set()  # (base URL, model): no streams
-        self._said: set[tuple[tuple[str, str], bool]] = set()  # fallbacks logged once
+        self._said: set[tuple[tuple[str, str], object]] = set()  # said once in the log
 
     async def _ask(self, client: AsyncOpenAI, kwargs: dict[str, Any], input: ModelInput) -> Reply:
         """The reply, streamed when the run asked for it and the provider can; else whole."""
@@ -268,6 +268,26 @@ class ModelActivities:
                 )
             return Reply.of(completion)
         return Reply.of(await heartbeat_while(self._whole(client, kwargs)))
+
+    def _estimate(self, client: AsyncOpenAI, kwargs: dict[str, Any], reply: Reply) -> Usage:
+        """Tokens of a reply whose provider reported none (some compatible servers send no
+        usage with a stream), at about four characters a token: token budgets keep counting."""
+        where = (shown_url(str(client.base_url)), str(kwargs["model"]))
+        if (where, "usage") not in self._said:
+            self._said.add((where, "usage"))
+            log.warning(
+                "the provider at %s (model %s) reports no token usage; Keel estimates it "
+                "(about 4 characters a token) so token budgets keep counting",
+                *where,
+            )
+        asked = json.dumps(kwargs["messages"]) + json.dumps(kwargs.get("tools", []))
+        said = (reply.text or "") + "".join(
+            f"{c.function.name}{c.function.arguments}" for c in reply.raw_calls or []
+        )
+        prompt, completion = math.ceil(len(asked) / 4), math.ceil(len(said) / 4)
+        return Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
 
     async def _whole(self, client: AsyncOpenAI, kwargs: dict[str, Any]) -> ChatCompletion:
         # the body Keel built, sent as is: `chat.completions.create` would walk every
@@ -311,6 +331,8 @@ class ModelActivities:
             kwargs["tool_choice"] = input.tool_choice or s.tool_choice or "auto"
         if s.temperature is not None:
             kwargs["temperature"] = s.temperature
+        if s.max_tokens is not None:
+            kwargs["max_tokens"] = s.max_tokens
         return kwargs
 
     @activity.defn(name=CALL_MODEL)
@@ -348,7 +370,9 @@ class ModelActivities:
                     prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                     completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
                     total_tokens=getattr(usage, "total_tokens", 0) or 0,
-                ),
+                )
+                if usage is not None
+                else self._estimate(client, kwargs, reply),
                 finish_reason=reply.finish_reason,
                 model=model,
                 attempt=activity.info().attempt,

@@ -4,7 +4,8 @@ to the run as they are written.
 The activity still returns the whole reply (what the run records and replays); the pieces
 only feed watchers. They go to the run as `keel.model_stream` signals, in batches: the first
 once the reply has been written for `FIRST_BATCH_SECONDS` (a reply finished sooner is not
-streamed at all: its `model_reply` event comes as fast), then one every `BATCH_SECONDS`, or
+streamed at all: its `model_reply` event comes as fast), then one every `BATCH_SECONDS` (five
+a second: readable as it grows, and each is a signal and a workflow task of history), or
 sooner when `BATCH_CHARS` have gathered. Each batch names the call (`stream_id`) and the
 attempt, so the run can tell a retried attempt's text from its predecessor's. Sending never
 fails the model call: a batch that cannot be sent is dropped, and the reply is whole anyway.
@@ -26,7 +27,7 @@ from temporalio import activity
 from keel.workflows.models import SIGNAL_STREAM, StreamBatch, StreamDelta
 
 FIRST_BATCH_SECONDS = 0.08
-BATCH_SECONDS = 0.1
+BATCH_SECONDS = 0.2  # each batch is a signal and a workflow task in the run's history
 BATCH_CHARS = 16_000
 log = logging.getLogger("keel.model")
 
@@ -122,7 +123,7 @@ class _Chunks:
 
     def reply(self) -> Reply:
         return Reply(
-            text=self.content,
+            text=self.content or None,  # as a whole reply says "no text": null, not ""
             raw_calls=[_SdkCall(c) for _, c in sorted(self.calls.items())],
             finish_reason=self.finish_reason,
             model=self.model,

@@ -195,12 +195,27 @@ async def test_an_agent_may_turn_streaming_off(harness: Harness) -> None:
     from tests.agents import TEST_AGENTS
 
     calc = next(a for a in TEST_AGENTS if a.name == "calc")
-    quiet = dataclasses.replace(calc, name="quiet", model=ModelSettings(stream=False))
+    settings = ModelSettings(stream=False, max_tokens=50)
+    quiet = dataclasses.replace(calc, name="quiet", model=settings)
     async with harness.running([*TEST_AGENTS, quiet]):
         run = await harness.start("quiet", "add 2 and 3")
         result = await harness.agents.result(run, timeout=60)
     assert result.final_answer == "The sum is 5."
     assert not any(r["body"].get("stream") for r in harness.model.requests())
+    assert {r["body"].get("max_tokens") for r in harness.model.requests()} == {50}
+
+
+def test_usage_is_estimated_when_the_provider_reports_none() -> None:
+    from openai import AsyncOpenAI
+
+    from keel.activities.model import ModelActivities
+    from keel.activities.streaming import Reply
+
+    client = AsyncOpenAI(base_url="http://127.0.0.1:9/v1", api_key="x")
+    body = {"model": "m", "messages": [{"role": "user", "content": "a" * 400}]}
+    usage = ModelActivities(None, None, "m")._estimate(client, body, Reply(text="b" * 40))
+    assert usage.completion_tokens == 10 and 100 <= usage.prompt_tokens <= 120
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
 def test_keel_watch_writes_a_reply_on_one_line_as_it_grows() -> None:

@@ -96,6 +96,7 @@ class ModelSettings(BaseModel):
     # the worker's environment variable holding this provider's key (never the key itself)
     api_key_env: str = ""
     temperature: float | None = None
+    max_tokens: int | None = Field(default=None, ge=1)  # the reply's length, sent as is
     timeout_seconds: float = 60.0
     max_attempts: int = 4  # quick retries of one call, inside one activity's retry policy
     retry_initial_seconds: float = 2.0  # then the run waits, backing off from this ...
