@@ -377,7 +377,9 @@ async def cmd_serve(a: argparse.Namespace, s: Settings) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     s = dataclasses.replace(s, api_host=a.host or s.api_host, api_port=a.port or s.api_port)
-    app = create_app(s)
+    if not s.api_tokens:
+        create_app(s)  # says what is missing
+    app = create_app(s, client=(await _agents(s)).client)  # Temporal first: said in one line
     config = uvicorn.Config(
         app, host=s.api_host, port=s.api_port, log_config=None, proxy_headers=False
     )
@@ -386,8 +388,6 @@ async def cmd_serve(a: argparse.Namespace, s: Settings) -> int:
         await server.serve()
     except SystemExit:  # uvicorn's way of saying the port is taken (it logged why)
         raise KeelClientError(f"cannot serve on {s.api_host}:{s.api_port}") from None
-    if not server.started:  # the app refused to start (its lifespan logged why)
-        return 1
     return 0
 
 
