@@ -399,8 +399,13 @@ async def cmd_token(a: argparse.Namespace, s: Settings) -> int:
 
     name = a.name or f"{a.user}-{date.today():%Y%m%d}"
     token = new_token()
-    print(f"# the token of {a.user}: shown once, keep it secret (the file keeps its hash only)")
-    print(token)
+    # the token on stderr, the entry on stdout: `keel token new --user ann >> tokens.toml`
+    print(
+        f"# the token of {a.user}: shown once, keep it secret (the file keeps its hash only)\n"
+        f"{token}",
+        file=sys.stderr,
+        flush=True,
+    )
     print(f"# add to the tokens file ({s.api_tokens or 'KEEL_API_TOKENS'}):")
     print(token_entry(a.user, name, token), end="")
     return 0

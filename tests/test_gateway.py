@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from keel.client.api import AgentClient, KeelClientError
 from keel.config import Settings
 from keel.gateway import create_app
-from keel.gateway.auth import new_token, token_entry, token_hash
+from keel.gateway.auth import TokenFile, new_token, token_entry, token_hash
 from keel.workflows.models import Policy
 from tests.conftest import Harness, wait_for
 from tests.policies import KeyPair, key_pair, make_policy, policy_data
@@ -400,10 +400,12 @@ async def test_rate_limit_per_caller(harness: Harness, tmp_path: Path) -> None:
 async def test_token_new_prints_a_token_and_its_hash(tmp_path: Path) -> None:
     code, out, err = await keel_cli(None, "token", "new", "--user", "ann")
     assert code == 0, err
-    lines = [ln for ln in out.splitlines() if not ln.startswith("#")]
-    token, entry = lines[0], "\n".join(lines[1:])
-    assert token.startswith("keel_") and f'sha256 = "{token_hash(token)}"' in entry
-    assert 'user = "ann"' in entry and token not in entry
+    token = err.splitlines()[-1]  # shown once, on the terminal; stdout is the file's entry
+    assert token.startswith("keel_") and f'sha256 = "{token_hash(token)}"' in out
+    assert 'user = "ann"' in out and token not in out
+    (tmp_path / "tokens.toml").write_text(out)  # `keel token new ... >> tokens.toml`
+    found = TokenFile(str(tmp_path / "tokens.toml")).lookup(token)
+    assert found is not None and found[1] == "ann"
 
 
 async def test_keel_serve_serves_the_api(api: Api, tmp_path: Path) -> None:
