@@ -890,9 +890,10 @@ def test_the_stack_has_what_the_issue_names() -> None:
     assert p.command("codec-server")[:2] == ["keel", "codec-server"]
     assert _profiles(p.services["codec-server"]) == ["encryption"]
     assert p.services["temporal-setup"]["entrypoint"][-1] == "/deploy/temporal-setup.sh"
-    # what no profile turns on: everything but the CLI and the codec server
+    assert p.command("api")[:2] == ["keel", "serve"] and _profiles(p.services["api"]) == ["api"]
+    # what no profile turns on: everything but the CLI, the codec server and the API
     default = {n for n, s in p.services.items() if not _profiles(s)}
-    assert default == set(p.services) - {"keel", "codec-server"}
+    assert default == set(p.services) - {"keel", "codec-server", "api"}
     # every image is pinned to a version
     for name, image in images.items():
         assert ":" in image and not image.endswith(":latest"), name
