@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
@@ -28,7 +28,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from keel.client.presence import worker_arrives, worker_polls
 from keel.client.signing import load_signing_key, sign_decision
-from keel.client.visibility import visibility_query
+from keel.client.visibility import quoted, visibility_query
 from keel.config import Settings, SettingsError, connect
 from keel.policy_file import PolicyError
 from keel.workflows import errors
@@ -52,6 +52,7 @@ from keel.workflows.models import (
     AgentInput,
     AgentResult,
     AgentStatus,
+    ApprovalRequest,
     ChatMessage,
     DecideInput,
     DecideReceipt,
@@ -63,6 +64,7 @@ from keel.workflows.models import (
     RunState,
     RunStatusView,
     TranscriptPage,
+    TranscriptSlice,
     Usage,
     Visibility,
 )
@@ -78,6 +80,9 @@ QUERY_TIMEOUT = timedelta(seconds=30)  # a busy worker replaying a long history 
 LIST_QUERY_TIMEOUT = timedelta(seconds=10)  # per run, when listing many
 ACCEPT_TIMEOUT = timedelta(seconds=15)  # a worker takes an update at once (busy: in seconds)
 UPDATE_TIMEOUT = timedelta(seconds=30)
+# a decision's update answers within milliseconds when a worker serves the run: past this,
+# ask whether one does (else the decision goes as a signal that keeps)
+ANSWER_GRACE = 1.0
 # a query sent is let finish though its answer is no longer wanted: one abandoned midway
 # leaves the worker an answer for a query that is gone, and it warns "Query not found"
 QUERY_DRAIN_SECONDS = 5.0
@@ -137,6 +142,8 @@ class PendingApproval(BaseModel):
     expires_at: datetime | None = None
     # False: no worker serves the run, so its approvals cannot be read (the count can)
     reachable: bool = True
+    # the tool's JSON schema, to build an edit form from (`pending(schemas=True)`)
+    parameters: dict[str, Any] = Field(default_factory=dict)
 
 
 class AgentClient:
@@ -304,6 +311,18 @@ class AgentClient:
         except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError) as e:
             raise await self._query_failed(run_id, e, timeout) from e
 
+    async def transcript(
+        self, run_id: str, start: int = 0, *, timeout: timedelta = QUERY_TIMEOUT
+    ) -> TranscriptSlice:
+        """One page of the run's whole transcript from message `start` (about a megabyte of
+        whole messages); the page at the end carries the final answer whole."""
+        try:
+            return await self._handle(run_id).query(
+                KeelWorkflow.get_transcript, TranscriptPage(start=start), rpc_timeout=timeout
+            )
+        except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError) as e:
+            raise await self._query_failed(run_id, e, timeout) from e
+
     async def _query_failed(self, run_id: str, e: Exception, timeout: timedelta) -> KeelClientError:
         """What a failed query means, said plainly (NoWorker when no worker answered)."""
         message = getattr(e, "message", str(e))
@@ -443,13 +462,23 @@ class AgentClient:
             return None
 
     async def list(
-        self, status: str | None = None, limit: int = 100, *, as_user: str | None = None
+        self,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        as_user: str | None = None,
+        agent: str | None = None,
     ) -> list[RunSummary]:
-        """Recent runs, newest first, optionally only those with this AgentStatus; with a
-        caller (`as_user`, default the client's), only the runs they may see."""
+        """Recent runs, newest first, optionally only those with this AgentStatus (and of this
+        agent); with a caller (`as_user`, default the client's), only the runs they may see."""
         query = KEEL_RUNS
         if status:
             query += f" AND AgentStatus = '{AgentStatus(status).value}'"
+        if agent:
+            try:
+                query += f" AND AgentName = {quoted(agent)}"
+            except PolicyError as e:
+                raise KeelClientError(f"agent: {e}") from None
         query += self._visible(as_user)
         out: list[RunSummary] = []
         async for wf in self.client.list_workflows(query, limit=limit):
@@ -540,18 +569,10 @@ class AgentClient:
             decision = sign_decision(signing_key, decision, target, datetime.now(UTC))
         why = "sent without waiting"
         try:
-            if wait and await self.has_worker(run_id):
-                try:
-                    update = await handle.start_update(
-                        KeelWorkflow.decide_approval,
-                        decision,
-                        wait_for_stage=WorkflowUpdateStage.ACCEPTED,
-                        rpc_timeout=ACCEPT_TIMEOUT,
-                    )
-                    return await update.result(rpc_timeout=UPDATE_TIMEOUT)
-                except WorkflowUpdateRPCTimeoutOrCancelledError:
-                    pass  # no worker took it: send it so that it keeps
             if wait:
+                receipt = await self._decide_by_update(handle, decision)
+                if receipt is not None:
+                    return receipt
                 why = "no worker is serving this run"
             # (if the update was only slow, it still applies first, and this copy is
             # recorded as refused: "already decided")
@@ -569,6 +590,35 @@ class AgentClient:
                 f"(`keel status {run_id}` then shows it applied, or why it was refused)"
             ),
         )
+
+    async def _decide_by_update(
+        self, handle: WorkflowHandle[Any, AgentResult], decision: DecideInput
+    ) -> DecideReceipt | None:
+        """The `decide_approval` update's receipt, in one round trip when a worker serves the
+        run; None when none takes it (the decision then goes as a signal, which keeps). Who
+        serves the run is asked only when the answer is slow in coming, so a decision costs
+        no reads when a worker is there."""
+        update = asyncio.ensure_future(
+            handle.execute_update(
+                KeelWorkflow.decide_approval, decision, rpc_timeout=UPDATE_TIMEOUT
+            )
+        )
+        try:
+            done, _ = await asyncio.wait({update}, timeout=ANSWER_GRACE)
+            if not done:
+                if not await self.has_worker(handle.id):
+                    return None
+                # a worker polled lately: it may be busy, or gone since
+                done, _ = await asyncio.wait({update}, timeout=ACCEPT_TIMEOUT.total_seconds())
+                if not done:
+                    return None
+            return update.result()
+        except WorkflowUpdateRPCTimeoutOrCancelledError:
+            return None  # no worker took it in time
+        finally:
+            if not update.done():
+                update.cancel()
+                await asyncio.gather(update, return_exceptions=True)
 
     async def has_worker(self, run_id: str) -> bool:
         """Whether a worker has polled the run's task queue lately."""
@@ -675,9 +725,12 @@ class AgentClient:
         """Cancel the run: in-flight activities are cancelled, the record is kept."""
         await self._handle(run_id).cancel()
 
-    async def pending(self, *, as_user: str | None = None) -> list[PendingApproval]:
+    async def pending(
+        self, *, as_user: str | None = None, schemas: bool = False
+    ) -> list[PendingApproval]:
         """Every open approval across runs, oldest first; with a caller (`as_user`, default
-        the client's), only in the runs they may see."""
+        the client's), only in the runs they may see. With `schemas`, each carries its tool's
+        JSON schema (`parameters`), read from the run's own spec."""
         now = datetime.now(UTC)
         out: list[PendingApproval] = []
         query = f"{KEEL_RUNS} AND ExecutionStatus = 'Running' AND PendingApprovals > 0"
@@ -686,7 +739,7 @@ class AgentClient:
             try:
                 if not await self.has_worker(wf.id):  # do not wait for an answer that cannot come
                     raise NoWorker("no worker is serving it")
-                state = await self.status(wf.id, timeout=LIST_QUERY_TIMEOUT)
+                requests, tools = await self._open_requests(wf.id, schemas)
             except KeelClientError as e:
                 n = wf.typed_search_attributes.get(PENDING_APPROVALS) or 0
                 out.append(
@@ -702,7 +755,7 @@ class AgentClient:
                     )
                 )
                 continue
-            for r in state.pending_approvals:
+            for r in requests:
                 out.append(
                     PendingApproval(
                         run_id=wf.id,
@@ -713,9 +766,38 @@ class AgentClient:
                         approvers=r.approvers,
                         age_seconds=(now - r.requested_at).total_seconds(),
                         expires_at=r.expires_at,
+                        parameters=tools.get(r.tool, {}),
                     )
                 )
         return sorted(out, key=lambda p: -p.age_seconds)
+
+    async def _open_requests(
+        self, run_id: str, schemas: bool
+    ) -> tuple[list[ApprovalRequest], dict[str, dict[str, Any]]]:
+        """The run's open approval requests, and with `schemas` its tools' JSON schemas (the
+        state's bounded view carries the spec; the status view is smaller)."""
+        if not schemas:
+            return (await self.status(run_id, timeout=LIST_QUERY_TIMEOUT)).pending_approvals, {}
+        try:
+            view = await self._handle(run_id).query(
+                KeelWorkflow.get_state, rpc_timeout=LIST_QUERY_TIMEOUT
+            )
+        except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError) as e:
+            raise await self._query_failed(run_id, e, LIST_QUERY_TIMEOUT) from e
+        tools = {t.name: t.parameters for t in view.spec.tools} if view.spec else {}
+        return view.pending_approvals, tools
+
+    async def open_approvals(self, *, as_user: str | None = None) -> int:
+        """How many approvals are open in the runs the caller may see, as their search
+        attributes count them (no worker needed)."""
+        query = f"{KEEL_RUNS} AND ExecutionStatus = 'Running' AND PendingApprovals > 0"
+        query += self._visible(as_user)
+        return sum(
+            [
+                wf.typed_search_attributes.get(PENDING_APPROVALS) or 0
+                async for wf in self.client.list_workflows(query)
+            ]
+        )
 
 
 def no_worker(run_id: str, queue: str | None, why: str = "") -> NoWorker:

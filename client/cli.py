@@ -370,6 +370,42 @@ def _signing_keygen(a: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_serve(a: argparse.Namespace, s: Settings) -> int:
+    import uvicorn
+
+    from keel.gateway import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    s = dataclasses.replace(s, api_host=a.host or s.api_host, api_port=a.port or s.api_port)
+    app = create_app(s)
+    config = uvicorn.Config(
+        app, host=s.api_host, port=s.api_port, log_config=None, proxy_headers=False
+    )
+    server = uvicorn.Server(config)
+    try:
+        await server.serve()
+    except SystemExit:  # uvicorn's way of saying the port is taken (it logged why)
+        raise KeelClientError(f"cannot serve on {s.api_host}:{s.api_port}") from None
+    if not server.started:  # the app refused to start (its lifespan logged why)
+        return 1
+    return 0
+
+
+async def cmd_token(a: argparse.Namespace, s: Settings) -> int:
+    """A fresh API token for a user: the token once, and the entry the tokens file keeps."""
+    from datetime import date
+
+    from keel.gateway.auth import new_token, token_entry
+
+    name = a.name or f"{a.user}-{date.today():%Y%m%d}"
+    token = new_token()
+    print(f"# the token of {a.user}: shown once, keep it secret (the file keeps its hash only)")
+    print(token)
+    print(f"# add to the tokens file ({s.api_tokens or 'KEEL_API_TOKENS'}):")
+    print(token_entry(a.user, name, token), end="")
+    return 0
+
+
 async def cmd_chaos(a: argparse.Namespace, s: Settings) -> int:
     from keel.chaos.run import ChaosOptions, run_chaos
 
@@ -590,6 +626,16 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="with --signing: the key file (default ~/.keel/ID.key; -: print)",
     )
+    sp = add("serve", cmd_serve, "the HTTP API and its page (needs KEEL_API_TOKENS)")
+    sp.add_argument(
+        "--host", default=None, help="the address to listen on ($KEEL_API_HOST, 127.0.0.1)"
+    )
+    sp.add_argument("--port", type=int, default=None, help="the port ($KEEL_API_PORT, 8000)")
+    sp = add("token", cmd_token, "API tokens for `keel serve`")
+    token = sp.add_subparsers(dest="action", required=True)
+    sc = token.add_parser("new", help="a fresh token for a user, and its tokens-file entry")
+    sc.add_argument("--user", required=True, help="the policy user the token acts as")
+    sc.add_argument("--name", default=None, help="the entry's name (default: USER-<date>)")
     sp = add(
         "chaos",
         cmd_chaos,

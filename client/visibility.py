@@ -1,4 +1,5 @@
-"""What a caller may list: the runs their policy lets them see, as a list query."""
+"""What a caller may see: the runs their policy lets them see, as a list query, and the same
+rule for one run."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from keel.workflows.authz import tenant_of, users_of_tenant, visibility
 from keel.workflows.models import Policy, Visibility
 
 
-def _quoted(value: str) -> str:
+def quoted(value: str) -> str:
+    """A value as a list query's string literal; PolicyError for one it cannot hold."""
     if "'" in value or "\\" in value:
         raise PolicyError(f"a user or tenant name cannot hold quotes or backslashes: {value!r}")
     return f"'{value}'"
@@ -21,6 +23,18 @@ def visibility_query(policy: Policy | None, user: str) -> str:
         return ""
     tenant = tenant_of(policy, user)
     if seen == Visibility.TENANT and tenant and policy is not None:
-        users = ", ".join(_quoted(u) for u in sorted({user, *users_of_tenant(policy, tenant)}))
-        return f" AND (AgentTenant = {_quoted(tenant)} OR AgentUser IN ({users}))"
-    return f" AND AgentUser = {_quoted(user)}"
+        users = ", ".join(quoted(u) for u in sorted({user, *users_of_tenant(policy, tenant)}))
+        return f" AND (AgentTenant = {quoted(tenant)} OR AgentUser IN ({users}))"
+    return f" AND AgentUser = {quoted(user)}"
+
+
+def may_see(policy: Policy | None, user: str, run_user: str, run_tenant: str) -> bool:
+    """Whether this user may see a run of `run_user` in `run_tenant` (its AgentUser and
+    AgentTenant): the rule `visibility_query` lists by, for one run."""
+    seen = visibility(policy, user) if policy is not None else Visibility.OWN
+    if seen == Visibility.ALL or run_user == user:
+        return True
+    tenant = tenant_of(policy, user)
+    if seen == Visibility.TENANT and tenant and policy is not None:
+        return run_tenant == tenant or run_user in users_of_tenant(policy, tenant)
+    return False

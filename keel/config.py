@@ -46,6 +46,8 @@ DEFAULT_MODEL_PORT = 8765  # the scripted model of the embedded default
 DEFAULT_PAYLOAD_THRESHOLD = 16 * 1024
 DEFAULT_METRICS_PORT = 9464  # `keel dev`'s Prometheus endpoint
 DEFAULT_CODEC_PORT = 8081  # the codec server the Web UI asks to decode payloads
+DEFAULT_API_PORT = 8000  # `keel serve`: the HTTP API and its page
+DEFAULT_API_RATE = 20.0  # requests a second per caller (a burst of twice as many)
 
 
 class SettingsError(ValueError):
@@ -92,6 +94,14 @@ class Settings:
     model_calls_per_second: float = 0.0  # > 0: a worker starts at most this many model calls
     model_task_queue: str = ""  # set: model calls run on this task queue (its own workers)
     tool_task_queue: str = ""  # set: tool calls run on this task queue
+    # `keel serve`: who may call (a file of token hashes), from which browser origins, how
+    # often, and the directory of each user's signing key (`<user>.pem`)
+    api_tokens: str | None = None
+    api_cors_origins: tuple[str, ...] = ()
+    api_rate: float = DEFAULT_API_RATE  # 0: no limit
+    api_host: str = "127.0.0.1"
+    api_port: int = DEFAULT_API_PORT
+    api_signing_keys: str | None = None
 
     @property
     def uses_scripted_model(self) -> bool:
@@ -179,11 +189,13 @@ class Settings:
             model_calls_per_second=_float(env, "KEEL_MODEL_CALLS_PER_SECOND", 0.0),
             model_task_queue=env.get("KEEL_MODEL_TASK_QUEUE") or "",
             tool_task_queue=env.get("KEEL_TOOL_TASK_QUEUE") or "",
-            codec_cors_origins=tuple(
-                o.strip().rstrip("/")
-                for o in env.get("KEEL_CODEC_CORS_ORIGINS", "").split(",")
-                if o.strip()
-            ),
+            codec_cors_origins=_origins(env, "KEEL_CODEC_CORS_ORIGINS"),
+            api_tokens=env.get("KEEL_API_TOKENS") or None,
+            api_cors_origins=_origins(env, "KEEL_API_CORS_ORIGINS"),
+            api_rate=_float(env, "KEEL_API_RATE", DEFAULT_API_RATE),
+            api_host=env.get("KEEL_API_HOST") or "127.0.0.1",
+            api_port=_int(env, "KEEL_API_PORT", DEFAULT_API_PORT),
+            api_signing_keys=env.get("KEEL_API_SIGNING_KEYS") or None,
             policy_file=env.get("KEEL_POLICY") or None,
             approver_key=env.get("KEEL_APPROVER_KEY") or None,
             user=env.get("KEEL_USER") or None,
@@ -259,6 +271,11 @@ def env_number(env: Mapping[str, str], name: str, kind: type[N], default: Any = 
     if value < 0:
         raise SettingsError(f"{name}={raw!r} must not be negative")
     return value
+
+
+def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Browser origins, comma separated (a trailing slash dropped)."""
+    return tuple(o.strip().rstrip("/") for o in env.get(name, "").split(",") if o.strip())
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
