@@ -88,9 +88,28 @@ export class LiveStream {
     }
     source.onopen = () => {
       this.wait = 1000;
+      this.why = "";
       this.onState("live", "");
     };
-    source.onerror = () => this.broken(source);
+    // an `error` event from the server is a problem met once the stream was under way; a
+    // plain error event is the connection's
+    source.onerror = (e) => (typeof e.data === "string" ? this.problem(e.data) : this.broken(source));
+  }
+
+  problem(data) {
+    let problem = {};
+    try {
+      problem = JSON.parse(data);
+    } catch {
+      // said below in general words
+    }
+    this.why = problem.detail || problem.title || "the server stopped the stream";
+    if (problem.status === 401 || problem.status === 404) {
+      this.onState("stopped", this.why);
+      this.close();
+      return;
+    }
+    this.onState("reconnecting", this.why);
   }
 
   deliver(kind, e) {
@@ -112,10 +131,10 @@ export class LiveStream {
   async broken(source) {
     if (this.closed || source !== this.source) return;
     if (source.readyState !== EventSource.CLOSED) {
-      this.onState("reconnecting", "");
+      this.onState("reconnecting", this.why ?? "");
       return;
     }
-    let why = "";
+    let why = this.why ?? "";
     if (this.probe) {
       try {
         await this.probe();
