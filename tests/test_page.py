@@ -1,7 +1,8 @@
-"""The page, driven in a real browser the way a person uses it, against the real gateway,
-the real Temporal dev server and the scripted model: a reply read as it is written, an
-approval clicked (also with the worker killed right after), an edit in the generated form,
-an interrupt from the message box, and a run of another tenant that never shows."""
+"""The page, driven in a real browser the way a person uses it (at a phone's width), against
+the real gateway, the real Temporal dev server and the scripted model: a reply read as it is
+written, an approval clicked (also with the worker killed right after), an edit in the form
+made from the tool's schema, a refusal and an interrupt from the message box, a rejection
+made with the keyboard alone, and a run of another tenant that never shows."""
 
 from __future__ import annotations
 
@@ -13,19 +14,18 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from playwright.async_api import Browser, Page, async_playwright, expect
 
 from keel.client.api import AgentClient
 from keel.policy_file import parse_policy
 from keel.workflows.models import AgentStatus
-from tests.conftest import Harness, wait_for
+from tests.conftest import Harness
 from tests.page_site import Site, site
 from tests.policies import policy_data
 from tests.rules import STORY
 from tests.test_crash import killable_worker
 
-CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists() and shutil.which("chromium"):
-    CHROMIUM = Path(shutil.which("chromium") or "")
+CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")  # Debian's, never a download
 pytestmark = [
     pytest.mark.skipif(
         not CHROMIUM.exists(),
@@ -46,8 +46,6 @@ PHONE = {"width": 375, "height": 740}
 WAIT_MS = 60_000  # what a person waits for a run's next step (a bound, never a sleep)
 # dana and sam of tenant acme, gail of globex; alice approves in acme (tests/policies.py)
 POLICY = policy_data()
-
-from playwright.async_api import Browser, Page, async_playwright, expect  # noqa: E402
 
 expect.set_options(timeout=WAIT_MS)
 
@@ -100,6 +98,11 @@ def notice(page: Page, text: str):
     return page.get_by_role("status").filter(has_text=text)
 
 
+async def fits(page: Page) -> bool:
+    """Nothing on the page needs a sideways scroll (at a phone's width)."""
+    return bool(await page.evaluate("document.documentElement.scrollWidth <= innerWidth"))
+
+
 def conversation(page: Page):
     return page.get_by_role("log")
 
@@ -127,8 +130,7 @@ async def test_a_reply_shows_as_it_is_written(harness: Harness, open_page, tmp_p
         await expect(conversation(page).get_by_text(STORY)).to_be_visible()
         await expect(status(page)).to_contain_text("Status: completed")
         await expect(conversation(page).get_by_text("Run ended")).to_be_visible()
-        # nothing on the page needs a sideways scroll at a phone's width
-        assert await page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+        assert await fits(page)
 
 
 async def test_an_approval_clicked_charges_once(
@@ -189,6 +191,7 @@ async def test_an_edit_in_the_generated_form(harness: Harness, open_page, tmp_pa
         amount = card.get_by_label("amount")
         await expect(amount).to_have_value("30")
         await expect(card.get_by_label("note")).to_have_value("test")
+        assert await fits(page)
         await amount.fill("0")
         await card.get_by_role("button", name="Approve with these arguments").click()
         await expect(card.get_by_text("Must be more than 0.")).to_be_visible()
@@ -267,7 +270,7 @@ async def test_another_tenants_run_never_shows(harness: Harness, open_page, tmp_
     ):
         theirs = await start(harness, "dana", "guarded", "charge 30")
         mine = await start(harness, "gail", "calc", "add 1 and 2")
-        await wait_for(lambda: harness.agents.result(mine, timeout=30))
+        await harness.agents.result(mine, timeout=30)
         page = await open_page(s, "gail")
         await expect(page.get_by_role("link", name=re.compile(re.escape(mine)))).to_be_visible()
         await expect(page.get_by_role("link", name=re.compile(re.escape(theirs)))).to_have_count(0)

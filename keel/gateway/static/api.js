@@ -60,28 +60,49 @@ export async function api(method, path, body) {
   throw error;
 }
 
+/** The API's problem for a stream it refuses (answered before any event), or null. */
+async function refusal(url) {
+  const stop = new AbortController();
+  try {
+    const res = await fetch(url, { credentials: "same-origin", signal: stop.signal });
+    if (res.ok) return null;
+    const type = res.headers.get("Content-Type") ?? "";
+    const data = type.includes("json") ? await res.json().catch(() => null) : null;
+    return new ApiError(res.status, detailOf(data, res.status, res.statusText), data);
+  } catch {
+    return new ApiError(0, "The server cannot be reached.");
+  } finally {
+    stop.abort(); // a stream that opened after all is not wanted here
+  }
+}
+
 /**
  * A live stream of named events that comes back after any break. EventSource resumes by
  * itself after a dropped connection (sending Last-Event-ID); when the server refuses the
- * stream instead (an error status closes it for good), `probe` asks the API why, and the
- * stream is opened again a little later from the last event seen.
+ * stream instead (an error status closes it for good), the same address is asked once more
+ * for the API's reason, which is shown, and the stream is opened again a little later from
+ * the last event seen (never for a caller signed out or a run not to be seen).
  */
 export class LiveStream {
-  constructor(path, handlers, { onState = () => {}, probe = null, resumable = false } = {}) {
+  constructor(path, handlers, { onState = () => {}, resumable = false } = {}) {
     this.path = path;
     this.handlers = handlers;
     this.onState = onState;
-    this.probe = probe;
     this.resumable = resumable;
     this.last = -1;
     this.wait = 1000;
+    this.why = "";
     this.closed = false;
     this.open();
   }
 
-  open() {
+  url() {
     const from = this.resumable && this.last >= 0 ? `?from=${this.last + 1}` : "";
-    const source = new EventSource(`api/${this.path}${from}`);
+    return `api/${this.path}${from}`;
+  }
+
+  open() {
+    const source = new EventSource(this.url());
     this.source = source;
     for (const kind of Object.keys(this.handlers)) {
       source.addEventListener(kind, (e) => this.deliver(kind, e));
@@ -103,13 +124,20 @@ export class LiveStream {
     } catch {
       // said below in general words
     }
-    this.why = problem.detail || problem.title || "the server stopped the stream";
-    if (problem.status === 401 || problem.status === 404) {
-      this.onState("stopped", this.why);
+    this.stopOr(problem.status, problem.detail || problem.title || "the server stopped the stream");
+  }
+
+  /** Stop for good on a refusal that waiting cannot change; else say why, and go on. */
+  stopOr(status, why) {
+    this.why = why;
+    if (status === 401 || status === 403 || status === 404) {
+      this.onState("stopped", why);
       this.close();
-      return;
+      if (status === 401) signedOut(new ApiError(status, why));
+      return false;
     }
-    this.onState("reconnecting", this.why);
+    this.onState("reconnecting", why);
+    return true;
   }
 
   deliver(kind, e) {
@@ -131,24 +159,13 @@ export class LiveStream {
   async broken(source) {
     if (this.closed || source !== this.source) return;
     if (source.readyState !== EventSource.CLOSED) {
-      this.onState("reconnecting", this.why ?? "");
+      this.onState("reconnecting", this.why);
       return;
     }
-    let why = this.why ?? "";
-    if (this.probe) {
-      try {
-        await this.probe();
-      } catch (e) {
-        why = e.message;
-        if (e.status === 401 || e.status === 404) {
-          this.onState("stopped", why);
-          this.close();
-          return;
-        }
-      }
-    }
+    const refused = await refusal(this.url());
     if (this.closed) return;
-    this.onState("reconnecting", why);
+    if (refused && !this.stopOr(refused.status, refused.message)) return;
+    if (!refused) this.onState("reconnecting", this.why);
     this.timer = setTimeout(() => this.open(), this.wait);
     this.wait = Math.min(this.wait * 2, 30000);
   }

@@ -89,6 +89,7 @@ function signInView() {
     }
     try {
       await api("POST", "session", { token: token.value });
+      routed = true; // the person acted: focus goes to what they get
       await signedIn(await api("GET", "me"));
     } catch (e) {
       showError(error, e.message);
@@ -145,7 +146,6 @@ async function signedIn(user) {
         refreshInbox();
       },
     },
-    { probe: () => api("GET", "me") },
   );
   refreshInbox();
   route();

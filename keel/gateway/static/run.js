@@ -77,7 +77,7 @@ export class RunView {
       Object.fromEntries(
         ["model_delta", "model_discard", "model_reply", "tool_started", "tool_result", "approval_requested", "approval_decided", "message", "status", "ended"].map((k) => [k, (e, offset) => this.event(e, offset)]),
       ),
-      { resumable: true, probe: () => api("GET", this.path), onState: (state, why) => this.streamState(state, why) },
+      { resumable: true, onState: (state, why) => this.streamState(state, why) },
     );
   }
 
