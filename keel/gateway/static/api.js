@@ -114,7 +114,8 @@ export class LiveStream {
     };
     // an `error` event from the server is a problem met once the stream was under way; a
     // plain error event is the connection's
-    source.onerror = (e) => (typeof e.data === "string" ? this.problem(e.data) : this.broken(source));
+    source.onerror = (e) =>
+      typeof e.data === "string" ? this.problem(e.data) : this.broken(source);
   }
 
   problem(data) {

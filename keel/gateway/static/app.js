@@ -26,7 +26,16 @@ class InboxView {
   constructor(root, bus, inbox) {
     this.heading = h("h2", { tabindex: "-1" }, "Approvals");
     const box = h("section", { "aria-label": "Open approvals" });
-    fill(root, this.heading, h("p", { class: "hint" }, "Every tool call waiting for a decision you may see, oldest first."), box);
+    fill(
+      root,
+      this.heading,
+      h(
+        "p",
+        { class: "hint" },
+        "Every tool call waiting for a decision you may see, oldest first.",
+      ),
+      box,
+    );
     this.list = new ApprovalList(box, { emptyText: "Nothing waits for a decision." });
     if (inbox.latest) this.list.show(inbox.latest);
     this.list.refresh();
@@ -71,12 +80,23 @@ function setCount(n) {
 
 function signInView() {
   const error = h("p", { class: "error", role: "alert", hidden: true });
-  const token = h("input", { id: "token", type: "password", autocomplete: "current-password", required: true });
+  const token = h("input", {
+    id: "token",
+    type: "password",
+    autocomplete: "current-password",
+    required: true,
+  });
   const heading = h("h2", { tabindex: "-1" }, "Sign in");
   const form = h(
     "form",
     { class: "signin", novalidate: true },
-    h("div", { class: "field" }, h("label", { for: "token" }, "Access token"), token, h("p", { class: "hint" }, "The token your administrator gave you (keel token new).")),
+    h(
+      "div",
+      { class: "field" },
+      h("label", { for: "token" }, "Access token"),
+      token,
+      h("p", { class: "hint" }, "The token your administrator gave you (keel token new)."),
+    ),
     h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Sign in")),
     error,
   );
@@ -130,23 +150,26 @@ async function signedIn(user) {
   const tenant = me.tenant ? `; tenant ${me.tenant}` : "";
   fill(
     who,
-    h("p", {}, "Signed in as ", h("strong", {}, me.user), ` (${roles}${tenant}). Sees ${seesText(me)}.`),
+    h(
+      "p",
+      {},
+      "Signed in as ",
+      h("strong", {}, me.user),
+      ` (${roles}${tenant}). Sees ${seesText(me)}.`,
+    ),
     h("button", { type: "button", onclick: signOut }, "Sign out"),
   );
   nav.hidden = false;
-  events = new LiveStream(
-    "events",
-    {
-      run: (run) => {
-        bus.emit("run", run);
-        refreshInbox();
-      },
-      approvals: (data) => {
-        setCount(data.count ?? 0);
-        refreshInbox();
-      },
+  events = new LiveStream("events", {
+    run: (run) => {
+      bus.emit("run", run);
+      refreshInbox();
     },
-  );
+    approvals: (data) => {
+      setCount(data.count ?? 0);
+      refreshInbox();
+    },
+  });
   refreshInbox();
   route();
 }

@@ -15,15 +15,29 @@ function approvalCard(a, { showRun, onDecided }) {
   const outcome = h("p", { class: "hint", hidden: true }, "Decided.");
   const error = h("p", { class: "error", role: "alert", hidden: true });
   const title = showRun
-    ? [h("span", {}, `${a.tool || "approval"} on run `), h("a", { href: `#/runs/${encodeURIComponent(a.run_id)}` }, a.run_id)]
+    ? [
+        h("span", {}, `${a.tool || "approval"} on run `),
+        h("a", { href: `#/runs/${encodeURIComponent(a.run_id)}` }, a.run_id),
+      ]
     : `${a.tool || "approval"}`;
-  const card = h("article", { class: "card approval", "aria-labelledby": headingId }, h("h3", { id: headingId }, title));
+  const card = h(
+    "article",
+    { class: "card approval", "aria-labelledby": headingId },
+    h("h3", { id: headingId }, title),
+  );
   if (a.reason) card.append(h("p", { class: "reason" }, a.reason));
   const args = Object.entries(a.arguments ?? {});
   if (args.length) {
     card.append(
       h("h4", { class: "small" }, "Arguments"),
-      h("dl", { class: "args" }, args.map(([k, v]) => [h("dt", {}, k), h("dd", {}, typeof v === "string" ? v : JSON.stringify(v))])),
+      h(
+        "dl",
+        { class: "args" },
+        args.map(([k, v]) => [
+          h("dt", {}, k),
+          h("dd", {}, typeof v === "string" ? v : JSON.stringify(v)),
+        ]),
+      ),
     );
   } else if (a.call_id) {
     card.append(h("p", { class: "hint" }, "No arguments."));
@@ -40,8 +54,16 @@ function approvalCard(a, { showRun, onDecided }) {
 
   const describe = { "aria-describedby": headingId };
   const approve = h("button", { type: "button", class: "primary", ...describe }, "Approve");
-  const rejectToggle = h("button", { type: "button", "aria-expanded": "false", ...describe }, "Reject…");
-  const editToggle = h("button", { type: "button", "aria-expanded": "false", ...describe }, "Edit…");
+  const rejectToggle = h(
+    "button",
+    { type: "button", "aria-expanded": "false", ...describe },
+    "Reject…",
+  );
+  const editToggle = h(
+    "button",
+    { type: "button", "aria-expanded": "false", ...describe },
+    "Edit…",
+  );
   const actions = h("div", { class: "actions" }, approve, rejectToggle, editToggle);
 
   const reasonId = uid("reason");
@@ -51,7 +73,16 @@ function approvalCard(a, { showRun, onDecided }) {
     { class: "panel", hidden: true, id: uid("reject"), novalidate: true },
     h("label", { for: reasonId }, "Reason for rejecting (the agent reads it)"),
     reason,
-    h("div", { class: "actions" }, h("button", { type: "submit", class: "danger" }, "Reject"), h("button", { type: "button", onclick: () => toggle(rejectForm, rejectToggle, false) }, "Cancel")),
+    h(
+      "div",
+      { class: "actions" },
+      h("button", { type: "submit", class: "danger" }, "Reject"),
+      h(
+        "button",
+        { type: "button", onclick: () => toggle(rejectForm, rejectToggle, false) },
+        "Cancel",
+      ),
+    ),
   );
   rejectToggle.setAttribute("aria-controls", rejectForm.id);
 
@@ -65,7 +96,16 @@ function approvalCard(a, { showRun, onDecided }) {
       editForm,
       h("fieldset", {}, h("legend", {}, `Arguments for ${a.tool}`), fields.element),
       editFormError,
-      h("div", { class: "actions" }, h("button", { type: "submit", class: "primary" }, "Approve with these arguments"), h("button", { type: "button", onclick: () => toggle(editForm, editToggle, false) }, "Cancel")),
+      h(
+        "div",
+        { class: "actions" },
+        h("button", { type: "submit", class: "primary" }, "Approve with these arguments"),
+        h(
+          "button",
+          { type: "button", onclick: () => toggle(editForm, editToggle, false) },
+          "Cancel",
+        ),
+      ),
     );
   };
 
@@ -88,7 +128,11 @@ function approvalCard(a, { showRun, onDecided }) {
     showError(editFormError, "");
     buttons().forEach((b) => (b.disabled = true));
     try {
-      const receipt = await api("POST", `runs/${encodeURIComponent(a.run_id)}/approvals/${encodeURIComponent(a.call_id)}`, body);
+      const receipt = await api(
+        "POST",
+        `runs/${encodeURIComponent(a.run_id)}/approvals/${encodeURIComponent(a.call_id)}`,
+        body,
+      );
       const note = receipt?.note ? ` ${receipt.note}` : "";
       const text = `${words} ${a.tool} on run ${a.run_id}.${note}`;
       outcome.hidden = false;
@@ -102,7 +146,9 @@ function approvalCard(a, { showRun, onDecided }) {
       (region === error ? approve : editForm.querySelector("button[type=submit]"))?.focus();
     }
   };
-  approve.addEventListener("click", () => decide({ decision: "approve", reason: "" }, error, "Approved"));
+  approve.addEventListener("click", () =>
+    decide({ decision: "approve", reason: "" }, error, "Approved"),
+  );
   rejectForm.addEventListener("submit", (ev) => {
     ev.preventDefault();
     if (!reason.value.trim()) {
@@ -118,7 +164,11 @@ function approvalCard(a, { showRun, onDecided }) {
     ev.preventDefault();
     const args = fields?.read();
     if (!args) return;
-    decide({ decision: "edit", reason: "", arguments: args }, editFormError, "Approved with edited arguments");
+    decide(
+      { decision: "edit", reason: "", arguments: args },
+      editFormError,
+      "Approved with edited arguments",
+    );
   });
 
   card.append(actions, rejectForm, editForm, error, outcome);
@@ -130,8 +180,9 @@ function approvalCard(a, { showRun, onDecided }) {
  * open (so a half-filled form survives a refresh), new ones are added, decided ones go.
  */
 export class ApprovalList {
-  constructor(container, { runId = null, emptyText }) {
+  constructor(container, { runId = null, emptyText, onCount = () => {} }) {
     this.runId = runId;
+    this.onCount = onCount;
     this.emptyText = emptyText;
     this.cards = new Map();
     this.list = h("ul", { class: "cards" });
@@ -179,5 +230,6 @@ export class ApprovalList {
     }
     this.empty.textContent = this.cards.size ? "" : this.emptyText;
     this.empty.hidden = this.cards.size > 0;
+    this.onCount(this.cards.size);
   }
 }

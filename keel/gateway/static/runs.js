@@ -33,7 +33,9 @@ export class RunStore {
   }
 
   sorted() {
-    return [...this.runs.values()].sort((a, b) => String(b.started ?? "").localeCompare(String(a.started ?? "")));
+    return [...this.runs.values()].sort((a, b) =>
+      String(b.started ?? "").localeCompare(String(a.started ?? "")),
+    );
   }
 }
 
@@ -49,7 +51,14 @@ export class RunsView {
       root,
       this.heading,
       this.startForm(),
-      h("section", { "aria-labelledby": "runs-h" }, h("h3", { id: "runs-h" }, "Runs you can see"), this.error, this.empty, this.list),
+      h(
+        "section",
+        { "aria-labelledby": "runs-h" },
+        h("h3", { id: "runs-h" }, "Runs you can see"),
+        this.error,
+        this.empty,
+        this.list,
+      ),
     );
     this.offBus = bus.on((kind) => {
       if (kind === "run" || kind === "inbox") this.render();
@@ -87,18 +96,35 @@ export class RunsView {
     const name = h("strong", {});
     const facts = h("p", { class: "facts-line" });
     const error = h("p", { class: "hint", hidden: true });
-    const node = h("li", { class: "card run" }, h("a", { href: `#/runs/${encodeURIComponent(r.run_id)}` }, name, " ", h("code", {}, r.run_id)), facts, error);
+    const node = h(
+      "li",
+      { class: "card run" },
+      h(
+        "a",
+        { href: `#/runs/${encodeURIComponent(r.run_id)}` },
+        name,
+        " ",
+        h("code", {}, r.run_id),
+      ),
+      facts,
+      error,
+    );
     const update = (run) => {
       const pending = this.store.pendingOf(run);
       const parts = [
         h("span", { class: `badge status-${run.status || "unknown"}` }, statusText(run.status)),
         run.user ? h("span", {}, `user ${run.user}`) : null,
         h("span", {}, `step ${run.step ?? run.steps ?? 0}`),
-        pending ? h("span", { class: "badge attention" }, `${count(pending, "approval")} pending`) : null,
+        pending
+          ? h("span", { class: "badge attention" }, `${count(pending, "approval")} pending`)
+          : null,
         run.started ? h("span", { class: "hint" }, `started ${when(run.started)}`) : null,
       ].filter(Boolean);
       name.textContent = run.agent || "run";
-      fill(facts, parts.flatMap((f, i) => (i ? [" · ", f] : [f])));
+      fill(
+        facts,
+        parts.flatMap((f, i) => (i ? [" · ", f] : [f])),
+      );
       error.textContent = run.error ?? "";
       error.hidden = !run.error;
     };
@@ -108,7 +134,13 @@ export class RunsView {
   startForm() {
     const agentId = uid("agent");
     const messageId = uid("first-message");
-    const agent = h("input", { id: agentId, name: "agent", required: true, autocomplete: "off", list: "agents-seen" });
+    const agent = h("input", {
+      id: agentId,
+      name: "agent",
+      required: true,
+      autocomplete: "off",
+      list: "agents-seen",
+    });
     const message = h("textarea", { id: messageId, name: "message", rows: 2, required: true });
     const agents = h("datalist", { id: "agents-seen" });
     const error = h("p", { class: "error", role: "alert", hidden: true });
@@ -124,12 +156,18 @@ export class RunsView {
     );
     agent.addEventListener("focus", () => {
       const names = new Set([...this.store.runs.values()].map((r) => r.agent).filter(Boolean));
-      fill(agents, [...names].sort().map((n) => h("option", { value: n })));
+      fill(
+        agents,
+        [...names].sort().map((n) => h("option", { value: n })),
+      );
     });
     form.addEventListener("submit", async (ev) => {
       ev.preventDefault();
       showError(error, "");
-      for (const [control, what] of [[agent, "Name the agent to run."], [message, "Write the first message."]]) {
+      for (const [control, what] of [
+        [agent, "Name the agent to run."],
+        [message, "Write the first message."],
+      ]) {
         if (!control.value.trim()) {
           showError(error, what);
           control.setAttribute("aria-invalid", "true");
@@ -140,8 +178,16 @@ export class RunsView {
       }
       button.disabled = true;
       try {
-        const { run_id: run } = await api("POST", "runs", { agent: agent.value.trim(), message: message.value });
-        this.store.runs.set(run, { run_id: run, agent: agent.value.trim(), status: "running", ...this.store.runs.get(run) });
+        const { run_id: run } = await api("POST", "runs", {
+          agent: agent.value.trim(),
+          message: message.value,
+        });
+        this.store.runs.set(run, {
+          run_id: run,
+          agent: agent.value.trim(),
+          status: "running",
+          ...this.store.runs.get(run),
+        });
         location.hash = `#/runs/${encodeURIComponent(run)}`;
       } catch (e) {
         showError(error, e.message);

@@ -39,13 +39,17 @@ function kindOf(raw, root) {
     type = real.length === 1 ? real[0] : undefined;
   }
   if (Array.isArray(schema.enum)) return { kind: "enum", schema, nullable };
-  if (schema.const !== undefined) return { kind: "enum", schema: { ...schema, enum: [schema.const] }, nullable };
-  if (["string", "number", "integer", "boolean"].includes(type)) return { kind: type, schema, nullable };
+  if (schema.const !== undefined)
+    return { kind: "enum", schema: { ...schema, enum: [schema.const] }, nullable };
+  if (["string", "number", "integer", "boolean"].includes(type))
+    return { kind: type, schema, nullable };
   return { kind: "json", schema, nullable };
 }
 
 function labelOf(name, schema) {
-  return schema.title && schema.title.toLowerCase() !== name.toLowerCase() ? `${schema.title} (${name})` : name;
+  return schema.title && schema.title.toLowerCase() !== name.toLowerCase()
+    ? `${schema.title} (${name})`
+    : name;
 }
 
 /** One field: its control, label, hint and error, and how to read its value back. */
@@ -65,7 +69,12 @@ function field(name, raw, root, required, value, present) {
       control.append(h("option", { value: String(i), selected: chosen }, String(v)));
     });
   } else if (kind === "boolean") {
-    control = h("input", { id, name, type: "checkbox", checked: present ? Boolean(value) : Boolean(schema.default) });
+    control = h("input", {
+      id,
+      name,
+      type: "checkbox",
+      checked: present ? Boolean(value) : Boolean(schema.default),
+    });
   } else if (kind === "number" || kind === "integer") {
     const bounds = numberBounds(schema, kind, hints);
     control = h("input", {
@@ -102,9 +111,23 @@ function field(name, raw, root, required, value, present) {
   }
   const hint = hints.length ? h("p", { id: hintId, class: "hint" }, hints.join(" ")) : null;
   const error = h("p", { id: errorId, class: "field-error", hidden: true });
-  control.setAttribute("aria-describedby", [hint ? hintId : null, errorId].filter(Boolean).join(" "));
-  const label = h("label", { for: id }, labelOf(name, schema), required ? h("span", { class: "required" }, " (required)") : null);
-  const wrapper = h("div", { class: kind === "boolean" ? "field check" : "field" }, kind === "boolean" ? [control, label] : [label, control], hint, error);
+  control.setAttribute(
+    "aria-describedby",
+    [hint ? hintId : null, errorId].filter(Boolean).join(" "),
+  );
+  const label = h(
+    "label",
+    { for: id },
+    labelOf(name, schema),
+    required ? h("span", { class: "required" }, " (required)") : null,
+  );
+  const wrapper = h(
+    "div",
+    { class: kind === "boolean" ? "field check" : "field" },
+    kind === "boolean" ? [control, label] : [label, control],
+    hint,
+    error,
+  );
 
   const read = () => {
     if (kind === "boolean") return { set: true, value: control.checked };
@@ -182,13 +205,21 @@ export function schemaFields(schema, values = {}) {
   if (!properties) {
     // no schema to go by: a field for each argument the call has, of its value's kind
     const kinds = { number: "number", boolean: "boolean", string: "string" };
-    properties = Object.fromEntries(Object.entries(values).map(([k, v]) => [k, kinds[typeof v] ? { type: kinds[typeof v] } : {}]));
+    properties = Object.fromEntries(
+      Object.entries(values).map(([k, v]) => [k, kinds[typeof v] ? { type: kinds[typeof v] } : {}]),
+    );
   }
   const names = Object.keys(properties);
   // arguments the schema does not describe are kept as they are
   const extra = Object.keys(values).filter((k) => !(k in properties));
-  const fields = names.map((n) => field(n, properties[n], root, required.has(n), values[n], n in values));
-  const element = h("div", { class: "fields" }, fields.map((f) => f.wrapper));
+  const fields = names.map((n) =>
+    field(n, properties[n], root, required.has(n), values[n], n in values),
+  );
+  const element = h(
+    "div",
+    { class: "fields" },
+    fields.map((f) => f.wrapper),
+  );
   if (!names.length) element.append(h("p", { class: "hint" }, "This tool takes no arguments."));
   const read = () => {
     const wrong = fields.filter((f) => !f.check());

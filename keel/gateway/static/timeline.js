@@ -41,7 +41,12 @@ export class Timeline {
 
   /** Say that the stream starts after events no longer kept. */
   gap() {
-    const note = entry("note", "Earlier events", null, h("p", {}, "Earlier events are no longer kept; the whole transcript is below."));
+    const note = entry(
+      "note",
+      "Earlier events",
+      null,
+      h("p", {}, "Earlier events are no longer kept; the whole transcript is below."),
+    );
     if (this.first) this.first.after(note);
     else this.list.prepend(note);
   }
@@ -129,7 +134,9 @@ export class Timeline {
   }
 
   on_tool_started(e) {
-    this.add(entry("tool", `Tool ${e.tool}`, e.at, h("p", {}, `Running ${e.tool}(${e.arguments})`)));
+    this.add(
+      entry("tool", `Tool ${e.tool}`, e.at, h("p", {}, `Running ${e.tool}(${e.arguments})`)),
+    );
   }
 
   on_tool_result(e) {
@@ -137,17 +144,29 @@ export class Timeline {
   }
 
   on_approval_requested(e) {
-    const body = [h("p", {}, `${e.tool}(${e.arguments}) needs approval${e.detail ? `: ${e.detail}` : ""}.`)];
+    const body = [
+      h("p", {}, `${e.tool}(${e.arguments}) needs approval${e.detail ? `: ${e.detail}` : ""}.`),
+    ];
     this.add(entry("approval", "Approval needed", e.at, ...body));
   }
 
   on_approval_decided(e) {
     const by = e.by ? ` by ${e.by}` : "";
-    this.add(entry("approval", "Approval decided", e.at, h("p", {}, `${e.tool}: ${e.detail}${by}.`)));
+    this.add(
+      entry("approval", "Approval decided", e.at, h("p", {}, `${e.tool}: ${e.detail}${by}.`)),
+    );
   }
 
   on_message(e) {
-    this.add(entry("user", e.by || "Message", e.at, h("p", { class: "text" }, e.text), e.detail ? h("p", { class: "hint" }, e.detail) : null));
+    this.add(
+      entry(
+        "user",
+        e.by || "Message",
+        e.at,
+        h("p", { class: "text" }, e.text),
+        e.detail ? h("p", { class: "hint" }, e.detail) : null,
+      ),
+    );
   }
 
   on_status(e) {
