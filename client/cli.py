@@ -377,7 +377,9 @@ async def cmd_serve(a: argparse.Namespace, s: Settings) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     s = dataclasses.replace(s, api_host=a.host or s.api_host, api_port=a.port or s.api_port)
-    app = create_app(s)
+    if not s.api_tokens:
+        create_app(s)  # says what is missing
+    app = create_app(s, client=(await _agents(s)).client)  # Temporal first: said in one line
     config = uvicorn.Config(
         app, host=s.api_host, port=s.api_port, log_config=None, proxy_headers=False
     )
@@ -386,8 +388,6 @@ async def cmd_serve(a: argparse.Namespace, s: Settings) -> int:
         await server.serve()
     except SystemExit:  # uvicorn's way of saying the port is taken (it logged why)
         raise KeelClientError(f"cannot serve on {s.api_host}:{s.api_port}") from None
-    if not server.started:  # the app refused to start (its lifespan logged why)
-        return 1
     return 0
 
 
@@ -399,8 +399,13 @@ async def cmd_token(a: argparse.Namespace, s: Settings) -> int:
 
     name = a.name or f"{a.user}-{date.today():%Y%m%d}"
     token = new_token()
-    print(f"# the token of {a.user}: shown once, keep it secret (the file keeps its hash only)")
-    print(token)
+    # the token on stderr, the entry on stdout: `keel token new --user ann >> tokens.toml`
+    print(
+        f"# the token of {a.user}: shown once, keep it secret (the file keeps its hash only)\n"
+        f"{token}",
+        file=sys.stderr,
+        flush=True,
+    )
     print(f"# add to the tokens file ({s.api_tokens or 'KEEL_API_TOKENS'}):")
     print(token_entry(a.user, name, token), end="")
     return 0

@@ -62,6 +62,7 @@ from keel.workflows.models import Policy as Policy
 from keel.workflows.models import RunState as RunState
 from keel.workflows.models import RunStatusView as RunStatusView
 from keel.workflows.models import ToolSpec as ToolSpec
+from keel.workflows.models import TranscriptSlice as TranscriptSlice
 
 __version__ = "0.2.0"
 

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from fastapi import FastAPI
 from keel.client.api import AgentClient, KeelClientError
 from keel.config import Settings
 from keel.gateway import create_app
-from keel.gateway.auth import new_token, token_entry, token_hash
+from keel.gateway.auth import TokenFile, new_token, token_entry, token_hash
 from keel.workflows.models import Policy
 from tests.conftest import Harness, wait_for
 from tests.policies import KeyPair, key_pair, make_policy, policy_data
@@ -398,7 +400,52 @@ async def test_rate_limit_per_caller(harness: Harness, tmp_path: Path) -> None:
 async def test_token_new_prints_a_token_and_its_hash(tmp_path: Path) -> None:
     code, out, err = await keel_cli(None, "token", "new", "--user", "ann")
     assert code == 0, err
-    lines = [ln for ln in out.splitlines() if not ln.startswith("#")]
-    token, entry = lines[0], "\n".join(lines[1:])
-    assert token.startswith("keel_") and f'sha256 = "{token_hash(token)}"' in entry
-    assert 'user = "ann"' in entry and token not in entry
+    token = err.splitlines()[-1]  # shown once, on the terminal; stdout is the file's entry
+    assert token.startswith("keel_") and f'sha256 = "{token_hash(token)}"' in out
+    assert 'user = "ann"' in out and token not in out
+    (tmp_path / "tokens.toml").write_text(out)  # `keel token new ... >> tokens.toml`
+    found = TokenFile(str(tmp_path / "tokens.toml")).lookup(token)
+    assert found is not None and found[1] == "ann"
+
+
+async def test_keel_serve_serves_the_api(api: Api, tmp_path: Path) -> None:
+    """`keel serve` as a person starts it: settings from the environment, the API on a port."""
+    import socket
+
+    code, _, err = await keel_cli(api.harness, "serve", env={"KEEL_API_TOKENS": ""})
+    assert code == 1 and "keel serve needs KEEL_API_TOKENS" in err and "Traceback" not in err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "TEMPORAL_ADDRESS": api.harness.client.service_client.config.target_host,
+        "KEEL_TASK_QUEUE": api.harness.settings.task_queue,
+        "KEEL_API_TOKENS": str(api.tokens_file),
+        "KEEL_POLICY": str(tmp_path / "policy.json"),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "keel"),
+        "serve",
+        "--port",
+        str(port),
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    auth = {"Authorization": f"Bearer {api.tokens['alice']}"}
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=auth) as c:
+
+            async def me() -> dict[str, Any] | None:
+                try:
+                    return (await c.get("/api/me")).json()
+                except httpx.TransportError:
+                    return None  # not listening yet
+
+            assert (await wait_for(me))["user"] == "alice"
+            assert (await c.get("/")).headers["content-type"].startswith("text/html")
+            assert "/api/runs" in (await c.get("/openapi.json")).json()["paths"]
+    finally:
+        proc.terminate()
+        await proc.wait()

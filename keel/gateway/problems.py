@@ -28,7 +28,6 @@ from keel.config import SettingsError
 PROBLEM_TYPE = "application/problem+json"
 TYPE_BASE = "https://keel.dev/problems/"
 SLUGS = {
-    400: "invalid",
     401: "unauthorized",
     403: "forbidden",
     404: "not-found",
@@ -203,7 +202,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, e: HTTPException) -> JSONResponse:
         detail = e.detail if isinstance(e.detail, str) else json.dumps(e.detail)
-        return response(request, Problem(e.status_code, detail, headers=e.headers))
+        # a body that is not JSON at all is as invalid as one of the wrong shape: one status
+        status = 422 if e.status_code == 400 else e.status_code
+        return response(request, Problem(status, detail, headers=e.headers))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
