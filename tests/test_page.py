@@ -6,23 +6,31 @@ made with the keyboard alone, and a run of another tenant that never shows."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import shutil
 import signal
 from collections.abc import AsyncIterator
+from enum import StrEnum
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright, expect
+from pydantic import BaseModel, Field
 
+from keel.activities.registry import Agent
+from keel.activities.tools import ToolContext, tool
 from keel.client.api import AgentClient
+from keel.demo.agent import Ledger
 from keel.policy_file import parse_policy
-from keel.workflows.models import AgentStatus
+from keel.testing.model_server.rules import RuleSet
+from keel.workflows.models import AgentStatus, ApprovalMode, ApprovalPolicy
 from tests.conftest import Harness
 from tests.page_site import Site, site
 from tests.policies import policy_data
-from tests.rules import STORY
+from tests.rules import STORY, TEST_RULES
 from tests.test_crash import killable_worker
 
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")  # Debian's, never a download
@@ -48,6 +56,42 @@ WAIT_MS = 60_000  # what a person waits for a run's next step (a bound, never a 
 POLICY = policy_data()
 
 expect.set_options(timeout=WAIT_MS)
+
+
+class Carrier(StrEnum):
+    POST = "post"
+    COURIER = "courier"
+
+
+class ShipArgs(BaseModel):
+    carrier: Carrier
+    boxes: int = Field(ge=1, le=5)
+    insured: bool = False
+    note: str = ""
+
+
+@tool(side_effects=True)
+async def ship(args: ShipArgs, ctx: ToolContext) -> str:
+    """Send boxes (a side effect: one outbox row per idempotency key)."""
+    ledger: Ledger = ctx.resources
+    body = args.model_dump_json()
+    r = await asyncio.to_thread(ledger.email, "dock", "ship", body, ctx.idempotency_key)
+    return json.dumps(r)
+
+
+# every field kind the edit form makes: a choice (an enum, by reference), a whole number
+# with bounds, a yes/no, free text
+SHIPPER = Agent(
+    name="shipper",
+    instructions="You ship.",
+    tools=[ship],
+    approvals={"ship": ApprovalPolicy(mode=ApprovalMode.ALWAYS, reason="a person sends boxes")},
+)
+SHIP_IT = {
+    "name": "ship",
+    "when": {"last_role": "user", "last_user": "(?i)^ship it"},
+    "reply": {"tool_calls": [{"name": "ship", "arguments": {"carrier": "post", "boxes": 2}}]},
+}
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -200,12 +244,52 @@ async def test_an_edit_in_the_generated_form(harness: Harness, open_page, tmp_pa
         await card.get_by_label("note").fill("partial refund")
         await card.get_by_role("button", name="Approve with these arguments").click()
         await expect(
-            notice(page, f"Approved with edited arguments charge on run {run}.")
+            notice(page, f"Approved charge on run {run} with edited arguments.")
         ).to_be_visible()
         result = await harness.agents.result(run, timeout=60)
     assert result.status == AgentStatus.COMPLETED
     refunds = harness.ledger.rows("refunds")
     assert [(r["amount"], r["reason"]) for r in refunds] == [(25, "partial refund")]
+
+
+async def test_the_edit_form_follows_the_tools_schema(
+    harness: Harness, open_page, tmp_path: Path
+) -> None:
+    harness.model.set_rules(
+        RuleSet.from_dict({**TEST_RULES, "rules": [SHIP_IT, *TEST_RULES["rules"]]})
+    )
+    async with harness.running([SHIPPER]), site(harness, tmp_path, ["alice"], POLICY) as s:
+        run = await start(harness, "dana", "shipper", "ship it")
+        page = await open_page(s, "alice")
+        await open_run(page, run)
+        card = page.get_by_role("article", name="ship")
+        await card.get_by_role("button", name="Edit…").click()
+        carrier = card.get_by_role("combobox", name="carrier")
+        await expect(carrier).to_have_value(re.compile(".+"))  # the call's choice, selected
+        await expect(carrier.locator("option:checked")).to_have_text("post")
+        await carrier.select_option(label="courier")
+        boxes = card.get_by_label("boxes")
+        await expect(boxes).to_have_value("2")
+        await boxes.fill("9")
+        insured = card.get_by_role("checkbox", name="insured")
+        await expect(insured).not_to_be_checked()
+        await insured.check()
+        await card.get_by_role("button", name="Approve with these arguments").click()
+        await expect(boxes).to_be_focused()
+        await expect(card.get_by_text("less than or equal to 5")).to_be_visible()
+        await boxes.fill("3")
+        await card.get_by_role("button", name="Approve with these arguments").click()
+        await expect(
+            notice(page, f"Approved ship on run {run} with edited arguments.")
+        ).to_be_visible()
+        await expect(status(page)).to_contain_text("Status: completed")
+    (sent,) = harness.ledger.rows("outbox")
+    assert json.loads(sent["body"]) == {
+        "carrier": "courier",
+        "boxes": 3,
+        "insured": True,
+        "note": "",
+    }
 
 
 async def test_an_interrupt_from_the_message_box(

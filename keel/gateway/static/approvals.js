@@ -123,7 +123,7 @@ function approvalCard(a, { showRun, onDecided }) {
   editToggle.addEventListener("click", () => toggle(editForm, editToggle, editForm.hidden));
 
   const buttons = () => card.querySelectorAll("button");
-  const decide = async (body, region, words) => {
+  const decide = async (body, region, words, how = "") => {
     showError(error, "");
     showError(editFormError, "");
     buttons().forEach((b) => (b.disabled = true));
@@ -134,7 +134,7 @@ function approvalCard(a, { showRun, onDecided }) {
         body,
       );
       const note = receipt?.note ? ` ${receipt.note}` : "";
-      const text = `${words} ${a.tool} on run ${a.run_id}.${note}`;
+      const text = `${words} ${a.tool} on run ${a.run_id}${how}.${note}`;
       outcome.hidden = false;
       rejectForm.hidden = editForm.hidden = true;
       actions.hidden = true;
@@ -167,7 +167,8 @@ function approvalCard(a, { showRun, onDecided }) {
     decide(
       { decision: "edit", reason: "", arguments: args },
       editFormError,
-      "Approved with edited arguments",
+      "Approved",
+      " with edited arguments",
     );
   });
 

@@ -149,7 +149,10 @@ function field(name, raw, root, required, value, present) {
     else control.setAttribute("aria-invalid", "true");
     return ok;
   };
-  control.addEventListener("change", () => {
+  // a field found wrong is checked again as it is corrected, while typing: checking it on
+  // blur instead would move the form under the pointer of a person pressing its button
+  const again = kind === "enum" || kind === "boolean" ? "change" : "input";
+  control.addEventListener(again, () => {
     if (control.hasAttribute("aria-invalid")) check();
   });
   return { name, wrapper, control, read, check };
