@@ -2,7 +2,7 @@
 the real gateway, the real Temporal dev server and the scripted model: a reply read as it is
 written, an approval clicked (also with the worker killed right after), an edit in the form
 made from the tool's schema, a refusal and an interrupt from the message box, a rejection
-made with the keyboard alone, and a run of another tenant that never shows."""
+made with the keyboard alone, a run of another tenant that never shows, a cancel, sign-out."""
 
 from __future__ import annotations
 
@@ -265,8 +265,7 @@ async def test_the_edit_form_follows_the_tools_schema(
         card = page.get_by_role("article", name="ship")
         await card.get_by_role("button", name="Edit…").click()
         carrier = card.get_by_role("combobox", name="carrier")
-        await expect(carrier).to_have_value(re.compile(".+"))  # the call's choice, selected
-        await expect(carrier.locator("option:checked")).to_have_text("post")
+        await expect(carrier.get_by_role("option", selected=True)).to_have_text("post")
         await carrier.select_option(label="courier")
         boxes = card.get_by_label("boxes")
         await expect(boxes).to_have_value("2")
@@ -373,4 +372,12 @@ async def test_another_tenants_run_never_shows(harness: Harness, open_page, tmp_
         await page.reload()
         await expect(page.get_by_label("Access token")).to_be_visible()
         await expect(page.get_by_role("link", name=re.compile(re.escape(mine)))).to_have_count(0)
-        await harness.agents.cancel(theirs)
+        # alice, who sees it, cancels it from its page
+        await open_run(alice, theirs)
+        await alice.get_by_role("button", name="Cancel run").click()
+        await alice.get_by_role("button", name="Yes, cancel the run").click()
+        await expect(status(alice)).to_contain_text("Status: cancelled")
+        await expect(conversation(alice).get_by_text("cancelled", exact=True)).to_be_visible()
+        await expect(alice.get_by_role("button", name="Send message")).to_be_disabled()
+        summary = await harness.agents.summary(theirs)
+    assert summary.temporal_status == "canceled"  # Temporal's own word
