@@ -24,7 +24,7 @@ from tests.conftest import Harness, wait_for
 from tests.policies import KeyPair, key_pair, make_policy, policy_data
 from tests.test_cli import keel as keel_cli
 
-USERS = ("dana", "sam", "gail", "alice", "mallory", "root", "viewer")
+USERS = ("dana", "sam", "gail", "alice", "mallory", "root", "viewer", "gwen")
 PROBLEM = "application/problem+json"
 
 
@@ -61,6 +61,8 @@ def gateway_for(
     """An app serving the harness's runs, with the tests' policy (or `policy_json`)."""
     data = policy_json or policy_data()
     data["users"].setdefault("viewer", {"roles": []})  # starts nothing, sees their own
+    # of gail's tenant, and with no runs but those of the test that uses her
+    data["users"].setdefault("gwen", {"roles": ["customer"], "tenant": "globex"})
     (tmp_path / "policy.json").write_text(json.dumps(data))
     tokens = {u: new_token() for u in USERS}
     write_tokens(tmp_path / "tokens.toml", tokens)
@@ -182,7 +184,7 @@ async def test_approve_reject_edit_from_the_api(api: Api) -> None:
         api.as_("dana") as dana,
         api.as_("alice") as alice,
     ):
-        run = await start(dana, "guarded", "charge 30")
+        run = await start(dana, "guarded-open", "charge 30")  # idle after it: still open
         call = await open_call(dana, run)
         url = f"/api/runs/{run}/approvals/{call}"
         # the inbox: alice (an approver of dana's tenant) sees it, with the tool's schema
@@ -206,7 +208,8 @@ async def test_approve_reject_edit_from_the_api(api: Api) -> None:
         receipt = r.json()
         assert r.status_code == 200 and receipt["approver"] == "alice" and receipt["accepted"]
         problem(await alice.post(url, json={"decision": "approve"}), 409, "already decided")
-        await wait_for(lambda: run_status(dana, run, "completed"))
+        await wait_for(lambda: run_status(dana, run, "idle"))
+        await dana.post(f"/api/runs/{run}/cancel")
         # a reject reaches the model; an edit runs with the merged arguments
         rejected = await start(dana, "guarded", "charge 40")
         r = await alice.post(

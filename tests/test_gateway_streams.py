@@ -161,10 +161,10 @@ async def test_agui_stream_parses_with_the_protocols_models(api: Api) -> None:
 async def test_the_callers_runs_as_they_change_show_only_what_they_may_see(api: Api) -> None:
     h = api.harness
     async with h.worker(policy=api.policy), serving(api.app) as url:
-        async with api.as_("dana") as dana, api.as_("gail") as gail:
+        async with api.as_("dana") as dana, api.as_("gwen") as gwen:
             hidden = await start(dana, "guarded", "charge 30")
             await open_call(dana, hidden)
-            mine = await start(gail, "calc", "add 2 and 3")
+            mine = await start(gwen, "calc", "add 2 and 3")
 
             async def watch(user: str, until: str) -> list[dict[str, Any]]:
                 got: list[dict[str, Any]] = []
@@ -178,9 +178,9 @@ async def test_the_callers_runs_as_they_change_show_only_what_they_may_see(api: 
                                 break
                 return got
 
-            seen_by_gail = await watch("gail", mine)
+            seen_by_gwen = await watch("gwen", mine)
             seen_by_alice = await watch("alice", hidden)
             await dana.post(f"/api/runs/{hidden}/cancel")
-    assert hidden not in {e.get("run_id") for e in seen_by_gail}
-    assert {"event": "approvals", "count": 0} in seen_by_gail
+    assert hidden not in {e.get("run_id") for e in seen_by_gwen}
+    assert {"event": "approvals", "count": 0} in seen_by_gwen
     assert any(e["event"] == "approvals" and e["count"] >= 1 for e in seen_by_alice)
