@@ -363,6 +363,7 @@ async def test_another_tenants_run_never_shows(harness: Harness, open_page, tmp_
         await page.goto(f"/#/runs/{theirs}")
         await expect(page.get_by_role("alert")).to_contain_text(theirs)
         await expect(page.get_by_text("charge 30")).to_have_count(0)
+        await expect(page.get_by_role("button", name="Send message")).to_have_count(0)
         # one of the tenant sees it, and its approval
         alice = await open_page(s, "alice")
         await expect(alice.get_by_role("link", name=re.compile(re.escape(theirs)))).to_be_visible()

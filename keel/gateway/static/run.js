@@ -25,7 +25,7 @@ export class RunView {
 
   build(root) {
     this.heading = h("h2", { tabindex: "-1" }, "Run ", h("code", {}, this.runId));
-    this.status = h("p", { class: "run-status", role: "status" }, "Loading…");
+    this.status = h("p", { class: "run-status", role: "status", tabindex: "-1" }, "Loading…");
     this.error = h("p", { class: "error", role: "alert", hidden: true });
     this.factList = h("dl", { class: "facts" });
     this.liveState = h("p", { class: "live-state hint", role: "status" });
@@ -78,13 +78,10 @@ export class RunView {
       whole: (step, start) => wholeReply(this.path, start),
     });
     this.messages = new MessageBox(this.path, this.runId);
-    fill(
-      root,
-      h("p", {}, h("a", { href: "#/runs" }, "All runs")),
-      this.heading,
-      this.status,
-      this.factList,
-      this.error,
+    // all of the run but its heading and what went wrong: hidden for a run not to be seen
+    this.body = h(
+      "div",
+      {},
       h("div", { class: "actions" }, this.cancelButton, this.resumeButton),
       this.confirm,
       approvalsBox,
@@ -98,6 +95,15 @@ export class RunView {
       this.messages.form,
       transcriptBox(this.path),
     );
+    fill(
+      root,
+      h("p", {}, h("a", { href: "#/runs" }, "All runs")),
+      this.heading,
+      this.status,
+      this.factList,
+      this.error,
+      this.body,
+    );
   }
 
   async load() {
@@ -107,8 +113,7 @@ export class RunView {
       showError(this.error, e.message);
       if (e.status === 404 || e.status === 401) {
         this.status.textContent = "";
-        this.stopped = true;
-        this.liveState.textContent = "";
+        this.body.hidden = true;
         return;
       }
     }
@@ -224,7 +229,7 @@ export class RunView {
     try {
       await api("POST", `${this.path}/cancel`);
       this.confirm.hidden = true;
-      this.status.focus?.();
+      this.status.focus(); // where the run's end will show
       announce("Cancelling the run.");
       this.liveState.textContent = "Cancelling the run…";
     } catch (e) {
