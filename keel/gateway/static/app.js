@@ -58,7 +58,7 @@ let view = null;
 let events = null;
 let routed = false;
 
-/** Fetch the open approvals (at most twice a second, however often something changes). */
+/** Fetch the open approvals: once for each burst of changes, however many it holds. */
 function refreshInbox() {
   if (inbox.timer) return;
   inbox.timer = setTimeout(async () => {
