@@ -1,4 +1,4 @@
-// Small DOM helpers: every text goes in as text (never as HTML), so nothing a run or a
+// Building the page's elements: every text goes in as text (never as HTML), so nothing a run or a
 // person wrote can become markup.
 
 let counter = 0;
