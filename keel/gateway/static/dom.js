@@ -1,5 +1,5 @@
-// Building the page's elements: every text goes in as text (never as HTML), so nothing a run or a
-// person wrote can become markup.
+// Building the page's elements: every text goes in as text (never as HTML), so nothing a
+// run or a person wrote can become markup.
 
 let counter = 0;
 
