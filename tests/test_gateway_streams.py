@@ -184,3 +184,33 @@ async def test_the_callers_runs_as_they_change_show_only_what_they_may_see(api: 
     assert hidden not in {e.get("run_id") for e in seen_by_gwen}
     assert {"event": "approvals", "count": 0} in seen_by_gwen
     assert any(e["event"] == "approvals" and e["count"] >= 1 for e in seen_by_alice)
+
+
+async def test_many_followers_of_a_run_add_no_history_beyond_one_watcher(api: Api) -> None:
+    """Every poll of a run's stream is an update in its history: the gateway follows each run
+    once, however many people watch it, and each of them gets every event once."""
+    h = api.harness
+    async with h.worker(policy=api.policy), serving(api.app) as url:
+        auth = {"Authorization": f"Bearer {api.tokens['sam']}"}
+        async with httpx.AsyncClient(base_url=url, headers=auth, timeout=60) as sam:
+            run = await start(sam, "calc", "tell a story")
+            await h.model.wait_held("story")
+            path = f"/api/runs/{run}/events"
+            readers = [asyncio.create_task(read_all(sam, path)) for _ in range(12)]
+            await wait_for(lambda: len(api.app.state.gateway.feeds._feeds) == 1)
+            feed = api.app.state.gateway.feeds._feeds[run]
+            await wait_for(lambda: feed.followers == 12)
+            h.model.release("story")
+            seen = await asyncio.gather(*readers)
+            history = await h.client.get_workflow_handle(run).fetch_history()
+    assert all(s == seen[0] for s in seen) and seen[0][-1]["event"] == "ended"
+    offsets = [int(f["id"]) for f in seen[0]]
+    assert offsets == sorted(set(offsets)) and offsets[0] == 0
+    polls = [
+        e
+        for e in history.events
+        if e.HasField("workflow_execution_update_accepted_event_attributes")
+    ]
+    # one watcher's polls: at most one per batch of events the run published
+    assert 0 < len(polls) <= len({f["id"] for f in seen[0]})
+    assert not api.app.state.gateway.feeds._feeds  # the watcher ended with its followers

@@ -24,6 +24,7 @@ from keel.client.presence import worker_polls
 from keel.client.visibility import may_see
 from keel.config import Settings
 from keel.gateway.auth import SESSION_COOKIE, Caller, TokenFile
+from keel.gateway.feeds import RunFeeds
 from keel.gateway.limits import RateLimiter, retry_after
 from keel.gateway.problems import Problem, not_found
 from keel.workflows.decisions import DecisionTarget
@@ -103,6 +104,7 @@ class Gateway:
         self.tokens = tokens
         self.client = client
         self.limiter = RateLimiter(settings.api_rate)
+        self.feeds = RunFeeds()  # one watcher per run followed, whoever follows it
         self.signing_dir = settings.api_signing_keys
         self.origins = set(settings.api_cors_origins)
 

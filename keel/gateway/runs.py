@@ -205,7 +205,8 @@ async def follow_run(
     RunEvent JSON), after `Last-Event-ID` or from `?from=`, until the run ends."""
     start = _resume_from(last_event_id, from_)
     await _streamable(run, gw)
-    return sse(run_events(gw.agents(who), run.run_id, start, request.url.path))
+    events = gw.feeds.follow(gw.agents(who), run.run_id, start)
+    return sse(run_events(events, request.url.path))
 
 
 @router.get("/runs/{run_id}/agui", responses={**documented(404), **SSE_DOC})
@@ -220,7 +221,8 @@ async def follow_run_agui(
     """The run's events as AG-UI events (Server-Sent Events)."""
     start = _resume_from(last_event_id, from_)
     await _streamable(run, gw)
-    return sse(agui_events(gw.agents(who), run.run_id, start, request.url.path))
+    events = gw.feeds.follow(gw.agents(who), run.run_id, start)
+    return sse(agui_events(events, run.run_id, request.url.path))
 
 
 @router.get("/events", responses={**documented(), **SSE_DOC})

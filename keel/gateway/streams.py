@@ -21,6 +21,7 @@ from sse_starlette import EventSourceResponse
 from keel.client.api import AgentClient
 from keel.gateway.agui import AguiMapper
 from keel.gateway.problems import body, from_error
+from keel.workflows.models import RunEvent
 
 KEEP_ALIVE_SECONDS = 15
 SEP = "\n"
@@ -44,18 +45,18 @@ def _error(e: Exception, path: str) -> dict[str, str]:
 
 
 async def run_events(
-    agents: AgentClient, run_id: str, start: int, path: str
+    events: AsyncIterator[tuple[int, RunEvent]], path: str
 ) -> AsyncIterator[dict[str, str]]:
-    """The run's events from offset `start`, until it ends."""
+    """A run's events (from `RunFeeds.follow`), until it ends."""
     try:
-        async for offset, event in agents.events(run_id, from_offset=start):
+        async for offset, event in events:
             yield {"id": str(offset), "event": event.kind.value, "data": event.model_dump_json()}
     except Exception as e:  # the stream is under way: the client gets the problem as an event
         yield _error(e, path)
 
 
 async def agui_events(
-    agents: AgentClient, run_id: str, start: int, path: str
+    events: AsyncIterator[tuple[int, RunEvent]], run_id: str, path: str
 ) -> AsyncIterator[bytes]:
     """The run's events as AG-UI events, encoded by ag-ui-protocol's EventEncoder. The SSE id
     (the Keel offset) rides on the last AG-UI event of each Keel event, so a reconnect never
@@ -64,7 +65,7 @@ async def agui_events(
     for started in mapper.started():
         yield encoder.encode(started).encode()
     try:
-        async for offset, event in agents.events(run_id, from_offset=start):
+        async for offset, event in events:
             mapped = mapper.map(event)
             for i, out in enumerate(mapped):
                 frame = encoder.encode(out)
