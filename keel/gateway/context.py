@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated
@@ -85,6 +86,9 @@ class RunRef:
         )
 
 
+SERVED_SECONDS = 5.0  # how long a queue seen polled is trusted to be served
+
+
 class Gateway:
     """The gateway's state: the Temporal client, the policy, the tokens, the rate limit and
     the directory of signing keys."""
@@ -105,6 +109,7 @@ class Gateway:
         self.client = client
         self.limiter = RateLimiter(settings.api_rate)
         self.feeds = RunFeeds()  # one watcher per run followed, whoever follows it
+        self._polled: dict[str, float] = {}  # task queue → when a worker was seen polling it
         self.signing_dir = settings.api_signing_keys
         self.origins = set(settings.api_cors_origins)
 
@@ -156,10 +161,18 @@ class Gateway:
 
     async def served(self, ref: RunRef) -> None:
         """Refuse at once (503 no-worker) to read a run no worker serves: the query would
-        wait for an answer that cannot come."""
+        wait for an answer that cannot come. A queue seen polled is trusted for a few
+        seconds (one RPC less on every read); one seen unserved is asked again each time."""
         assert self.client is not None
-        if await worker_polls(self.client, ref.task_queue) is False:
+        now = time.monotonic()
+        if now - self._polled.get(ref.task_queue, -SERVED_SECONDS) < SERVED_SECONDS:
+            return
+        polls = await worker_polls(self.client, ref.task_queue)
+        if polls is False:
             raise no_worker(ref.run_id, ref.task_queue)
+        if len(self._polled) > 1000:
+            self._polled.clear()
+        self._polled[ref.task_queue] = now
 
     def target(self, ref: RunRef) -> DecisionTarget:
         """What a decision on this run is signed for."""
