@@ -87,7 +87,7 @@ def watch_row(key: str, w: Watch) -> str:
     label = WATCHES[key].format(clients=w.clients, runs=w.runs)
     return (
         f"| {label} | {w.complete}/{w.clients} | {w.events} | {w.received:,} | "
-        f"{p50_p90(w.delays)} | {w.serve_cpu:.1f} s | {w.serve_rss_before / MB:.0f} → "
+        f"{p50_p90(w.delays)} | {w.serve_cpu:.1f} s in {w.seconds:.0f} s | {w.serve_rss_before / MB:.0f} → "
         f"{w.serve_rss_peak / MB:.0f} MB | {w.history:,} | {w.polls:,} | {w.signals} | "
         f"{w.errors} |"
     )
