@@ -7,8 +7,9 @@ Temporal dev server (with `keel.dev.dev_server_args`).
     python -m bench.compare --quick    # a smoke run (~2 min); the report goes to bench/results/quick.md
     python -m bench.compare --only keel keel_api keel_stored plain   # Keel's own overhead
 
-With Keel among the systems, it also measures Keel's streamed replies (`bench.streaming`),
-on a fake endpoint and a Keel worker of their own; their report goes between their markers.
+With Keel among the systems, it also measures Keel's streamed replies (`bench.streaming`)
+and its HTTP API (`bench.api`, `keel serve`), each on a fake endpoint and workers of their
+own; their reports go between their own markers.
 
 Every measurement is interleaved round by round (the order rotates), and reported as medians
 and as ratios measured side by side. See docs/benchmarks.md for what is measured, and how.
@@ -35,6 +36,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from bench.api import BEGIN as API_BEGIN
+from bench.api import END as API_END
+from bench.api import ApiResults
+from bench.api import Scale as ApiScale
+from bench.api import measure as measure_api
+from bench.api_report import render as render_api
 from bench.drivers import SPECS, Env, KeelSystem, Spec, System, TemporalSystem, make, unavailable
 from bench.harness import REPO, Arrivals, start_dev_server, start_fake_model, temporal_binary
 from bench.measure import (
@@ -93,6 +100,7 @@ class Scale:
     recovery_delay_ms: int
     recovery_systems: tuple[str, ...] | None  # None: every system that can recover
     streaming_rounds: int  # of Keel's streamed replies against streaming off (bench.streaming)
+    api: ApiScale  # keel serve against AgentClient (bench.api)
 
     def describe(self) -> str:
         lat = ", ".join(
@@ -105,7 +113,8 @@ class Scale:
             f"{self.parked:,} parked runs; {self.approvals} approval samples per path; "
             f"recovery {self.recovery_runs} runs of K={self.recovery_k} "
             f"(model replies delayed {self.recovery_delay_ms} ms); {self.warmup} warm-up runs; "
-            f"streamed replies {self.streaming_rounds} rounds"
+            f"streamed replies {self.streaming_rounds} rounds; keel serve {self.api.rounds} "
+            f"rounds, {self.api.watchers} SSE clients on a run, {self.api.runs} runs watched"
         )
 
 
@@ -126,6 +135,7 @@ FULL = Scale(
     recovery_delay_ms=200,
     recovery_systems=None,
     streaming_rounds=15,
+    api=ApiScale(),
 )
 QUICK = Scale(
     warmup=1,
@@ -145,6 +155,7 @@ QUICK = Scale(
     # the other systems wait out a 60 s activity timeout
     recovery_systems=("keel", "langgraph", "langgraph_sync"),
     streaming_rounds=2,
+    api=ApiScale(rounds=2, approvals=2, watchers=10, runs=10),
 )
 
 
@@ -336,6 +347,14 @@ async def amain(args: argparse.Namespace) -> Results:
 
         await section(r, "streamed replies", streamed)
 
+        async def served() -> None:
+            if "keel" in by_key:
+                meta = {k: r.meta[k] for k in ("date", "command")}
+                results = await measure_api(address, workdir, scale.api, meta, log)
+                r.api = dataclasses.asdict(results)
+
+        await section(r, "keel serve", served)
+
         async def hist() -> None:
             payloads = str(workdir / "payloads")
             runs = [(s, f"{s.key}", scale.payload_threshold) for s in temporal if s in peers]
@@ -449,6 +468,10 @@ def main(argv: list[str] | None = None) -> None:
             streaming = render_streaming(StreamingResults.of(results.streaming))
             print(streaming, flush=True)
             write(streaming, out, STREAMING_BEGIN, STREAMING_END)
+        if results.api:
+            api = render_api(ApiResults.of(results.api))
+            print(api, flush=True)
+            write(api, out, API_BEGIN, API_END)
         log(f"wrote {out}")
         if results.errors:
             code = 1

@@ -80,6 +80,7 @@ class Results:
     recovery: dict[str, Recovery] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # a section that failed, and why
     streaming: dict[str, Any] | None = None  # bench.streaming's results, as saved
+    api: dict[str, Any] | None = None  # bench.api's results (keel serve), as saved
 
     def per_step(self, k: int, key: str) -> list[float]:
         return [s.seconds / model_steps(k) for s in self.latency.get(k, {}).get(key, [])]
@@ -116,6 +117,7 @@ def load(path: Path) -> Results:
         recovery={k: Recovery(**v) for k, v in d["recovery"].items()},
         errors=d["errors"],
         streaming=d.get("streaming"),
+        api=d.get("api"),
     )
 
 
