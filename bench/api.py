@@ -37,7 +37,15 @@ import httpx
 
 from bench.conversation import story_prompt
 from bench.drivers import RUN_TIMEOUT, SPECS, Env, KeelSystem, TemporalSystem, make
-from bench.harness import REPO, Arrivals, Proc, free_port, start_dev_server, start_fake_model
+from bench.harness import (
+    REPO,
+    Arrivals,
+    Proc,
+    free_port,
+    run_standalone,
+    start_dev_server,
+    start_fake_model,
+)
 from bench.measure import approval_round, parked_keel, rotated, until
 from bench.procstat import cpu_seconds, rss_bytes
 from bench.streaming import POLL_UPDATE
@@ -428,7 +436,6 @@ async def amain(args: argparse.Namespace) -> ApiResults:
 
 def main(argv: list[str] | None = None) -> None:
     from bench.api_report import render
-    from bench.compare import log, write
 
     p = argparse.ArgumentParser(prog="python -m bench.api", description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=Scale.rounds, help="interleaved rounds")
@@ -441,30 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--render", type=Path, metavar="JSON", help="measure nothing: render a saved run"
     )
-    args = p.parse_args(argv)
-    code = 0
-    try:
-        if args.render:
-            results = ApiResults.of(json.loads(args.render.read_text(encoding="utf-8")))
-        else:
-            results = asyncio.run(amain(args))
-            RAW.parent.mkdir(parents=True, exist_ok=True)
-            RAW.write_text(json.dumps(dataclasses.asdict(results), indent=1), encoding="utf-8")
-            log(f"raw results in {RAW}")
-        text = render(results)
-        print(text, flush=True)
-        write(text, args.out, BEGIN, END)
-        log(f"wrote {args.out}")
-    except KeyboardInterrupt:
-        code = 130
-    except Exception:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # the temporalio native runtime can abort in interpreter exit hooks
+    run_standalone(p.parse_args(argv), amain, ApiResults.of, render, RAW, (BEGIN, END))
 
 
 if __name__ == "__main__":

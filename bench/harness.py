@@ -7,15 +7,17 @@ apart from the harness, the dev server and the fake endpoint.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,3 +294,40 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
+
+
+def run_standalone(
+    args: argparse.Namespace,
+    measure: Callable[[argparse.Namespace], Awaitable[Any]],
+    load: Callable[[dict[str, Any]], Any],
+    render: Callable[[Any], str],
+    raw: Path,
+    markers: tuple[str, str],
+) -> None:
+    """A measurement module run on its own: measure (or `--render` a saved run), keep the
+    raw results in `raw`, write the report between its `markers` in `args.out`, and exit."""
+    from bench.compare import log, write
+
+    code = 0
+    try:
+        if args.render:
+            results = load(json.loads(args.render.read_text(encoding="utf-8")))
+        else:
+            results = asyncio.run(measure(args))
+            raw.parent.mkdir(parents=True, exist_ok=True)
+            raw.write_text(json.dumps(dataclasses.asdict(results), indent=1), encoding="utf-8")
+            log(f"raw results in {raw}")
+        text = render(results)
+        print(text, flush=True)
+        write(text, args.out, *markers)
+        log(f"wrote {args.out}")
+    except KeyboardInterrupt:
+        code = 130
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # the temporalio native runtime can abort in interpreter exit hooks

@@ -32,7 +32,7 @@ from typing import Any
 
 from bench.conversation import PIECE, prompt, read_turn, story, story_prompt
 from bench.drivers import RUN_TIMEOUT, SPECS, Env, KeelSystem, Started, make
-from bench.harness import REPO, Arrivals, start_dev_server, start_fake_model
+from bench.harness import REPO, Arrivals, run_standalone, start_dev_server, start_fake_model
 from bench.measure import Meter, Sample, rotated
 from bench.systems.keel_agents import AGENT, WHOLE_AGENT
 from keel.workflows.models import SIGNAL_STREAM, AgentStatus, EventKind
@@ -268,7 +268,6 @@ async def amain(args: argparse.Namespace) -> StreamingResults:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.compare import log, write
     from bench.streaming_report import render
 
     p = argparse.ArgumentParser(
@@ -281,30 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--render", type=Path, metavar="JSON", help="measure nothing: render a saved run"
     )
-    args = p.parse_args(argv)
-    code = 0
-    try:
-        if args.render:
-            results = StreamingResults.of(json.loads(args.render.read_text(encoding="utf-8")))
-        else:
-            results = asyncio.run(amain(args))
-            RAW.parent.mkdir(parents=True, exist_ok=True)
-            RAW.write_text(json.dumps(dataclasses.asdict(results), indent=1), encoding="utf-8")
-            log(f"raw results in {RAW}")
-        text = render(results)
-        print(text, flush=True)
-        write(text, args.out, BEGIN, END)
-        log(f"wrote {args.out}")
-    except KeyboardInterrupt:
-        code = 130
-    except Exception:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # the temporalio native runtime can abort in interpreter exit hooks
+    run_standalone(p.parse_args(argv), amain, StreamingResults.of, render, RAW, (BEGIN, END))
 
 
 if __name__ == "__main__":
