@@ -36,6 +36,7 @@ from keel.activities.registry import Agent, AgentDefinitionError, AgentRegistry,
 from keel.codec import EncryptionCodec, keel_codec_of
 from keel.config import Settings, SettingsError
 from keel.policy_file import PolicyError
+from keel.storage import transcript_store
 from keel.tracing import check_provider
 from keel.workflows import WORKFLOWS
 from keel.workflows.errors import WORKFLOW_FAILURE_TYPES
@@ -136,6 +137,7 @@ class KeelPlugin(SimplePlugin):
             provider.api_key,
             provider.model,
             calls_per_second=self.settings.model_calls_per_second,
+            transcripts=transcript_store(self.settings),
         )
         self._register = register_search_attributes
         super().__init__(

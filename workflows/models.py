@@ -287,6 +287,11 @@ class ModelInput(BaseModel):
     # where the activity sends the reply as it is written (`keel.model_stream` batches tagged
     # with it); "" for requests made before replies were streamed: not streamed
     stream_id: str = ""
+    # the conversation by reference (keel.workflows.transcript_ref): `messages` are those
+    # after `base`, the chain head of a prefix the worker's store holds ("" : none, they are
+    # the whole context); `head` is the chain head of the whole context ("" : not stored)
+    base: str = ""
+    head: str = ""
 
 
 class ModelResult(BaseModel):
@@ -295,6 +300,15 @@ class ModelResult(BaseModel):
     finish_reason: str = ""
     model: str = ""
     attempt: int = 0  # the activity attempt that answered (its streamed text is the reply's)
+    stored: str = ""  # the chain head of the context the worker stored ("" : none)
+
+
+class TranscriptSegment(BaseModel):
+    """A piece of a stored conversation: the messages after `prev` (a chain head, "" for the
+    start). Kept under the chain head it ends at, so the same content is stored once."""
+
+    prev: str = ""
+    messages: list[ChatMessage] = Field(default_factory=list)
 
 
 class StreamDelta(BaseModel):
@@ -568,6 +582,9 @@ class AgentState(RunState):
     # decisions per second (a token bucket): tokens left at `decision_tokens_at` (None: full)
     decision_tokens: float = 0.0
     decision_tokens_at: datetime | None = None
+    # "<messages>:<chain head>": the latest model context the worker stored, so the first
+    # request of a new history refers to it too (keel.workflows.transcript_ref)
+    context_stored: str = ""
 
     def record(self, entry: AuditEntry) -> None:
         """Append to the audit trail. Refusals of bad input are bounded: past MAX_REFUSALS

@@ -46,6 +46,7 @@ from keel.workflows.models import (
     ToolSpec,
 )
 from keel.workflows.policy import short_args
+from keel.workflows.transcript_ref import TranscriptChain
 from keel.workflows.views import MAX_CONTEXT_CHARS, context_window
 
 LOAD_SPEC_TIMEOUT = timedelta(seconds=10)
@@ -141,16 +142,21 @@ async def model_step(
     tools: list[ToolSpec] | None = None,
     settings: ModelSettings | None = None,
     stream_id: str = "",
+    chain: TranscriptChain | None = None,
 ) -> ModelResult:
     """Call the model on the run's transcript, offering `tools` (default: all the agent's;
     `[]`: the agent's are listed, as the transcript may mention them, but none may be called).
     Raises ActivityError when the provider fails, KeelError when the request would not fit
     in a Temporal payload. `settings` picks a model of the agent's chain (default: its own).
-    With `stream_id`, the activity sends the reply as it is written (`keel.model_stream`)."""
+    With `stream_id`, the activity sends the reply as it is written (`keel.model_stream`).
+    With `chain` (payload storage on), the context goes by reference to what the worker
+    stored (keel.workflows.transcript_ref)."""
     s = settings or spec.model
     window = context_window(state.transcript, MAX_CONTEXT_CHARS)
-    shown = {c.id for m in window for c in m.tool_calls}
-    left_out = {c.id for m in state.transcript for c in m.tool_calls} - shown
+    left_out: set[str] = set()
+    if window is not state.transcript:  # older turns are left out of the request
+        shown = {c.id for m in window for c in m.tool_calls}
+        left_out = {c.id for m in state.transcript for c in m.tool_calls} - shown
     request = ModelInput(
         agent=spec.name,
         step=state.step,
@@ -161,6 +167,8 @@ async def model_step(
         reserved_call_ids=sorted({*state.used_call_ids(), *left_out}),
         stream_id=stream_id if s.stream else "",
     )
+    if chain is not None:
+        request = chain.refer(request)
     size = 0 if spec.payload_storage else payload_bytes(request)  # stored: a reference
     if size > MAX_PAYLOAD_BYTES:
         raise errors.KeelError(
