@@ -51,6 +51,7 @@ SCENARIOS = [
     ("fallback", "falling-back", "add 1 and 1 (one)"),
     ("continue-as-new", "long", "loop forever"),
     ("stored", "calc", "add 2 and 3"),
+    ("stored-ref", "six", "loop forever"),  # model requests refer to the stored conversation
     ("plan", "planner", "My laptop will not boot and the VPN is down"),
     ("parked", "shop", "charge twice"),
     ("expiry", "shop-brief", "charge 30"),  # no decision: the approval expires (1 s)
@@ -214,7 +215,7 @@ async def main() -> None:
             with ScriptedModelServer(rules) as model:
                 ledger = Ledger(Path(tempfile.mkdtemp()) / "ledger.db")
                 h = Harness(env, model, ledger)
-                if name == "stored":
+                if name in ("stored", "stored-ref"):
                     # a history whose payloads live outside it (KEEL_PAYLOAD_DIR)
                     h.settings = Settings(
                         task_queue=h.settings.task_queue,
