@@ -24,6 +24,7 @@ from keel.client.api import (
     no_worker,
 )
 from keel.config import Settings, SettingsError, use_core_logging
+from keel.workflows.budgets import usage_line
 from keel.workflows.events import EventKind, RunEvent
 from keel.workflows.models import TERMINAL_STATUSES, WORKFLOW_TYPE, AgentStatus
 
@@ -138,6 +139,7 @@ async def cmd_status(a: argparse.Namespace, s: Settings) -> int:
         _json({**state.model_dump(mode="json"), "task_queue": summary.task_queue})
         return 0
     print(f"{a.run}: {state.status.value}, step {state.step}, {state.usage.total_tokens} tokens")
+    print(f"  usage: {usage_line(state.usage, state.subagents)}")
     print(f"  task queue: {summary.task_queue}")
     for r in state.pending_approvals:
         print(f"  waiting for approval: {r.call_id} {r.tool}({r.arguments}) — {r.reason}")

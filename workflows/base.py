@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.workflows import errors
     from keel.workflows.approvals import Approvals
     from keel.workflows.authz import START_REFUSED, start_refusal
+    from keel.workflows.budgets import budget_exhausted, run_usage
     from keel.workflows.doors import RunDoors
     from keel.workflows.errors import EndRun
     from keel.workflows.events import EventKind, EventLog
@@ -54,7 +55,7 @@ with workflow.unsafe.imports_passed_through():
         QueuedMessage,
         ToolSpec,
     )
-    from keel.workflows.policy import budget_exhausted, short_args
+    from keel.workflows.policy import short_args
     from keel.workflows.steps import (
         MAX_PAYLOAD_BYTES,
         StatusPublisher,
@@ -119,6 +120,7 @@ class KeelWorkflow(RunDoors):
                     self.finish(AgentStatus.FAILED, e.message)
                     raise
                 st.run_key = str(workflow.uuid4())
+                st.budget = input.budget  # a sub-agent's: what its parent had left
                 st.started_at = begun
                 st.transcript = [ChatMessage(role="system", content=self.spec.instructions)]
                 st.turn_start = 1
@@ -312,7 +314,7 @@ class KeelWorkflow(RunDoors):
             final_answer=st.final_answer,
             error=error,
             steps=st.step,
-            usage=st.usage,
+            usage=run_usage(st),
         )
 
     def _outcome(self, result: AgentResult) -> AgentResult:
@@ -325,14 +327,20 @@ class KeelWorkflow(RunDoors):
             AgentStatus.BUDGET_EXHAUSTED: errors.BUDGET_EXHAUSTED,
             AgentStatus.CANCELLED: errors.RUN_CANCELLED,
         }.get(result.status, "KeelError")
+        # the usage rides along, so a parent counts what its sub-agent spent
         raise ApplicationError(
-            f"{result.status.value}: {result.error}", type=kind, non_retryable=True
+            f"{result.status.value}: {result.error}",
+            result.usage,
+            type=kind,
+            non_retryable=True,
         )
 
     def fail(self, message: str, type: str) -> NoReturn:
         """The run cannot go on: it ends `failed`, saying what went wrong."""
-        self.finish(AgentStatus.FAILED, message)
-        raise ApplicationError(f"step {self.state.step}: {message}", type=type, non_retryable=True)
+        result = self.finish(AgentStatus.FAILED, message)
+        raise ApplicationError(
+            f"step {self.state.step}: {message}", result.usage, type=type, non_retryable=True
+        )
 
 
 def _first_message(input: AgentInput) -> QueuedMessage:

@@ -75,6 +75,7 @@ class RunDoors:
             status=st.status,
             step=st.step,
             usage=st.usage,
+            subagents=st.subagents,
             pending_approvals=st.pending_approvals,
             error=st.error,
             keeps_open=None if self.spec is None else self.spec.keep_open_seconds > 0,

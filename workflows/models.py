@@ -124,12 +124,35 @@ class ApprovalTimeoutAction(StrEnum):
     CANCEL = "cancel"
 
 
+class ModelPrice(BaseModel):
+    """What a model costs, per million tokens (in whatever currency the team counts in)."""
+
+    input: float = Field(default=0.0, ge=0)
+    output: float = Field(default=0.0, ge=0)
+
+
 class Limits(BaseModel):
-    """Budgets; max_seconds counts working time, not time spent waiting for people."""
+    """Budgets; max_seconds counts working time, not time spent waiting for people. Steps,
+    tokens and cost count the run's sub-agents too (keel.workflows.budgets)."""
 
     max_steps: int = 20
     max_tokens: int = 200_000
     max_seconds: float = 3600.0
+    max_cost: float | None = Field(default=None, ge=0)  # None: no money budget
+    # per model name (the name the run asks for, or the provider's answer starting with it):
+    # turns tokens into cost; a model not priced here costs nothing
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)
+
+
+class Budget(BaseModel):
+    """What a parent run has left when it starts a sub-agent: the child's limits are at most
+    these (the tighter of these and its own wins). None: no bound from the parent."""
+
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_cost: float | None = None
+    deadline: datetime | None = None  # the parent's working time runs out then
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)  # the parent's, for the cost
 
 
 # --- the policy: who may do what (loaded by the worker, recorded in each run's spec) ---------
@@ -255,6 +278,10 @@ class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    cost: float = 0.0  # priced by the run's `Limits.prices` (0 when none are set)
+    # model steps, where a usage counts them: a run's `subagents` and an `AgentResult`'s
+    # usage (the run's own steps and its sub-agents')
+    steps: int = 0
 
     def add(self, other: Usage) -> Usage:
         """The sum of two usages."""
@@ -262,6 +289,8 @@ class Usage(BaseModel):
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             total_tokens=self.total_tokens + other.total_tokens,
+            cost=self.cost + other.cost,
+            steps=self.steps + other.steps,
         )
 
 
@@ -523,7 +552,9 @@ class RunState(BaseModel):
     step: int = 0
     turn: int = 0
     transcript: list[ChatMessage] = Field(default_factory=list)
+    # every model call the run and its sub-agents made: `subagents` is the sub-agents' part
     usage: Usage = Field(default_factory=Usage)
+    subagents: Usage = Field(default_factory=Usage)
     pending_approvals: list[ApprovalRequest] = Field(default_factory=list)
     queued_messages: list[QueuedMessage] = Field(default_factory=list)
     effects: list[Effect] = Field(default_factory=list)
@@ -568,6 +599,7 @@ class AgentState(RunState):
     # decisions per second (a token bucket): tokens left at `decision_tokens_at` (None: full)
     decision_tokens: float = 0.0
     decision_tokens_at: datetime | None = None
+    budget: Budget | None = None  # a sub-agent's: what its parent had left when it started
 
     def record(self, entry: AuditEntry) -> None:
         """Append to the audit trail. Refusals of bad input are bounded: past MAX_REFUSALS
@@ -591,6 +623,7 @@ class RunStatusView(BaseModel):
     status: AgentStatus
     step: int = 0
     usage: Usage = Field(default_factory=Usage)
+    subagents: Usage = Field(default_factory=Usage)  # the part of `usage` sub-agents spent
     pending_approvals: list[ApprovalRequest] = Field(default_factory=list)
     error: str | None = None
     keeps_open: bool | None = None  # goes idle between turns (None: spec not loaded yet)
@@ -616,6 +649,7 @@ class AgentInput(BaseModel):
     message: str
     user: str = ""
     carry: AgentState | None = None  # set only by continue-as-new
+    budget: Budget | None = None  # set by a parent run for its sub-agent
 
 
 class AgentResult(BaseModel):
@@ -623,6 +657,7 @@ class AgentResult(BaseModel):
     final_answer: str | None = None
     error: str | None = None
     steps: int = 0
+    # the run's and its sub-agents' (`usage.steps`: their model steps, all together)
     usage: Usage = Field(default_factory=Usage)
 
 

@@ -1,0 +1,134 @@
+"""Budgets that hold across sub-agents: a child starts with at most what its parent has
+left, what it spends counts in its parent's usage and budgets however it ends, and a money
+budget (tokens priced per model) ends a run like any other budget."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from keel.activities.registry import Agent
+from keel.testing import RuleSet
+from keel.workflows.models import AgentStatus, Limits, ModelPrice, RunState
+from tests.agents import add
+from tests.conftest import Harness
+from tests.rules import TEST_RULES
+from tests.test_cli import keel
+
+INSTRUCTIONS = "You help with arithmetic."
+# the child would go on adding for 50 steps, far past any budget its parent has
+LOOPER = Agent(
+    name="looper",
+    instructions=INSTRUCTIONS,
+    tools=[add],
+    limits=Limits(max_steps=50, max_tokens=10_000_000),
+)
+TOKEN_BOSS = Agent(
+    name="token-boss",
+    instructions=INSTRUCTIONS,
+    tools=[LOOPER.as_tool("ask_looper")],
+    limits=Limits(max_tokens=3_000),
+)
+# a dollar per thousand tokens: a step of the scripted model costs about a tenth
+PRICES = {"scripted": ModelPrice(input=1_000.0, output=1_000.0)}
+MONEY_BOSS = Agent(
+    name="money-boss",
+    instructions=INSTRUCTIONS,
+    tools=[LOOPER.as_tool("ask_looper")],
+    limits=Limits(max_cost=1.0, prices=PRICES),
+)
+SPENDER = Agent(
+    name="spender",
+    instructions=INSTRUCTIONS,
+    tools=[add],
+    limits=Limits(max_steps=50, max_cost=0.5, prices=PRICES),
+)
+BUDGET_RULES = [
+    {
+        "name": "spin",
+        "when": {"last_role": "user", "last_user": "(?i)^spin (?P<task>.+)$"},
+        "reply": {"tool_calls": [{"name": "ask_looper", "arguments": {"task": "{task}"}}]},
+    },
+    {
+        "name": "wheel",
+        "when": {"any_user": "(?i)^wheel$"},
+        "reply": {"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 2}}]},
+    },
+]
+
+
+@pytest.fixture
+def budgets(harness: Harness) -> Harness:
+    rules = {**TEST_RULES, "rules": [*BUDGET_RULES, *TEST_RULES["rules"]]}
+    harness.model.set_rules(RuleSet.from_dict(rules))
+    return harness
+
+
+def child_of(parent: RunState, run: str) -> str:
+    """The run id of the sub-agent the parent's first step started (`subagent_run_id`)."""
+    return f"{run}.looper-{parent.run_key[:8]}-1-0"
+
+
+async def test_a_child_is_capped_by_what_its_parent_has_left(budgets: Harness) -> None:
+    h = budgets
+    async with h.running([TOKEN_BOSS]):
+        run = await h.start("token-boss", "spin wheel")
+        result = await h.agents.result(run, timeout=120)
+        parent = await h.agents.get_state(run)
+        child = await h.agents.get_state(child_of(parent, run))
+        code, out, err = await keel(h, "status", run)
+    assert code == 0, err
+    # the child stopped at its parent's budget, not at its own (10 million tokens, 50 steps)
+    assert child.status == AgentStatus.BUDGET_EXHAUSTED
+    spent = re.match(r"token budget spent: (\d+) of (\d+) tokens", child.error or "")
+    assert spent, child.error
+    own_first_step = parent.usage.total_tokens - child.usage.total_tokens
+    assert int(spent.group(2)) == 3_000 - own_first_step
+    assert 1 < child.step < 50
+    # the parent counts what the child spent, and its own budget ends it too
+    assert parent.subagents.total_tokens == child.usage.total_tokens
+    assert parent.subagents.steps == child.step
+    assert parent.usage.total_tokens >= 3_000
+    assert result.status == parent.status == AgentStatus.BUDGET_EXHAUSTED
+    assert "token budget spent" in (parent.error or "")
+    assert "by sub-agents" in (parent.error or "")
+    assert result.usage.total_tokens == parent.usage.total_tokens
+    assert result.usage.steps == parent.step + child.step
+    # `keel status` shows the rolled-up usage and the sub-agents' part
+    assert f"{parent.usage.total_tokens} tokens" in out
+    assert f"({child.usage.total_tokens} by sub-agents, {child.step} steps)" in out
+
+
+async def test_a_money_budget_ends_a_run(budgets: Harness) -> None:
+    h = budgets
+    async with h.running([SPENDER]):
+        run = await h.start("spender", "wheel")
+        result = await h.agents.result(run, timeout=120)
+        state = await h.agents.get_state(run)
+        code, out, err = await keel(h, "status", run)
+    assert code == 0, err
+    assert result.status == state.status == AgentStatus.BUDGET_EXHAUSTED
+    assert (state.error or "").startswith("money budget spent: ")
+    assert state.usage.cost >= 0.5
+    # the price: a thousand per million tokens, input and output alike
+    assert state.usage.cost == pytest.approx(state.usage.total_tokens / 1_000)
+    assert 1 < state.step < 50
+    assert f"cost {state.usage.cost:.4f}" in out
+
+
+async def test_a_childs_cost_counts_in_its_parents_money_budget(budgets: Harness) -> None:
+    h = budgets
+    async with h.running([MONEY_BOSS]):
+        run = await h.start("money-boss", "spin wheel")
+        await h.agents.result(run, timeout=120)
+        parent = await h.agents.get_state(run)
+        child = await h.agents.get_state(child_of(parent, run))
+    # the child has no prices of its own: it counts at its parent's, up to what was left
+    assert child.status == AgentStatus.BUDGET_EXHAUSTED
+    assert (child.error or "").startswith("money budget spent: ")
+    assert child.usage.cost > 0
+    assert parent.subagents.cost == pytest.approx(child.usage.cost)
+    assert parent.status == AgentStatus.BUDGET_EXHAUSTED
+    assert (parent.error or "").startswith("money budget spent: ")
+    assert parent.usage.cost >= 1.0
