@@ -287,6 +287,8 @@ async def cmd_transcript(a: argparse.Namespace, s: Settings) -> int:
     for m in state.transcript:
         calls = "".join(f"\n    → {c.name}({c.arguments}) [{c.id}]" for c in m.tool_calls)
         who = f"tool {m.name} [{m.tool_call_id}]" if m.role == "tool" else m.role
+        if m.summarizes:  # requests carry it in place of the messages it covers
+            who = f"summary of messages 1-{m.summarizes - 1}"
         print(f"{who}: {m.content or ''}{calls}")
     print(f"-- {state.status.value}, {state.step} steps, {state.usage.total_tokens} tokens")
     return 0

@@ -35,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.workflows.approvals import Approvals
     from keel.workflows.authz import START_REFUSED, start_refusal
     from keel.workflows.budgets import budget_exhausted, run_usage
+    from keel.workflows.compaction import compact
     from keel.workflows.doors import RunDoors
     from keel.workflows.errors import EndRun
     from keel.workflows.events import EventKind, EventLog
@@ -229,7 +230,7 @@ class KeelWorkflow(RunDoors):
             return ModelResult(message=st.transcript[-1])
         st.step += 1
         self.publish()
-        model = asyncio.create_task(self.model.ask(spec, tools))
+        model = asyncio.create_task(self._ask(spec, tools))
         try:
             await workflow.wait_condition(lambda: model.done() or self.inbox.stop_turn is not None)
         except asyncio.CancelledError:
@@ -266,6 +267,11 @@ class KeelWorkflow(RunDoors):
             return result
         await self.tools.run(spec, calls, tools)
         return result
+
+    async def _ask(self, spec: AgentSpec, tools: list[ToolSpec] | None) -> ModelResult:
+        """The model's reply, the context compacted first where the agent asks for it."""
+        await compact(spec, self.state, self.events)
+        return await self.model.ask(spec, tools)
 
     # --- ending a history, ending a run ---------------------------------------------------
 

@@ -112,6 +112,17 @@ class ModelSettings(BaseModel):
         return [self, *self.fallbacks]
 
 
+class Compaction(BaseModel):
+    """Keep a long conversation's requests under a size by summarising its oldest messages
+    with a model call (keel.workflows.compaction). The transcript keeps every message."""
+
+    # compact when the next request would carry more than this (estimated: 4 characters a
+    # token); keep it well under the model's context window
+    threshold_tokens: int = Field(default=100_000, ge=1)
+    keep_last_messages: int = Field(default=6, ge=1)  # the latest messages always go whole
+    instructions: str = ""  # how to summarise ("": Keel's own)
+
+
 class MessagePolicy(StrEnum):
     QUEUE = "queue"
     INTERRUPT = "interrupt"
@@ -250,6 +261,7 @@ class AgentSpec(BaseModel):
     model_task_queue: str = ""
     tool_task_queue: str = ""
     policy: Policy | None = None  # the worker's policy when the run started (None: no policy)
+    compaction: Compaction | None = None  # None: the oldest turns are left out when too long
 
     def tool(self, name: str) -> ToolSpec | None:
         """The tool of that name, if the agent has it."""
@@ -272,6 +284,9 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
     name: str | None = None  # the tool's name, on tool messages
     model: str | None = None  # on the model's messages: which model answered (never sent)
+    # > 0: a summary marker (never sent as such): requests carry its text in place of
+    # transcript[1:summarizes], the messages it summarises
+    summarizes: int = 0
 
 
 class Usage(BaseModel):
@@ -504,6 +519,8 @@ class EventKind(StrEnum):
     # the text written so far in this step is void (detail: "retried", "fallback",
     # "interrupted"): a client drops it; a new attempt may stream again
     MODEL_DISCARD = "model_discard"
+    # the oldest messages were summarised (text: the summary, detail: which, tokens: its cost)
+    COMPACTED = "compacted"
 
 
 class RunEvent(BaseModel):

@@ -19,6 +19,7 @@ from temporalio.exceptions import (
 from keel.workflows import errors
 from keel.workflows.authz import tenant_of
 from keel.workflows.budgets import budget_left, limits_of, priced, roll_up, usage_line
+from keel.workflows.compaction import request_messages
 from keel.workflows.models import (
     AGENT_NAME,
     AGENT_STATUS,
@@ -154,7 +155,8 @@ async def model_step(
     in a Temporal payload. `settings` picks a model of the agent's chain (default: its own).
     With `stream_id`, the activity sends the reply as it is written (`keel.model_stream`)."""
     s = settings or spec.model
-    window = context_window(state.transcript, MAX_CONTEXT_CHARS)
+    # a compacted conversation: its latest summary in place of the messages it covers
+    window = context_window(request_messages(state.transcript), MAX_CONTEXT_CHARS)
     shown = {c.id for m in window for c in m.tool_calls}
     left_out = {c.id for m in state.transcript for c in m.tool_calls} - shown
     request = ModelInput(
