@@ -11,8 +11,8 @@ import pytest
 from keel.activities.registry import Agent
 from keel.testing import RuleSet
 from keel.workflows.models import AgentStatus, Limits, ModelPrice, RunState
-from tests.agents import add
-from tests.conftest import Harness
+from tests.agents import add, nap
+from tests.conftest import Harness, wait_for
 from tests.rules import TEST_RULES
 from tests.test_cli import keel
 
@@ -44,11 +44,24 @@ SPENDER = Agent(
     tools=[add],
     limits=Limits(max_steps=50, max_cost=0.5, prices=PRICES),
 )
+# a child whose call an interrupt cancels (it changes nothing, so it is interruptible)
+NAPPER = Agent(name="napper", instructions=INSTRUCTIONS, tools=[nap])
+NAP_BOSS = Agent(name="nap-boss", instructions=INSTRUCTIONS, tools=[NAPPER.as_tool("ask_napper")])
 BUDGET_RULES = [
     {
         "name": "spin",
         "when": {"last_role": "user", "last_user": "(?i)^spin (?P<task>.+)$"},
         "reply": {"tool_calls": [{"name": "ask_looper", "arguments": {"task": "{task}"}}]},
+    },
+    {
+        "name": "ask napper",
+        "when": {"last_role": "user", "last_user": "(?i)^ask napper to (?P<task>.+)$"},
+        "reply": {"tool_calls": [{"name": "ask_napper", "arguments": {"task": "{task}"}}]},
+    },
+    {
+        "name": "doze",
+        "when": {"last_role": "user", "last_user": "(?i)^doze$"},
+        "reply": {"tool_calls": [{"name": "nap", "arguments": {"seconds": 600}}]},
     },
     {
         "name": "wheel",
@@ -132,3 +145,34 @@ async def test_a_childs_cost_counts_in_its_parents_money_budget(budgets: Harness
     assert parent.status == AgentStatus.BUDGET_EXHAUSTED
     assert (parent.error or "").startswith("money budget spent: ")
     assert parent.usage.cost >= 1.0
+
+
+async def test_a_cancelled_childs_usage_counts_in_its_parents(budgets: Harness) -> None:
+    h = budgets
+    async with h.running([NAP_BOSS]):
+        run = await h.start("nap-boss", "ask napper to doze")
+
+        async def napping() -> RunState | None:
+            parent = await h.agents.get_state(run)
+            if not parent.run_key:
+                return None
+            try:
+                child = await h.agents.get_state(f"{run}.napper-{parent.run_key[:8]}-1-0")
+            except Exception:
+                return None  # not started yet
+            return child if child.transcript[-1].tool_calls else None
+
+        child = await wait_for(napping)
+        # an interrupt cancels the sub-agent's call, and so the sub-agent
+        await h.agents.send_message(run, "never mind", "interrupt")
+        parent = await wait_for(lambda: _with_subagents(h, run))
+        cancelled = await h.agents.get_state(f"{run}.napper-{parent.run_key[:8]}-1-0")
+    assert cancelled.status == AgentStatus.CANCELLED
+    assert cancelled.usage.total_tokens == child.usage.total_tokens > 0
+    assert parent.subagents.total_tokens == cancelled.usage.total_tokens
+    assert parent.subagents.steps == cancelled.step == 1
+
+
+async def _with_subagents(h: Harness, run: str) -> RunState | None:
+    state = await h.agents.get_state(run)
+    return state if state.subagents.total_tokens else None

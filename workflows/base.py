@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from keel.workflows import errors
@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.workflows.inbox import Inbox
     from keel.workflows.model_call import ModelCall
     from keel.workflows.models import (
+        SIGNAL_SUBAGENT_USAGE,
         TERMINAL_STATUSES,
         AgentInput,
         AgentResult,
@@ -54,6 +55,7 @@ with workflow.unsafe.imports_passed_through():
         MessagePolicy,
         ModelResult,
         QueuedMessage,
+        SubagentUsage,
         ToolSpec,
     )
     from keel.workflows.policy import short_args
@@ -68,7 +70,8 @@ with workflow.unsafe.imports_passed_through():
 
 EMPTY_REPLY_NUDGE = "Your last reply was empty. Answer the user, or call one of the tools."
 ENDINGS_PATCH = "keel-endings-agree"  # runs recorded before it completed on a spent budget
-EMPTY_PATCH = "keel-empty-reply"  # runs recorded before it ended a turn on an empty reply
+EMPTY_PATCH = "keel-empty-reply"
+CANCEL_USAGE_PATCH = "keel-cancel-usage"  # runs recorded before a cancelled child reported  # runs recorded before it ended a turn on an empty reply
 Loop = Callable[[AgentSpec], Awaitable[AgentResult]]
 
 
@@ -144,8 +147,22 @@ class KeelWorkflow(RunDoors):
             st.pending_approvals.clear()
             self.publish()
             self.events.emit(EventKind.ENDED, status=st.status.value, text="cancelled")
+            await self._report_to_parent()
             await self._release_watchers()
             raise
+
+    async def _report_to_parent(self) -> None:
+        """A cancelled sub-agent tells its parent what it spent, for the parent's budgets:
+        a cancellation carries no result the parent could read it from."""
+        parent = workflow.info().parent
+        if parent is None or not workflow.patched(CANCEL_USAGE_PATCH):
+            return
+        report = SubagentUsage(run_id=workflow.info().workflow_id, usage=run_usage(self.state))
+        try:
+            handle = workflow.get_external_workflow_handle(parent.workflow_id)
+            await handle.signal(SIGNAL_SUBAGENT_USAGE, report)
+        except FailureError:
+            pass  # the parent has ended too: there is no budget left to count it in
 
     async def _release_watchers(self) -> None:
         """Before the run ends: watchers' long polls return what they have (a watcher then

@@ -24,6 +24,7 @@ from keel.workflows.models import (
     Limits,
     ModelPrice,
     RunState,
+    SubagentUsage,
     Usage,
 )
 from keel.workflows.policy import time_exhausted, time_left
@@ -115,6 +116,15 @@ def roll_up(state: AgentState, child: Usage) -> None:
     """Count a sub-agent's usage (tokens, cost and its steps) in the run's own."""
     state.usage = state.usage.add(child.model_copy(update={"steps": 0}))
     state.subagents = state.subagents.add(child)
+
+
+def count_report(state: AgentState, run_id: str, report: SubagentUsage) -> str:
+    """Roll up what a cancelled sub-agent reports it spent; the refusal ('' when counted).
+    Only this run's children report (their ids extend its own: `subagent_run_id`)."""
+    if not report.run_id.startswith(run_id + "."):
+        return f"{report.run_id!r} is not a sub-agent of this run"
+    roll_up(state, report.usage)
+    return ""
 
 
 def run_usage(state: RunState) -> Usage:

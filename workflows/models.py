@@ -27,6 +27,7 @@ SIGNAL_DECIDE = "keel.decide"
 SIGNAL_MESSAGE = "keel.submit_message"
 SIGNAL_RESUME = "keel.resume"  # an operator: ask the model provider again now
 SIGNAL_STREAM = "keel.model_stream"  # the model activity: the reply as it is written
+SIGNAL_SUBAGENT_USAGE = "keel.subagent_usage"  # a cancelled sub-agent: what it spent
 UPDATE_DECIDE = "keel.decide_approval"
 UPDATE_MESSAGE = "keel.send_message"
 QUERY_STATE = "keel.get_state"  # bounded: the transcript's tail, long texts cut
@@ -719,6 +720,14 @@ class MessageInput(BaseModel):
     # made by the sender: a message sent again with the same id (a retry, a resend after an
     # unknown outcome, an update replayed into the next history) is delivered only once
     id: str = Field(default="", max_length=200)
+
+
+class SubagentUsage(BaseModel):
+    """What a sub-agent spent, sent to its parent when it is cancelled (a cancellation
+    carries no result to read it from)."""
+
+    run_id: str = Field(max_length=1000)  # the child's run
+    usage: Usage
 
 
 class MessageReceipt(BaseModel):
