@@ -156,7 +156,8 @@ async def model_step(
     With `stream_id`, the activity sends the reply as it is written (`keel.model_stream`)."""
     s = settings or spec.model
     # a compacted conversation: its latest summary in place of the messages it covers
-    window = context_window(request_messages(state.transcript), MAX_CONTEXT_CHARS)
+    told = request_messages(state.transcript) if spec.compaction else state.transcript
+    window = context_window(told, MAX_CONTEXT_CHARS)
     shown = {c.id for m in window for c in m.tool_calls}
     left_out = {c.id for m in state.transcript for c in m.tool_calls} - shown
     request = ModelInput(
