@@ -10,7 +10,8 @@ import pytest
 
 from keel.activities.registry import Agent
 from keel.testing import RuleSet
-from keel.workflows.models import AgentStatus, Limits, ModelPrice, RunState
+from keel.workflows.budgets import price_of, priced
+from keel.workflows.models import AgentStatus, Limits, ModelPrice, RunState, Usage
 from tests.agents import add, nap
 from tests.conftest import Harness, wait_for
 from tests.rules import TEST_RULES
@@ -176,3 +177,13 @@ async def test_a_cancelled_childs_usage_counts_in_its_parents(budgets: Harness) 
 async def _with_subagents(h: Harness, run: str) -> RunState | None:
     state = await h.agents.get_state(run)
     return state if state.subagents.total_tokens else None
+
+
+def test_a_price_is_found_by_name_or_by_the_longest_prefix() -> None:
+    big, small = ModelPrice(input=2.5, output=10.0), ModelPrice(input=0.15, output=0.6)
+    prices = {"gpt-4o": big, "gpt-4o-mini": small}
+    assert price_of(prices, "gpt-4o", "gpt-4o-mini-2024-07-18") is big  # as configured first
+    assert price_of(prices, "", "gpt-4o-mini-2024-07-18") is small
+    assert price_of(prices, "", "o3") is None
+    usage = priced(Usage(prompt_tokens=1_000_000, completion_tokens=500_000), prices, "gpt-4o")
+    assert usage.cost == pytest.approx(2.5 + 5.0)
