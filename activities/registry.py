@@ -21,6 +21,7 @@ from keel.workflows.models import (
     ApprovalMode,
     ApprovalPolicy,
     ApprovalTimeoutAction,
+    Compaction,
     Limits,
     LoadAgentInput,
     MessagePolicy,
@@ -51,6 +52,7 @@ class Agent:
     approval_timeout_seconds: float = 24 * 3600.0
     on_approval_timeout: ApprovalTimeoutAction = ApprovalTimeoutAction.REJECT
     approvals: dict[str, ApprovalPolicy] = field(default_factory=dict)  # per-tool overrides
+    compaction: Compaction | None = None  # summarise the oldest turns of long conversations
 
     def __post_init__(self) -> None:
         self.check()
@@ -133,6 +135,7 @@ class Agent:
             keep_open_seconds=self.keep_open_seconds,
             approval_timeout_seconds=self.approval_timeout_seconds,
             on_approval_timeout=self.on_approval_timeout,
+            compaction=self.compaction,
         )
 
 

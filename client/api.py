@@ -34,6 +34,7 @@ from keel.policy_file import PolicyError
 from keel.workflows import errors
 from keel.workflows.authz import start_refusal, tenant_of, visibility
 from keel.workflows.base import KeelWorkflow
+from keel.workflows.budgets import run_usage
 from keel.workflows.decisions import DecisionTarget
 from keel.workflows.events import TOPIC, EventKind, RunEvent
 from keel.workflows.models import (
@@ -402,7 +403,7 @@ class AgentClient:
                     final_answer=state.final_answer if state else None,
                     error=(state.error if state else None) or _cause(e),
                     steps=state.step if state else 0,
-                    usage=state.usage if state else Usage(),
+                    usage=run_usage(state) if state else Usage(),
                 )
 
         async def idle() -> AgentResult:
@@ -426,7 +427,7 @@ class AgentClient:
                             status=state.status,
                             final_answer=state.final_answer,
                             steps=state.step,
-                            usage=state.usage,
+                            usage=run_usage(state),
                         )
                     continue
                 if view.keeps_open is None:  # not loaded yet: the first task is under way

@@ -24,6 +24,7 @@ from keel.client.api import (
     no_worker,
 )
 from keel.config import Settings, SettingsError, use_core_logging
+from keel.workflows.budgets import usage_line
 from keel.workflows.events import EventKind, RunEvent
 from keel.workflows.models import TERMINAL_STATUSES, WORKFLOW_TYPE, AgentStatus
 
@@ -138,6 +139,7 @@ async def cmd_status(a: argparse.Namespace, s: Settings) -> int:
         _json({**state.model_dump(mode="json"), "task_queue": summary.task_queue})
         return 0
     print(f"{a.run}: {state.status.value}, step {state.step}, {state.usage.total_tokens} tokens")
+    print(f"  usage: {usage_line(state.usage, state.subagents)}")
     print(f"  task queue: {summary.task_queue}")
     for r in state.pending_approvals:
         print(f"  waiting for approval: {r.call_id} {r.tool}({r.arguments}) — {r.reason}")
@@ -285,6 +287,8 @@ async def cmd_transcript(a: argparse.Namespace, s: Settings) -> int:
     for m in state.transcript:
         calls = "".join(f"\n    → {c.name}({c.arguments}) [{c.id}]" for c in m.tool_calls)
         who = f"tool {m.name} [{m.tool_call_id}]" if m.role == "tool" else m.role
+        if m.summarizes:  # requests carry it in place of the messages it covers
+            who = f"summary of messages 1-{m.summarizes - 1}"
         print(f"{who}: {m.content or ''}{calls}")
     print(f"-- {state.status.value}, {state.step} steps, {state.usage.total_tokens} tokens")
     return 0

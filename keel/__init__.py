@@ -49,6 +49,7 @@ from keel.workflows.models import AgentStatus as AgentStatus
 from keel.workflows.models import ApprovalMode as ApprovalMode
 from keel.workflows.models import ApprovalPolicy as ApprovalPolicy
 from keel.workflows.models import ApprovalTimeoutAction as ApprovalTimeoutAction
+from keel.workflows.models import Compaction as Compaction
 from keel.workflows.models import Condition as Condition
 from keel.workflows.models import DecideInput as DecideInput
 from keel.workflows.models import DecideReceipt as DecideReceipt
@@ -56,6 +57,7 @@ from keel.workflows.models import Decision as Decision
 from keel.workflows.models import Limits as Limits
 from keel.workflows.models import MessagePolicy as MessagePolicy
 from keel.workflows.models import MessageReceipt as MessageReceipt
+from keel.workflows.models import ModelPrice as ModelPrice
 from keel.workflows.models import ModelResult as ModelResult
 from keel.workflows.models import ModelSettings as ModelSettings
 from keel.workflows.models import Policy as Policy

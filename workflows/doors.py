@@ -17,6 +17,7 @@ from temporalio import workflow
 from temporalio.common import RawValue
 
 from keel.workflows.approvals import Approvals
+from keel.workflows.budgets import count_report
 from keel.workflows.events import PUBLISH_SIGNAL, EventKind, EventLog
 from keel.workflows.inbox import Inbox, message_refusal
 from keel.workflows.model_call import ModelCall
@@ -28,6 +29,7 @@ from keel.workflows.models import (
     SIGNAL_MESSAGE,
     SIGNAL_RESUME,
     SIGNAL_STREAM,
+    SIGNAL_SUBAGENT_USAGE,
     UPDATE_DECIDE,
     UPDATE_MESSAGE,
     AgentSpec,
@@ -41,6 +43,7 @@ from keel.workflows.models import (
     RunState,
     RunStatusView,
     StreamBatch,
+    SubagentUsage,
     TranscriptPage,
     TranscriptSlice,
 )
@@ -75,6 +78,7 @@ class RunDoors:
             status=st.status,
             step=st.step,
             usage=st.usage,
+            subagents=st.subagents,
             pending_approvals=st.pending_approvals,
             error=st.error,
             keeps_open=None if self.spec is None else self.spec.keep_open_seconds > 0,
@@ -104,6 +108,11 @@ class RunDoors:
             batch = self._decode(args, StreamBatch, name)
             if batch is not None:
                 self.model.on_stream(batch)
+        elif name == SIGNAL_SUBAGENT_USAGE:
+            report = self._decode(args, SubagentUsage, name)
+            refused = report and count_report(self.state, workflow.info().workflow_id, report)
+            if refused:
+                self._refuse_signal(f"{name}: {refused}")
         elif name == SIGNAL_RESUME:
             self.model.resume()
             detail = "try the model provider again now"

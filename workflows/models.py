@@ -27,6 +27,7 @@ SIGNAL_DECIDE = "keel.decide"
 SIGNAL_MESSAGE = "keel.submit_message"
 SIGNAL_RESUME = "keel.resume"  # an operator: ask the model provider again now
 SIGNAL_STREAM = "keel.model_stream"  # the model activity: the reply as it is written
+SIGNAL_SUBAGENT_USAGE = "keel.subagent_usage"  # a cancelled sub-agent: what it spent
 UPDATE_DECIDE = "keel.decide_approval"
 UPDATE_MESSAGE = "keel.send_message"
 QUERY_STATE = "keel.get_state"  # bounded: the transcript's tail, long texts cut
@@ -112,6 +113,17 @@ class ModelSettings(BaseModel):
         return [self, *self.fallbacks]
 
 
+class Compaction(BaseModel):
+    """Keep a long conversation's requests under a size by summarising its oldest messages
+    with a model call (keel.workflows.compaction). The transcript keeps every message."""
+
+    # compact when the next request would carry more than this (estimated: 4 characters a
+    # token); keep it well under the model's context window
+    threshold_tokens: int = Field(default=100_000, ge=1)
+    keep_last_messages: int = Field(default=6, ge=1)  # the latest messages always go whole
+    instructions: str = ""  # how to summarise ("": Keel's own)
+
+
 class MessagePolicy(StrEnum):
     QUEUE = "queue"
     INTERRUPT = "interrupt"
@@ -124,12 +136,35 @@ class ApprovalTimeoutAction(StrEnum):
     CANCEL = "cancel"
 
 
+class ModelPrice(BaseModel):
+    """What a model costs, per million tokens (in whatever currency the team counts in)."""
+
+    input: float = Field(default=0.0, ge=0)
+    output: float = Field(default=0.0, ge=0)
+
+
 class Limits(BaseModel):
-    """Budgets; max_seconds counts working time, not time spent waiting for people."""
+    """Budgets; max_seconds counts working time, not time spent waiting for people. Steps,
+    tokens and cost count the run's sub-agents too (keel.workflows.budgets)."""
 
     max_steps: int = 20
     max_tokens: int = 200_000
     max_seconds: float = 3600.0
+    max_cost: float | None = Field(default=None, ge=0)  # None: no money budget
+    # per model name (the name the run asks for, or the provider's answer starting with it):
+    # turns tokens into cost; a model not priced here costs nothing
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)
+
+
+class Budget(BaseModel):
+    """What a parent run has left when it starts a sub-agent: the child's limits are at most
+    these (the tighter of these and its own wins). None: no bound from the parent."""
+
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_cost: float | None = None
+    deadline: datetime | None = None  # the parent's working time runs out then
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)  # the parent's, for the cost
 
 
 # --- the policy: who may do what (loaded by the worker, recorded in each run's spec) ---------
@@ -227,6 +262,7 @@ class AgentSpec(BaseModel):
     model_task_queue: str = ""
     tool_task_queue: str = ""
     policy: Policy | None = None  # the worker's policy when the run started (None: no policy)
+    compaction: Compaction | None = None  # None: the oldest turns are left out when too long
 
     def tool(self, name: str) -> ToolSpec | None:
         """The tool of that name, if the agent has it."""
@@ -249,12 +285,19 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
     name: str | None = None  # the tool's name, on tool messages
     model: str | None = None  # on the model's messages: which model answered (never sent)
+    # > 0: a summary marker (never sent as such): requests carry its text in place of
+    # transcript[1:summarizes], the messages it summarises
+    summarizes: int = 0
 
 
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    cost: float = 0.0  # priced by the run's `Limits.prices` (0 when none are set)
+    # model steps, where a usage counts them: a run's `subagents` and an `AgentResult`'s
+    # usage (the run's own steps and its sub-agents')
+    steps: int = 0
 
     def add(self, other: Usage) -> Usage:
         """The sum of two usages."""
@@ -262,6 +305,8 @@ class Usage(BaseModel):
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             total_tokens=self.total_tokens + other.total_tokens,
+            cost=self.cost + other.cost,
+            steps=self.steps + other.steps,
         )
 
 
@@ -489,6 +534,8 @@ class EventKind(StrEnum):
     # the text written so far in this step is void (detail: "retried", "fallback",
     # "interrupted"): a client drops it; a new attempt may stream again
     MODEL_DISCARD = "model_discard"
+    # the oldest messages were summarised (text: the summary, detail: which, tokens: its cost)
+    COMPACTED = "compacted"
 
 
 class RunEvent(BaseModel):
@@ -537,7 +584,9 @@ class RunState(BaseModel):
     step: int = 0
     turn: int = 0
     transcript: list[ChatMessage] = Field(default_factory=list)
+    # every model call the run and its sub-agents made: `subagents` is the sub-agents' part
     usage: Usage = Field(default_factory=Usage)
+    subagents: Usage = Field(default_factory=Usage)
     pending_approvals: list[ApprovalRequest] = Field(default_factory=list)
     queued_messages: list[QueuedMessage] = Field(default_factory=list)
     effects: list[Effect] = Field(default_factory=list)
@@ -585,6 +634,7 @@ class AgentState(RunState):
     # "<messages>:<chain head>": the latest model context the worker stored, so the first
     # request of a new history refers to it too (keel.workflows.transcript_ref)
     context_stored: str = ""
+    budget: Budget | None = None  # a sub-agent's: what its parent had left when it started
 
     def record(self, entry: AuditEntry) -> None:
         """Append to the audit trail. Refusals of bad input are bounded: past MAX_REFUSALS
@@ -608,6 +658,7 @@ class RunStatusView(BaseModel):
     status: AgentStatus
     step: int = 0
     usage: Usage = Field(default_factory=Usage)
+    subagents: Usage = Field(default_factory=Usage)  # the part of `usage` sub-agents spent
     pending_approvals: list[ApprovalRequest] = Field(default_factory=list)
     error: str | None = None
     keeps_open: bool | None = None  # goes idle between turns (None: spec not loaded yet)
@@ -633,6 +684,7 @@ class AgentInput(BaseModel):
     message: str
     user: str = ""
     carry: AgentState | None = None  # set only by continue-as-new
+    budget: Budget | None = None  # set by a parent run for its sub-agent
 
 
 class AgentResult(BaseModel):
@@ -640,6 +692,7 @@ class AgentResult(BaseModel):
     final_answer: str | None = None
     error: str | None = None
     steps: int = 0
+    # the run's and its sub-agents' (`usage.steps`: their model steps, all together)
     usage: Usage = Field(default_factory=Usage)
 
 
@@ -684,6 +737,14 @@ class MessageInput(BaseModel):
     # made by the sender: a message sent again with the same id (a retry, a resend after an
     # unknown outcome, an update replayed into the next history) is delivered only once
     id: str = Field(default="", max_length=200)
+
+
+class SubagentUsage(BaseModel):
+    """What a sub-agent spent, sent to its parent when it is cancelled (a cancellation
+    carries no result to read it from)."""
+
+    run_id: str = Field(max_length=1000)  # the child's run
+    usage: Usage
 
 
 class MessageReceipt(BaseModel):

@@ -18,6 +18,8 @@ from temporalio.exceptions import (
 
 from keel.workflows import errors
 from keel.workflows.authz import tenant_of
+from keel.workflows.budgets import budget_left, limits_of, priced, roll_up, usage_line
+from keel.workflows.compaction import request_messages
 from keel.workflows.models import (
     AGENT_NAME,
     AGENT_STATUS,
@@ -44,6 +46,7 @@ from keel.workflows.models import (
     ToolInput,
     ToolResult,
     ToolSpec,
+    Usage,
 )
 from keel.workflows.policy import short_args
 from keel.workflows.transcript_ref import TranscriptChain
@@ -64,7 +67,11 @@ NON_RETRYABLE_PROVIDER = [
     errors.PAYLOAD_TOO_LARGE,
     errors.KEEL_INTERNAL,
 ]
-AUTH_RETRY_SECONDS = 300.0  # a key to fix: try again this often, or at once on `keel resume`
+AUTH_RETRY_SECONDS = 300.0
+# runs recorded before it neither bounded a sub-agent's budget nor counted its usage
+SHARED_BUDGET_PATCH = (
+    "keel-shared-budget"  # a key to fix: try again this often, or at once on `keel resume`
+)
 
 
 class TaskClock:
@@ -152,9 +159,11 @@ async def model_step(
     With `chain` (payload storage on), the context goes by reference to what the worker
     stored (keel.workflows.transcript_ref)."""
     s = settings or spec.model
-    window = context_window(state.transcript, MAX_CONTEXT_CHARS)
+    # a compacted conversation: its latest summary in place of the messages it covers
+    told = request_messages(state.transcript) if spec.compaction else state.transcript
+    window = context_window(told, MAX_CONTEXT_CHARS)
     left_out: set[str] = set()
-    if window is not state.transcript:  # older turns are left out of the request
+    if window is not state.transcript:  # older turns are left out of (or summarised in) it
         shown = {c.id for m in window for c in m.tool_calls}
         left_out = {c.id for m in state.transcript for c in m.tool_calls} - shown
     request = ModelInput(
@@ -176,7 +185,7 @@ async def model_step(
             f"{MAX_PAYLOAD_BYTES}-byte limit (Temporal refuses payloads past 2 MB)",
             type=errors.PAYLOAD_TOO_LARGE,
         )
-    return await workflow.execute_activity(
+    result = await workflow.execute_activity(
         CALL_MODEL,
         request,
         task_queue=spec.model_task_queue or None,
@@ -191,6 +200,8 @@ async def model_step(
         ),
         summary=f"model {s.model or 'default'} · step {state.step}",
     )
+    result.usage = priced(result.usage, limits_of(spec, state).prices, s.model, result.model)
+    return result
 
 
 async def tool_step(
@@ -258,11 +269,16 @@ async def subagent_step(
     """Run a sub-agent as a child workflow with its own history, budgets and approvals; its
     answer is the tool's result. Cancelling this step (interrupt, the parent's cancellation)
     cancels the child; a parent that ends any other way asks the child to cancel too.
-    `run_id` is the child's: `subagent_run_id`."""
+    `run_id` is the child's: `subagent_run_id`.
+
+    The child may spend at most what this run has left (`budget_left`), and what it spent
+    counts in this run's usage and budgets (`roll_up`), however it ended."""
+    shared = workflow.patched(SHARED_BUDGET_PATCH)
+    budget = budget_left(spec, state, workflow.now()) if shared else None
     try:
         result: AgentResult = await workflow.execute_child_workflow(
             WORKFLOW_TYPE,
-            AgentInput(agent=tool.agent, message=task.task, user=state.user),
+            AgentInput(agent=tool.agent, message=task.task, user=state.user, budget=budget),
             id=run_id,
             result_type=AgentResult,
             parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
@@ -276,6 +292,8 @@ async def subagent_step(
             static_summary=f"sub-agent {tool.agent} for {spec.name} · step {state.step}",
         )
     except ChildWorkflowError as e:
+        if shared:
+            roll_up(state, _failure_usage(e))
         if isinstance(e.cause, CancelledError):
             raise
         return ToolResult(
@@ -283,6 +301,8 @@ async def subagent_step(
             error_type="subagent_failed",
             content=f"Error: sub-agent {tool.agent} ({run_id}) failed: {failure_message(e)}",
         )
+    if shared:
+        roll_up(state, result.usage)
     if result.status == AgentStatus.COMPLETED:
         return ToolResult(ok=True, content=result.final_answer or "")
     why = f": {result.error}" if result.error else ""
@@ -293,10 +313,22 @@ async def subagent_step(
     )
 
 
+def _failure_usage(e: ChildWorkflowError) -> Usage:
+    """What a child that did not complete had spent: its failure carries its usage (runs
+    recorded before it did carry none: nothing to count)."""
+    cause = e.cause
+    details = cause.details if isinstance(cause, ApplicationError) else ()
+    try:
+        return Usage.model_validate(details[0]) if details else Usage()
+    except ValueError:
+        return Usage()
+
+
 def current_details(state: AgentState) -> str:
     """What the Web UI shows as the run's current details (markdown)."""
     lines = [
-        f"**{state.status.value}** · step {state.step} · {state.usage.total_tokens} tokens",
+        f"**{state.status.value}** · step {state.step} · "
+        + usage_line(state.usage, state.subagents),
     ]
     if state.provider_error:
         lines.append(f"- the model provider keeps failing: {state.provider_error[:300]}")
