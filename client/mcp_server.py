@@ -28,7 +28,7 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ToolAnnotations
-from pydantic import Field
+from pydantic import Field, ValidationError
 from temporalio.contrib.workflow_streams import WorkflowStreamClient
 
 from keel.activities.registry import Agent
@@ -110,6 +110,26 @@ def refusals(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise ToolError(problem.detail) from None
 
     return tool
+
+
+class KeelServer(MCPServer):
+    """MCPServer whose tool errors read as Keel's refusals: the reason alone, and for bad
+    arguments each field and what is wrong with it (not the SDK's wrapping of them)."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as e:
+            cause = e.__cause__
+            if isinstance(cause, ValidationError):
+                fields = "; ".join(
+                    f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
+                    for err in cause.errors()[:5]
+                )
+                raise ToolError(f"invalid arguments for {name}: {fields}") from cause
+            if type(cause) is ToolError:  # a refusal of ours: its words as they are
+                raise ToolError(str(cause)) from cause
+            raise
 
 
 class LocalGateway(Gateway):
@@ -360,7 +380,7 @@ class KeelTools:
 def build_server(tools: KeelTools, auth: AuthSettings | None = None) -> MCPServer:
     """The MCP server of these tools (with `auth`: bearer tokens from the gateway's file)."""
     verifier = TokenFileVerifier(tools.gw.tokens) if auth and tools.gw.tokens else None
-    server: MCPServer = MCPServer(
+    server = KeelServer(
         "keel", instructions=INSTRUCTIONS, auth=auth, token_verifier=verifier, log_level="WARNING"
     )
     for fn, hints in (
