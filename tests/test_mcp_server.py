@@ -27,7 +27,7 @@ from keel.activities.registry import load_policy
 from keel.gateway.auth import new_token
 from keel.workflows.models import Policy
 from tests.conftest import Harness, wait_for
-from tests.policies import policy_data
+from tests.policies import KeyPair, key_pair, policy_data
 from tests.test_cli import keel as keel_cli
 from tests.test_gateway import write_tokens
 
@@ -39,9 +39,11 @@ USERS = ("dana", "sam", "gail", "alice")
 class Setup:
     """The policy and tokens files, and the environment a `keel mcp` process gets."""
 
-    def __init__(self, harness: Harness, tmp_path: Path) -> None:
+    def __init__(
+        self, harness: Harness, tmp_path: Path, keys: dict[str, KeyPair] | None = None
+    ) -> None:
         self.harness = harness
-        (tmp_path / "policy.json").write_text(json.dumps(policy_data()))
+        (tmp_path / "policy.json").write_text(json.dumps(policy_data(keys)))
         self.policy: Policy = load_policy(tmp_path / "policy.json")
         self.tokens = {u: new_token() for u in USERS}
         self.tokens_file = tmp_path / "tokens.toml"
@@ -56,10 +58,10 @@ class Setup:
         }
 
     @asynccontextmanager
-    async def stdio(self, user: str) -> AsyncIterator[Tools]:
+    async def stdio(self, user: str, **env: str) -> AsyncIterator[Tools]:
         """A `keel mcp` process acting as `user`, and a client session with it."""
         params = StdioServerParameters(
-            command=KEEL, args=["mcp"], env={**self.env, "KEEL_USER": user}, cwd=str(ROOT)
+            command=KEEL, args=["mcp"], env={**self.env, "KEEL_USER": user, **env}, cwd=str(ROOT)
         )
         async with stdio_client(params) as (read, write), ClientSession(read, write) as s:
             await s.initialize()
@@ -211,6 +213,26 @@ async def test_stdio_bad_arguments_and_no_user(setup: Setup) -> None:
     code, out, err = await keel_cli(setup.harness, "mcp", env=env, cwd=ROOT)
     assert code == 1 and out == "" and "--user NAME or KEEL_USER" in err
     assert "Traceback" not in err
+
+
+async def test_stdio_decisions_signed_with_the_users_key(harness: Harness, tmp_path: Path) -> None:
+    keys = {"alice": key_pair(), "dana": key_pair()}
+    (tmp_path / "alice.key").write_bytes(keys["alice"].pem)
+    setup = Setup(harness, tmp_path, keys)
+    async with (
+        harness.worker(policy=setup.policy),
+        setup.stdio("dana") as dana,
+        setup.stdio("alice", KEEL_APPROVER_KEY=str(tmp_path / "alice.key")) as alice,
+    ):
+        run = (await dana.ok("start_run", agent="guarded", message="charge 30"))["run_id"]
+        call = await dana.call_id(run)
+        # dana may reject her own run's call, but her server holds no key of hers
+        text = await dana.refused("reject_call", run_id=run, call_id=call, reason="no")
+        assert "unsigned decision refused" in text
+        await alice.ok("approve_call", run_id=run, call_id=call)
+        await dana.settled(run, "completed")
+        state = await harness.agents.get_state(run)
+    assert [(d.by, d.signed) for d in state.decisions] == [("alice", True)]
 
 
 async def test_http_tokens_tenancy_and_approval(setup: Setup) -> None:
