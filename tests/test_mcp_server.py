@@ -249,9 +249,11 @@ async def test_http_tokens_tenancy_and_approval(setup: Setup) -> None:
         env={**os.environ, **setup.env},
         cwd=str(ROOT),
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
+    rest: asyncio.Task[bytes] | None = None
     try:
+        rest = await _listening(proc)
         hello = {
             "jsonrpc": "2.0",
             "id": 1,
@@ -264,20 +266,16 @@ async def test_http_tokens_tenancy_and_approval(setup: Setup) -> None:
         }
         accept = {"Accept": "application/json, text/event-stream"}
 
-        async def answer(token: str | None) -> httpx.Response | None:
+        async def answer(token: str | None) -> httpx.Response:
             headers = accept | ({"Authorization": f"Bearer {token}"} if token else {})
-            try:
-                async with httpx.AsyncClient() as c:
-                    return await c.post(url, json=hello, headers=headers)
-            except httpx.TransportError:
-                return None  # not listening yet
+            async with httpx.AsyncClient() as c:
+                return await c.post(url, json=hello, headers=headers)
 
-        assert (await wait_for(lambda: answer(None))).status_code == 401
+        assert (await answer(None)).status_code == 401
         wrong = await answer("keel_not-a-token")
-        assert wrong is not None and wrong.status_code == 401
+        assert wrong.status_code == 401
         assert wrong.headers["www-authenticate"].startswith("Bearer")
-        right = await answer(setup.tokens["sam"])
-        assert right is not None and right.status_code == 200
+        assert (await answer(setup.tokens["sam"])).status_code == 200
 
         async with (
             setup.harness.worker(policy=setup.policy),
@@ -309,6 +307,20 @@ async def test_http_tokens_tenancy_and_approval(setup: Setup) -> None:
     finally:
         proc.terminate()
         await proc.wait()
+        if rest is not None:
+            await rest
+
+
+async def _listening(proc: asyncio.subprocess.Process) -> asyncio.Task[bytes]:
+    """Once the server says it listens (its log line); its log, should it stop first. The
+    task returned reads the rest of its log, so the pipe never fills and blocks it."""
+    assert proc.stderr is not None
+    said = []
+    while not said or "Uvicorn running on" not in said[-1]:
+        line = (await proc.stderr.readline()).decode()
+        assert line, "keel mcp --http stopped:\n" + "".join(said)
+        said.append(line)
+    return asyncio.create_task(proc.stderr.read())
 
 
 def _acts(run: str, call: str) -> list[tuple[str, dict[str, Any]]]:
