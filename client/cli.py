@@ -458,10 +458,9 @@ async def cmd_mcp(a: argparse.Namespace, s: Settings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     host, port = a.host or s.api_host, a.port
     if not s.api_tokens:
-        http_server(s, policy, None, "", agents)  # says what is missing
+        http_server(s, policy, None, host, port, agents)  # says what is missing
     client = (await _agents(s)).client  # Temporal first: said in one line
-    server = http_server(s, policy, client, f"http://{host}:{port}", agents)
-    app = server.streamable_http_app(host=host)
+    app = http_server(s, policy, client, host, port, agents).streamable_http_app()
     config = uvicorn.Config(app, host=host, port=port, log_config=None, proxy_headers=False)
     try:
         await uvicorn.Server(config).serve()

@@ -21,8 +21,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
-from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.fastmcp import FastMCP
+from mcp.server.fastmcp.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import ValidationError
 
@@ -35,9 +35,9 @@ from keel.gateway.context import Gateway
 from keel.workflows.models import Policy
 
 log = logging.getLogger("keel.mcp")
-READ = ToolAnnotations(read_only_hint=True, open_world_hint=False)
-ACT = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
-ENDS = ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=False)
+READ = ToolAnnotations(readOnlyHint=True, openWorldHint=False)
+ACT = ToolAnnotations(readOnlyHint=False, destructiveHint=False, openWorldHint=False)
+ENDS = ToolAnnotations(readOnlyHint=False, destructiveHint=True, openWorldHint=False)
 INSTRUCTIONS = (
     "Keel runs AI agents durably. Start a run (start_run), wait until it answers or needs an "
     "approval (wait_for_run), read the pending calls with their arguments and JSON schema "
@@ -47,13 +47,13 @@ INSTRUCTIONS = (
 )
 
 
-class KeelServer(MCPServer):
-    """MCPServer whose tool errors read as Keel's refusals: the reason alone, and for bad
+class KeelServer(FastMCP):
+    """FastMCP whose tool errors read as Keel's refusals: the reason alone, and for bad
     arguments each field and what is wrong with it (not the SDK's wrapping of them)."""
 
-    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+    async def call_tool(self, name: str, arguments: dict[str, Any]) -> Any:
         try:
-            return await super().call_tool(name, arguments, context)
+            return await super().call_tool(name, arguments)
         except ToolError as e:
             cause = e.__cause__
             if isinstance(cause, ValidationError):
@@ -101,11 +101,19 @@ class TokenFileVerifier:
         return AccessToken(token=token_hash(token), client_id=name, scopes=[], subject=user)
 
 
-def build_server(tools: KeelTools, auth: AuthSettings | None = None) -> MCPServer:
-    """The MCP server of these tools (with `auth`: bearer tokens from the gateway's file)."""
+def build_server(
+    tools: KeelTools, auth: AuthSettings | None = None, host: str = "127.0.0.1"
+) -> FastMCP:
+    """The MCP server of these tools (with `auth`: bearer tokens from the gateway's file;
+    `host`: where HTTP listens, which sets the DNS-rebinding protection for a local one)."""
     verifier = TokenFileVerifier(tools.gw.tokens) if auth and tools.gw.tokens else None
     server = KeelServer(
-        "keel", instructions=INSTRUCTIONS, auth=auth, token_verifier=verifier, log_level="WARNING"
+        "keel",
+        instructions=INSTRUCTIONS,
+        auth=auth,
+        token_verifier=verifier,
+        log_level="WARNING",
+        host=host,
     )
     for fn, hints in (
         (tools.list_agents, READ),
@@ -128,7 +136,7 @@ def build_server(tools: KeelTools, auth: AuthSettings | None = None) -> MCPServe
 
 def local_server(
     settings: Settings, policy: Policy | None, client: Any, user: str, agents: list[Agent] | None
-) -> MCPServer:
+) -> FastMCP:
     """The server one person runs over stdio, acting as `user`."""
     gw = LocalGateway(settings, policy, client, user)
     return build_server(KeelTools(gw, agents, user))
@@ -138,9 +146,10 @@ def http_server(
     settings: Settings,
     policy: Policy | None,
     client: Any,
-    base_url: str,
+    host: str,
+    port: int,
     agents: list[Agent] | None,
-) -> MCPServer:
+) -> FastMCP:
     """The server many people reach over streamable HTTP, each with a token of the file."""
     if not settings.api_tokens:
         raise SettingsError(
@@ -150,5 +159,6 @@ def http_server(
     gw = Gateway(settings, policy, TokenFile(settings.api_tokens), client)
     # no OAuth server: tokens come from the file, so no metadata is published (the issuer
     # is only a required field); a request without a valid token is answered 401
-    auth = AuthSettings(issuer_url=base_url, resource_server_url=None)  # type: ignore[arg-type]
-    return build_server(KeelTools(gw, agents, None), auth)
+    url = f"http://{host}:{port}"
+    auth = AuthSettings(issuer_url=url, resource_server_url=None)  # type: ignore[arg-type]
+    return build_server(KeelTools(gw, agents, None), auth, host)

@@ -67,7 +67,7 @@ def reply(model: BaseModel, text: str) -> CallToolResult:
     """A tool's answer: `text` for a person, `model` as its structured content."""
     return CallToolResult(
         content=[TextContent(type="text", text=text)],
-        structured_content=model.model_dump(mode="json"),
+        structuredContent=model.model_dump(mode="json"),
     )
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import httpx2
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
@@ -72,8 +71,8 @@ class Setup:
         """A client session with a `keel mcp --http` server, with `user`'s token."""
         headers = {"Authorization": f"Bearer {self.tokens[user]}"}
         async with (
-            httpx2.AsyncClient(headers=headers) as http,
-            streamable_http_client(url, http_client=http) as (read, write),
+            httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(30.0, read=None)) as http,
+            streamable_http_client(url, http_client=http) as (read, write, _),
             ClientSession(read, write) as s,
         ):
             await s.initialize()
@@ -91,13 +90,13 @@ class Tools:
 
     async def ok(self, name: str, **args: Any) -> dict[str, Any]:
         r = await self.call(name, **args)
-        assert not r.is_error, r.content
-        assert r.structured_content is not None and r.content[0].text  # type: ignore[union-attr]
-        return r.structured_content
+        assert not r.isError, r.content
+        assert r.structuredContent is not None and r.content[0].text  # type: ignore[union-attr]
+        return r.structuredContent
 
     async def refused(self, name: str, **args: Any) -> str:
         r = await self.call(name, **args)
-        assert r.is_error, r
+        assert r.isError, r
         text: str = r.content[0].text  # type: ignore[union-attr]
         assert "Traceback" not in text
         return text
@@ -191,7 +190,7 @@ async def test_stdio_start_approve_reject_edit_and_message(setup: Setup) -> None
 
 async def _answered(tools: Tools, run: str, answer: str) -> bool:
     r = await tools.call("run_result", run_id=run)
-    return not r.is_error and (r.structured_content or {}).get("final_answer") == answer
+    return not r.isError and (r.structuredContent or {}).get("final_answer") == answer
 
 
 async def test_stdio_bad_arguments_and_no_user(setup: Setup) -> None:
@@ -208,7 +207,7 @@ async def test_stdio_bad_arguments_and_no_user(setup: Setup) -> None:
         assert (
             text == "invalid arguments for edit_call: arguments: Input should be a valid dictionary"
         )
-        assert (await sam.call("no_such_tool")).is_error
+        assert (await sam.call("no_such_tool")).isError
     env = {**setup.env, "KEEL_USER": ""}
     code, out, err = await keel_cli(setup.harness, "mcp", env=env, cwd=ROOT)
     assert code == 1 and out == "" and "--user NAME or KEEL_USER" in err
