@@ -438,6 +438,41 @@ async def cmd_serve(a: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+async def cmd_mcp(a: argparse.Namespace, s: Settings) -> int:
+    from keel.client.mcp_server import http_server, local_server
+    from keel.gateway.app import load_gateway_policy
+    from keel.worker import load_agents
+
+    ref = a.agents or s.agents
+    agents = load_agents(ref) if ref else None
+    policy = load_gateway_policy(s)
+    if not a.http:
+        user = a.user or s.user
+        if not user:
+            raise KeelClientError(
+                "keel mcp acts as a user of the policy: name them with --user NAME or KEEL_USER "
+                "(or serve many users with --http and KEEL_API_TOKENS)"
+            )
+        # stdout carries the protocol: nothing else may be printed there
+        server = local_server(s, policy, (await _agents(s)).client, user, agents)
+        await server.run_stdio_async()
+        return 0
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    host, port = a.host or s.api_host, a.port
+    if not s.api_tokens:
+        http_server(s, policy, None, host, port, agents)  # says what is missing
+    client = (await _agents(s)).client  # Temporal first: said in one line
+    app = http_server(s, policy, client, host, port, agents).streamable_http_app()
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, proxy_headers=False)
+    try:
+        await uvicorn.Server(config).serve()
+    except SystemExit:  # uvicorn's way of saying the port is taken (it logged why)
+        raise KeelClientError(f"cannot serve on {host}:{port}") from None
+    return 0
+
+
 async def cmd_token(a: argparse.Namespace, s: Settings) -> int:
     """A fresh API token for a user: the token once, and the entry the tokens file keeps."""
     from datetime import date
@@ -683,6 +718,22 @@ def parser() -> argparse.ArgumentParser:
         "--host", default=None, help="the address to listen on ($KEEL_API_HOST, 127.0.0.1)"
     )
     sp.add_argument("--port", type=int, default=None, help="the port ($KEEL_API_PORT, 8000)")
+    sp = add(
+        "mcp",
+        cmd_mcp,
+        "runs as an MCP server: over stdio as one user, or over HTTP with KEEL_API_TOKENS",
+    )
+    sp.add_argument("--user", default=None, help="(stdio) who you act as (default: $KEEL_USER)")
+    sp.add_argument(
+        "--agents",
+        default=None,
+        help="the agents list_agents describes, as module:attribute (default: $KEEL_AGENTS)",
+    )
+    sp.add_argument("--http", action="store_true", help="serve streamable HTTP at /mcp")
+    sp.add_argument(
+        "--host", default=None, help="(http) the address to listen on ($KEEL_API_HOST, 127.0.0.1)"
+    )
+    sp.add_argument("--port", type=int, default=8001, help="(http) the port (%(default)s)")
     sp = add("token", cmd_token, "API tokens for `keel serve`")
     token = sp.add_subparsers(dest="action", required=True)
     sc = token.add_parser("new", help="a fresh token for a user, and its tokens-file entry")

@@ -97,7 +97,7 @@ class Gateway:
         self,
         settings: Settings,
         policy: Policy | None,
-        tokens: TokenFile,
+        tokens: TokenFile | None,  # None: one local user, no tokens (`keel mcp`)
         client: Client | None = None,
     ) -> None:
         # the gateway acts for many people: never as KEEL_USER, never with one approver's key
@@ -224,7 +224,7 @@ async def caller(
 ) -> Caller:
     """The authenticated caller (401 otherwise), within the rate limit (429 otherwise)."""
     token = bearer.credentials if bearer is not None else cookie
-    found = gw.tokens.lookup(token) if token else None
+    found = gw.tokens.lookup(token) if token and gw.tokens else None
     if found is None:
         gw.limit(f"address:{client_address(request)}")  # guessing tokens is limited too
         why = "this token is not known (revoked, or mistyped)" if token else "sign in first"
