@@ -161,7 +161,8 @@ async def test_a_cancelled_childs_usage_counts_in_its_parents(budgets: Harness) 
                 child = await h.agents.get_state(f"{run}.napper-{parent.run_key[:8]}-1-0")
             except Exception:
                 return None  # not started yet
-            return child if child.transcript[-1].tool_calls else None
+            # its spec may not be loaded yet: an empty transcript
+            return child if child.transcript and child.transcript[-1].tool_calls else None
 
         child = await wait_for(napping)
         # an interrupt cancels the sub-agent's call, and so the sub-agent
