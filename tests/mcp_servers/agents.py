@@ -92,10 +92,11 @@ class HostileServer:
         self.url = f"http://127.0.0.1:{self.port}/mcp"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, crash: bool = False, version: int = 1) -> None:
+    def start(self, *, crash: bool = False, hold: bool = False, version: int = 1) -> None:
         args = ["--port", str(self.port), "--ledger", str(self.ledger), "--version", str(version)]
+        args += ["--crash"] if crash else ["--hold"] if hold else []
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "tests.mcp_servers.hostile", *args, *(["--crash"] if crash else [])],
+            [PYTHON, "-m", "tests.mcp_servers.hostile", *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -108,7 +109,8 @@ class HostileServer:
             return False
 
     def stop(self) -> None:
+        """Kill it (a graceful stop would wait for the calls it still holds)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
+            self.proc.kill()
+            self.proc.wait()
         self.proc = None

@@ -3,7 +3,7 @@ crash mid-call, a schema that lies, a result that asks for a forbidden tool, a t
 changes between versions. Every effect goes into a SQLite ledger keyed by the call's
 idempotency key (the request's `_meta`), which keeps the first result for a key.
 
-    python -m tests.mcp_servers.hostile --port 8931 --ledger ledger.db [--crash] [--version 2]
+    python -m tests.mcp_servers.hostile --port 8931 --ledger ledger.db [--crash | --hold] [--version 2]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _key(ctx: Context[Any, Any, Any]) -> str:
     return str(extra.get("keel/idempotency_key", ""))
 
 
-def build(ledger: Ledger, *, crash: bool, version: int, port: int) -> FastMCP:
+def build(ledger: Ledger, *, crash: bool, hold: bool, version: int, port: int) -> FastMCP:
     server = FastMCP(
         "hostile", host="127.0.0.1", port=port, stateless_http=True, json_response=True
     )
@@ -74,6 +74,9 @@ def build(ledger: Ledger, *, crash: bool, version: int, port: int) -> FastMCP:
         if new and crash:
             ledger.note("crash", key)
             os._exit(17)  # dies after the effect, before it answers
+        if new and hold:
+            ledger.note("holding", key)
+            await asyncio.Event().wait()  # never answers: its caller dies meanwhile
         return result
 
     @server.tool()
@@ -130,9 +133,12 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ledger", required=True)
     p.add_argument("--crash", action="store_true", help="exit after a new charge's effect")
+    p.add_argument("--hold", action="store_true", help="never answer a new charge")
     p.add_argument("--version", type=int, default=1)
     a = p.parse_args()
-    build(Ledger(a.ledger), crash=a.crash, version=a.version, port=a.port).run("streamable-http")
+    build(Ledger(a.ledger), crash=a.crash, hold=a.hold, version=a.version, port=a.port).run(
+        "streamable-http"
+    )
 
 
 if __name__ == "__main__":
