@@ -21,7 +21,7 @@ from tests.mcp_servers.agents import CLOCK, MCP_RULES, TIME, db_agent
 
 async def test_a_reference_server_over_stdio(env: WorkflowEnvironment) -> None:
     async with AgentEnvironment(env.client, [CLOCK], MCP_RULES) as e:
-        run = await e.start("clock", "what time is it?")
+        run = await e.start("timekeeper", "what time is it?")
         result = await e.agents.result(run, timeout=120)
         state = await e.agents.get_state(run)
     assert result.status == AgentStatus.COMPLETED
@@ -97,9 +97,9 @@ async def test_a_misspelt_approval_fails_the_run_clearly(env: WorkflowEnvironmen
 
 
 async def test_the_policy_narrows_a_servers_tools(env: WorkflowEnvironment) -> None:
-    policy = Policy(agents={"clock": PolicyAgent(tools=["time_convert_time"])})
+    policy = Policy(agents={"timekeeper": PolicyAgent(tools=["time_convert_time"])})
     async with AgentEnvironment(env.client, [CLOCK], MCP_RULES, policy=policy) as e:
-        run = await e.start("clock", "what time is it?")
+        run = await e.start("timekeeper", "what time is it?")
         result = await e.agents.result(run, timeout=120)
         state = await e.agents.get_state(run)
     assert state.spec is not None
@@ -110,7 +110,7 @@ async def test_the_policy_narrows_a_servers_tools(env: WorkflowEnvironment) -> N
 def test_a_policy_naming_a_tool_no_server_may_have_is_refused_at_start() -> None:
     from keel.plugin import KeelPlugin
 
-    policy = Policy(agents={"clock": PolicyAgent(tools=["clock_get_current_time"])})
+    policy = Policy(agents={"timekeeper": PolicyAgent(tools=["clock_get_current_time"])})
     with pytest.raises(SettingsError, match="clock_get_current_time"):
         KeelPlugin([CLOCK], policy=policy)
 
@@ -151,3 +151,29 @@ async def test_the_filesystem_server_from_npm(env: WorkflowEnvironment, tmp_path
     assert "the keel holds" in (result.final_answer or "")
     assert state.spec is not None and not state.spec.tool("fs_read_text_file").side_effects
     assert state.spec.tool("fs_write_file").side_effects
+
+
+async def test_a_recorded_run_replays_with_the_server_gone() -> None:
+    """`python -m tests.record_histories --only mcp`: the listing and the call are in the
+    history; replay asks no server (none is declared here at all)."""
+    from temporalio.client import WorkflowHistory
+    from temporalio.worker import Replayer
+
+    from keel.config import Settings
+    from keel.plugin import KeelPlugin
+
+    path = Path(__file__).parent / "histories" / "mcp.json"
+    history = WorkflowHistory.from_json("history-mcp", path.read_text())
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert scheduled == [
+        "keel.mcp_list_tools",
+        "keel.call_model",
+        "keel.run_tool",
+        "keel.call_model",
+    ]
+    replayer = Replayer(workflows=[], plugins=[KeelPlugin(settings=Settings())])
+    await replayer.replay_workflow(history)

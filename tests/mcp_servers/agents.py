@@ -18,7 +18,7 @@ PYTHON = sys.executable
 SQLITE = "import sys, mcp_server_sqlite as m; sys.exit(m.main())"  # it has no __main__
 
 TIME = MCPStdio("time", PYTHON, ["-m", "mcp_server_time"], trust_read_only_hint=True)
-CLOCK = Agent(name="clock", instructions="Tell the time.", toolsets=[TIME], tools=TOOLS)
+CLOCK = Agent(name="timekeeper", instructions="Tell the time.", toolsets=[TIME], tools=TOOLS)
 
 
 def db_agent(path: Path) -> Agent:
