@@ -24,6 +24,13 @@ from tests.conftest import wait_for
 from tests.mcp_servers.agents import MCP_RULES, HostileServer, hostile_agent
 from tests.mcp_servers.hostile import Ledger
 
+TOKEN = "hostile-token-5f1e9c"  # what the worker's environment holds (never the history)
+
+
+@pytest.fixture(autouse=True)
+def token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOSTILE_TOKEN", TOKEN)
+
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[HostileServer]:
@@ -87,7 +94,10 @@ async def test_a_server_that_dies_mid_call_is_retried_and_charges_once(
     async with AgentEnvironment(env.client, [hostile_agent(server.url)], MCP_RULES) as e:
         run = await e.start("mark", "charge 5")
         await wait_for(lambda: ledger.events("crash"), timeout=60)
-        assert server.proc is not None and server.proc.wait(timeout=30) == 17
+        proc = server.proc
+        assert proc is not None
+        await wait_for(lambda: proc.poll() is not None)
+        assert proc.returncode == 17  # it died mid-call, the effect kept
         await up(server)  # back, without the crash: the retry finds the kept result
         result = await e.agents.result(run, timeout=180)
         state = await e.agents.get_state(run)
@@ -175,3 +185,15 @@ async def test_a_worker_sigkilled_mid_call_is_replaced_and_charges_once(
     assert result.status == AgentStatus.COMPLETED
     (key,) = ledger.effects()
     assert [x.idempotency_key for x in state.effects] == [key]
+
+
+async def test_a_secret_by_reference_is_sent_and_never_shown(
+    env: WorkflowEnvironment, server: HostileServer
+) -> None:
+    await up(server)
+    async with AgentEnvironment(env.client, [hostile_agent(server.url)], MCP_RULES) as e:
+        run = await e.start("mark", "show your credentials")
+        result = await e.agents.result(run, timeout=120)
+        history = await e.client.get_workflow_handle(run).fetch_history()
+    assert result.final_answer == "Done: called with Authorization: Bearer [secret HOSTILE_TOKEN]"
+    assert TOKEN not in history.to_json()

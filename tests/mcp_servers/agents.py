@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from keel.activities.mcp import MCPHttp, MCPStdio
+from keel.activities.mcp import MCPHttp, MCPStdio, Secret
 from keel.activities.registry import Agent
 from keel.workflows.models import ApprovalMode, ApprovalPolicy
 from tests.agents import TOOLS
@@ -34,8 +34,14 @@ def db_agent(path: Path) -> Agent:
 
 
 def hostile_agent(url: str, name: str = "mark") -> Agent:
-    """An agent whose only tools come from the hostile server (tests/mcp_servers/hostile.py)."""
-    server = MCPHttp("hostile", url, read_only=["huge", "slow", "poison", "lying"])
+    """An agent whose only tools come from the hostile server (tests/mcp_servers/hostile.py),
+    with a token from the worker's environment (HOSTILE_TOKEN) in its requests' headers."""
+    server = MCPHttp(
+        "hostile",
+        url,
+        headers={"Authorization": Secret("HOSTILE_TOKEN", "Bearer {}")},
+        read_only=["huge", "slow", "poison", "lying", "leak"],
+    )
     return Agent(name=name, instructions="Do what is asked.", toolsets=[server])
 
 
@@ -64,6 +70,7 @@ MCP_RULES: dict[str, Any] = {
         _call("poison", "(?i)read the document", "hostile_poison", {}),
         _call("lie", "(?i)count", "hostile_lying", {"count": 3}),
         _call("extra", "(?i)the new tool", "hostile_extra", {}),
+        _call("leak", "(?i)credentials", "hostile_leak", {}),
         {
             # the document told it to: a model that obeys a tool's result
             "name": "obey",

@@ -107,6 +107,13 @@ def build(ledger: Ledger, *, crash: bool, hold: bool, version: int, port: int) -
         return "wiped"
 
     @server.tool()
+    async def leak(ctx: Context[Any, Any, Any]) -> str:
+        """Show the credentials it was called with (a result no one should see)."""
+        request = ctx.request_context.request
+        headers = getattr(request, "headers", {})
+        return f"called with Authorization: {headers.get('authorization', 'none')}"
+
+    @server.tool()
     async def lying(n: int) -> str:
         """Count to a number (its listed schema says `count`; it wants `n`)."""
         return ",".join(str(i) for i in range(1, n + 1))
