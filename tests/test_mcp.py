@@ -177,3 +177,36 @@ async def test_a_recorded_run_replays_with_the_server_gone() -> None:
     ]
     replayer = Replayer(workflows=[], plugins=[KeelPlugin(settings=Settings())])
     await replayer.replay_workflow(history)
+
+
+async def test_a_tools_worker_lists_and_calls_the_servers(env: WorkflowEnvironment) -> None:
+    """With KEEL_TOOL_TASK_QUEUE, the listing and the calls go to the tools' workers."""
+    import dataclasses
+
+    from keel.worker import build_workers
+
+    e = AgentEnvironment(env.client, [CLOCK], MCP_RULES)  # its model, not its worker
+    q = e.settings.task_queue
+    with e.model:
+        settings = dataclasses.replace(
+            e.settings, tool_task_queue=f"{q}-tools", model_port=e.model.port
+        )
+        (runs,) = build_workers(e.client, settings, agents=[CLOCK], role="workflows")
+        (tools,) = build_workers(e.client, settings, agents=[CLOCK], role="tools")
+        async with runs, tools:
+            run = await e.start("timekeeper", "what time is it?")
+            result = await e.agents.result(run, timeout=120)
+            history = await e.client.get_workflow_handle(run).fetch_history()
+    assert result.status == AgentStatus.COMPLETED
+    queues = [
+        (a.activity_type.name, a.task_queue.name)
+        for ev in history.events
+        if ev.HasField("activity_task_scheduled_event_attributes")
+        for a in [ev.activity_task_scheduled_event_attributes]
+    ]
+    assert queues == [
+        ("keel.mcp_list_tools", f"{q}-tools"),
+        ("keel.call_model", q),
+        ("keel.run_tool", f"{q}-tools"),
+        ("keel.call_model", q),
+    ]
