@@ -1,4 +1,4 @@
-"""All I/O: the model call, tool dispatch, the agent registry."""
+"""All I/O: the model call, tool dispatch (tools and MCP servers), the agent registry."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ def build_activities(
     registry: AgentRegistry, model: ModelActivities, resources: Any = None
 ) -> list[Callable[..., Any]]:
     """The activities a worker registers for these agents, bound to their config."""
-    tools = ToolActivities(registry.tools(), resources)
-    return [registry.load_agent_spec, model.call_model, tools.run_tool]
+    tools = ToolActivities(registry.tools(), resources, registry.mcp)
+    return [registry.load_agent_spec, model.call_model, tools.run_tool, registry.mcp.list_tools]
 
 
 __all__ = [

@@ -15,6 +15,10 @@ the worker, and never inside the sandbox.
 
 import types as _types
 
+from keel.activities.mcp import MCPHttp as MCPHttp
+from keel.activities.mcp import MCPServer as MCPServer
+from keel.activities.mcp import MCPStdio as MCPStdio
+from keel.activities.mcp import Secret as Secret
 from keel.activities.registry import Agent as Agent
 from keel.activities.registry import load_policy as load_policy
 from keel.activities.tools import SecretError as SecretError

@@ -213,10 +213,14 @@ class KeelPlugin(SimplePlugin):
             )
 
     async def run_worker(self, worker: Worker, next: Callable[[Worker], Awaitable[None]]) -> None:
-        """Register Keel's search attributes (where allowed), then run the worker."""
+        """Register Keel's search attributes (where allowed), then run the worker; when it
+        stops, close the sessions of the agents' MCP servers."""
         if self._register:
             await ensure_search_attributes(worker.client)
-        await super().run_worker(worker, next)
+        try:
+            await super().run_worker(worker, next)
+        finally:
+            await self.registry.mcp.close()
 
 
 def _with_passthrough(existing: WorkflowRunner | None) -> WorkflowRunner:

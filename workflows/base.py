@@ -65,6 +65,7 @@ with workflow.unsafe.imports_passed_through():
         TaskClock,
         load_spec,
         payload_bytes,
+        pin_mcp_tools,
     )
     from keel.workflows.tool_step import ToolStep
 
@@ -120,6 +121,8 @@ class KeelWorkflow(RunDoors):
                     refused = start_refusal(self.spec.policy, input.agent, input.user)
                     if refused and workflow.info().parent is None:
                         raise errors.KeelError(refused, type=START_REFUSED)
+                    if self.spec.mcp:  # listed once, pinned in the snapshot
+                        self.spec = st.spec = await pin_mcp_tools(self.spec)
                 except errors.KeelError as e:
                     self.finish(AgentStatus.FAILED, e.message)
                     raise

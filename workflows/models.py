@@ -33,6 +33,7 @@ UPDATE_MESSAGE = "keel.send_message"
 QUERY_STATE = "keel.get_state"  # bounded: the transcript's tail, long texts cut
 QUERY_TRANSCRIPT = "keel.get_transcript"  # the transcript whole, page by page
 QUERY_STATUS = "keel.get_status"  # small: what lists and waits need, no transcript
+MCP_LIST_TOOLS = "keel.mcp_list_tools"  # an MCP server's tools, listed once per run and pinned
 
 # --- the agent spec (a snapshot of it is recorded in each run's history) -------------------
 
@@ -77,6 +78,10 @@ class ToolSpec(BaseModel):
     local: bool = False  # read-only: runs as a local activity, in the model step's task
     # the worker's environment variables it may read (`ctx.secret`): names only, never values
     secrets: list[str] = Field(default_factory=list)
+    # set: a tool of this MCP server (the worker's declaration of that name), called by its
+    # own name there; the schema above is the one the run pinned when it listed the server
+    mcp_server: str = ""
+    mcp_tool: str = ""
 
     @property
     def is_subagent(self) -> bool:
@@ -242,6 +247,15 @@ class Policy(_PolicyPart):
     decision_burst: int = Field(default=DECISION_BURST, ge=1)
 
 
+class MCPPin(BaseModel):
+    """An MCP server an agent takes tools from, and (once the run listed it) what it pinned:
+    the digest of the server's tool list and the names the model sees."""
+
+    server: str
+    digest: str = ""  # sha256 of the listed tools (names, descriptions, schemas); "": not yet
+    tools: list[str] = Field(default_factory=list)
+
+
 class AgentSpec(BaseModel):
     """The snapshot of an agent a run keeps for its whole life."""
 
@@ -263,6 +277,8 @@ class AgentSpec(BaseModel):
     tool_task_queue: str = ""
     policy: Policy | None = None  # the worker's policy when the run started (None: no policy)
     compaction: Compaction | None = None  # None: the oldest turns are left out when too long
+    # its MCP servers: listed once when the run starts, their tools then pinned in `tools`
+    mcp: list[MCPPin] = Field(default_factory=list)
 
     def tool(self, name: str) -> ToolSpec | None:
         """The tool of that name, if the agent has it."""
@@ -383,6 +399,23 @@ class ToolInput(BaseModel):
     idempotency_key: str
     run_id: str = ""
     user: str = ""
+    mcp_server: str = ""  # an MCP tool: the server (by the worker's name for it) ...
+    mcp_tool: str = ""  # ... and the tool's own name there
+
+
+class MCPListInput(BaseModel):
+    """List one MCP server's tools for a run of this agent (`keel.mcp_list_tools`)."""
+
+    agent: str
+    server: str
+
+
+class MCPToolList(BaseModel):
+    """A server's tools as the run pins them, with the options the agent declared applied."""
+
+    server: str
+    digest: str
+    tools: list[ToolSpec] = Field(default_factory=list)
 
 
 class ToolResult(BaseModel):

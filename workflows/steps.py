@@ -17,7 +17,7 @@ from temporalio.exceptions import (
 )
 
 from keel.workflows import errors
-from keel.workflows.authz import tenant_of
+from keel.workflows.authz import allowed_tools, tenant_of
 from keel.workflows.budgets import budget_left, limits_of, priced, roll_up, usage_line
 from keel.workflows.compaction import request_messages
 from keel.workflows.models import (
@@ -28,6 +28,7 @@ from keel.workflows.models import (
     AGENT_USER,
     CALL_MODEL,
     LOAD_AGENT_SPEC,
+    MCP_LIST_TOOLS,
     PENDING_APPROVALS,
     RUN_TOOL,
     TOTAL_TOKENS,
@@ -38,6 +39,8 @@ from keel.workflows.models import (
     AgentState,
     AgentStatus,
     LoadAgentInput,
+    MCPListInput,
+    MCPToolList,
     ModelInput,
     ModelResult,
     ModelSettings,
@@ -67,11 +70,18 @@ NON_RETRYABLE_PROVIDER = [
     errors.PAYLOAD_TOO_LARGE,
     errors.KEEL_INTERNAL,
 ]
-AUTH_RETRY_SECONDS = 300.0
+AUTH_RETRY_SECONDS = 300.0  # a key to fix: try again this often, or at once on `keel resume`
 # runs recorded before it neither bounded a sub-agent's budget nor counted its usage
-SHARED_BUDGET_PATCH = (
-    "keel-shared-budget"  # a key to fix: try again this often, or at once on `keel resume`
+SHARED_BUDGET_PATCH = "keel-shared-budget"
+MCP_LIST_TIMEOUT = timedelta(seconds=60)
+# a server that is down when a run starts: tried for about ten minutes before the run fails
+MCP_LIST_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=25,
+    non_retryable_error_types=["MCPToolsetError"],
 )
+MCP_UNLISTED = "MCPServerUnlisted"  # the run could not list an MCP server of its agent
 
 
 class TaskClock:
@@ -141,6 +151,38 @@ async def load_spec(agent: str) -> AgentSpec:
         if isinstance(e.cause, CancelledError):
             raise
         raise errors.KeelError(failure_message(e), type=errors.AGENT_NOT_FOUND) from e
+
+
+async def pin_mcp_tools(spec: AgentSpec) -> AgentSpec:
+    """The spec with its MCP servers' tools pinned: each server listed once, in an activity
+    (recorded, so replay and continue-as-new never ask the server again), its tools added to
+    the spec's (those the run's policy allows) and its digest recorded."""
+    tools, pins = list(spec.tools), []
+    for pin in spec.mcp:
+        try:
+            listed: MCPToolList = await workflow.execute_activity(
+                MCP_LIST_TOOLS,
+                MCPListInput(agent=spec.name, server=pin.server),
+                task_queue=spec.tool_task_queue or None,
+                result_type=MCPToolList,
+                start_to_close_timeout=MCP_LIST_TIMEOUT,
+                retry_policy=MCP_LIST_RETRY,
+                summary=f"mcp list {pin.server}",
+            )
+        except ActivityError as e:
+            if isinstance(e.cause, CancelledError):
+                raise
+            raise errors.KeelError(
+                f"cannot list the tools of MCP server {pin.server!r}: {failure_message(e)}",
+                type=MCP_UNLISTED,
+            ) from e
+        tools.extend(allowed_tools(spec.policy, spec.name, listed.tools))
+        pins.append(
+            pin.model_copy(
+                update={"digest": listed.digest, "tools": [t.name for t in listed.tools]}
+            )
+        )
+    return spec.model_copy(update={"tools": tools, "mcp": pins})
 
 
 async def model_step(
@@ -216,6 +258,8 @@ async def tool_step(
         idempotency_key=key,
         run_id=workflow.info().workflow_id,
         user=state.user,
+        mcp_server=t.mcp_server,
+        mcp_tool=t.mcp_tool,
     )
     retry = RetryPolicy(
         initial_interval=timedelta(seconds=t.initial_retry_seconds),
