@@ -833,18 +833,23 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
     except BrokenPipeError:
         code = _reader_gone()
+    except ValueError:  # closed already (`keel mcp`'s stdio transport closes it)
+        pass
     sys.stderr.flush()
     os._exit(code)
 
 
 def _main(argv: list[str] | None) -> int:
     from keel.codec import PayloadDecryptError
-    from keel.dev import DevStackError
+    from keel.dev import DevStackError, stored_where_dev_stores
 
     args = parser().parse_args(argv)
     use_core_logging()
     try:
-        return asyncio.run(args.fn(args, Settings.from_env()))
+        settings = Settings.from_env()
+        if args.fn is not cmd_worker:  # a worker stores where it is told, nowhere else
+            settings = stored_where_dev_stores(settings)
+        return asyncio.run(args.fn(args, settings))
     except KeyboardInterrupt:
         return 130
     except (KeelClientError, DevStackError, SettingsError, PayloadDecryptError) as e:

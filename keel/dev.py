@@ -93,6 +93,15 @@ def with_payload_storage(settings: Settings) -> Settings:
     return dataclasses.replace(settings, payload_dir=str(settings.home / "payloads"))
 
 
+def stored_where_dev_stores(settings: Settings) -> Settings:
+    """For the CLI: with no storage configured, the payload directory `keel dev` keeps under
+    `.keel/`, when there is one, so `keel result` or `keel transcript` in another terminal
+    reads what the dev stack's worker stored."""
+    if settings.stores_payloads or not (settings.home / "payloads").is_dir():
+        return settings
+    return with_payload_storage(settings)
+
+
 class DevStack:
     """Starts what is missing of the stack; stops, on exit, what it started."""
 
