@@ -58,7 +58,9 @@ async def archived_chunks(client: Client, workflow_id: str) -> tuple[list[Record
                     )
                     chunks.append(chunk)
             elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW:
-                run = event.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+                run = (
+                    event.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+                )
     return chunks, histories
 
 

@@ -2,8 +2,9 @@
 by the tens of thousands leave its histories under Temporal's limits and its carried state
 under a fixed size, while the whole record stays readable (`AgentClient.record`).
 
-The suite floods one run with 20,000 resume signals, 10,000 decisions and 10,000 refused
-messages (FLOOD_RESUMES); `python -m bench.flood` runs the 100,000-signal case.
+The suite floods one run with 20,000 signals: 10,000 resume signals, 5,000 decisions and
+5,000 refused messages (KEEL_FLOOD_RESUMES scales them); `python -m bench.flood` runs
+100,000 resume signals, 10,000 decisions and 10,000 refused messages.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from keel.workflows.models import (
 )
 from tests.conftest import Harness, wait_for
 
-FLOOD_RESUMES = int(os.environ.get("KEEL_FLOOD_RESUMES", "20000"))
+FLOOD_RESUMES = int(os.environ.get("KEEL_FLOOD_RESUMES", "10000"))
 FLOOD_DECISIONS = FLOOD_RESUMES // 2
 FLOOD_MESSAGES = FLOOD_RESUMES // 2
 # what continue-as-new may carry of a run whose transcript is a few messages: the record's
@@ -77,7 +78,7 @@ async def send_all(h: Harness, run: str, sends: list[Callable[[], Awaitable[Any]
                 raise errors[0]
             sent += len(done) - len(errors)
         accepted += sent
-        await wait_for(lambda: _at_least(h, run, before + sent), timeout=300, every=0.2)
+        await wait_for(partial(_at_least, h, run, before + sent), timeout=300, every=0.2)
     return accepted
 
 
@@ -161,9 +162,7 @@ async def test_flood_of_signals_to_a_parked_run(flood: Harness) -> None:
 
         assert await wait_for(approve, timeout=120, every=0.5)
         done = await wait_for(lambda: _idle(h, run), timeout=120)
-        assert [m.content for m in done.transcript if m.role == "assistant"][-1] == (
-            "You said: say hello"
-        )
+        assert [m.content for m in done.transcript if m.role == "assistant"][-1] == ("Hello!")
         assert [e.tool for e in done.effects] == ["charge"]
         record = await h.agents.record(run)
         histories = await chain(h.client, run)
@@ -175,7 +174,7 @@ async def test_flood_of_signals_to_a_parked_run(flood: Harness) -> None:
     assert kinds[AuditKind.APPROVED] == 1 and record.audit_dropped == 0
     assert [d.outcome for d in record.decisions] == ["approved"]
     assert len(record.audit) == done.archive.audit.dropped + len(done.audit)
-    assert len(histories) > 3 and record.histories == len(histories)
+    assert len(histories) > 1 and record.histories == len(histories)
     for events, size, start in histories:
         assert events < HISTORY_EVENTS_WARN and size < HISTORY_BYTES_WARN
         assert start < CARRIED_BOUND
