@@ -23,6 +23,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
+from keel.client.api import KeelClientError
 from keel.demo.agent import Ledger
 from keel.testing import ScriptedModelServer, start_local_temporal
 from keel.workflows.models import (
@@ -84,8 +85,12 @@ async def send_all(h: Harness, run: str, sends: list[Callable[[], Awaitable[Any]
 
 async def recorded(h: Harness, run: str) -> int:
     """Audit entries the run has recorded so far (archived or held)."""
-    s = await h.agents.get_state(run)
-    return (s.archive.audit.dropped if s.archive else 0) + len(s.audit)
+    while True:
+        try:
+            s = await h.agents.get_state(run)
+            return (s.archive.audit.dropped if s.archive else 0) + len(s.audit)
+        except KeelClientError:  # the worker, busy with a wave, did not answer in time
+            continue
 
 
 async def _at_least(h: Harness, run: str, n: int) -> bool:
