@@ -31,6 +31,7 @@ from temporalio.service import RPCError
 
 from bench.harness import REPO, run_standalone
 from keel.activities import Agent, ToolContext, tool
+from keel.client.api import KeelClientError
 from keel.testing import AgentEnvironment, start_local_temporal
 from keel.workflows.models import (
     SIGNAL_DECIDE,
@@ -110,8 +111,13 @@ class FloodResults:
 
 
 async def recorded(env: AgentEnvironment, run: str) -> int:
-    s = await env.agents.get_state(run)
-    return (s.archive.audit.dropped if s.archive else 0) + len(s.audit)
+    """Audit entries the run has recorded so far (archived or held)."""
+    while True:
+        try:
+            s = await env.agents.get_state(run)
+            return (s.archive.audit.dropped if s.archive else 0) + len(s.audit)
+        except KeelClientError:  # the worker, busy with a wave, did not answer in time
+            continue
 
 
 async def send_in_waves(
