@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from keel.activities.model import ModelActivities
+from keel.activities.record import archive_record
 from keel.activities.registry import Agent, AgentRegistry
 from keel.activities.tools import Tool, ToolActivities, ToolContext, tool
 
@@ -15,7 +16,13 @@ def build_activities(
 ) -> list[Callable[..., Any]]:
     """The activities a worker registers for these agents, bound to their config."""
     tools = ToolActivities(registry.tools(), resources, registry.mcp)
-    return [registry.load_agent_spec, model.call_model, tools.run_tool, registry.mcp.list_tools]
+    return [
+        registry.load_agent_spec,
+        model.call_model,
+        tools.run_tool,
+        registry.mcp.list_tools,
+        archive_record,
+    ]
 
 
 __all__ = [

@@ -27,6 +27,7 @@ from temporalio.exceptions import ApplicationError, CancelledError, FailureError
 from temporalio.service import RPCError, RPCStatusCode
 
 from keel.client.presence import worker_arrives, worker_polls
+from keel.client.record import RecordGap, RunRecord, archived_chunks, join
 from keel.client.signing import load_signing_key, sign_decision
 from keel.client.visibility import quoted, visibility_query
 from keel.config import Settings, SettingsError, connect
@@ -331,6 +332,22 @@ class AgentClient:
             )
         except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError) as e:
             raise await self._query_failed(run_id, e, timeout) from e
+
+    async def record(self, run_id: str) -> RunRecord:
+        """The run's whole record: every audit entry, effect, decision and retired call id,
+        in order. A run keeps only the latest of each in its state; the rest is read from
+        the chunks it archived into its chain of histories (one history read each)."""
+        for _ in range(3):
+            state = await self.get_state(run_id)
+            try:
+                chunks, histories = await archived_chunks(self.client, run_id)
+            except RPCError as e:
+                raise KeelClientError(f"run {run_id}: {e.message}") from e
+            try:
+                return join(run_id, state, chunks, histories)
+            except RecordGap as gap:  # archived as we read: the next read has it
+                missing = gap
+        raise KeelClientError(f"run {run_id}: the record is incomplete: {missing}")
 
     async def _query_failed(self, run_id: str, e: Exception, timeout: timedelta) -> KeelClientError:
         """What a failed query means, said plainly (NoWorker when no worker answered)."""

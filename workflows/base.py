@@ -33,6 +33,7 @@ from temporalio.exceptions import ApplicationError, FailureError
 with workflow.unsafe.imports_passed_through():
     from keel.workflows import errors
     from keel.workflows.approvals import Approvals
+    from keel.workflows.archive import RecordArchiver
     from keel.workflows.authz import START_REFUSED, start_refusal
     from keel.workflows.budgets import budget_exhausted, run_usage
     from keel.workflows.compaction import compact
@@ -84,6 +85,7 @@ class KeelWorkflow(RunDoors):
         self.state = input.carry or AgentState(agent=input.agent, user=input.user)
         self.spec: AgentSpec | None = self.state.spec
         self.inbox = Inbox(self.state)
+        self.archiver = RecordArchiver(self.state)  # the record's older part goes to history
         self.publisher = StatusPublisher()
         # watchers' view (keel watch); carried again only at continue-as-new
         self.events = EventLog(self.state.events, input.agent, legacy=self.state.stream)
@@ -313,6 +315,7 @@ class KeelWorkflow(RunDoors):
     def _carry_over(self) -> NoReturn:
         """Continue-as-new now (no await: nothing can change the state in between)."""
         st = self.state
+        self.archiver.sweep()  # e.g. effects, which grow without an audit entry
         st.events = self.events.carry()
         carry = AgentInput(agent=st.agent, message="", user=st.user, carry=st)
         stored = self.spec is not None and self.spec.payload_storage

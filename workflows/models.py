@@ -9,7 +9,14 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from temporalio.common import SearchAttributeKey
 
 AUDIT_FIELD_CHARS = 500
@@ -34,6 +41,7 @@ QUERY_STATE = "keel.get_state"  # bounded: the transcript's tail, long texts cut
 QUERY_TRANSCRIPT = "keel.get_transcript"  # the transcript whole, page by page
 QUERY_STATUS = "keel.get_status"  # small: what lists and waits need, no transcript
 MCP_LIST_TOOLS = "keel.mcp_list_tools"  # an MCP server's tools, listed once per run and pinned
+ARCHIVE_RECORD = "keel.archive_record"  # its input moves a chunk of the record into history
 
 # --- the agent spec (a snapshot of it is recorded in each run's history) -------------------
 
@@ -542,6 +550,43 @@ class AuditEntry(BaseModel):
         return v if len(v) <= AUDIT_FIELD_CHARS else v[: AUDIT_FIELD_CHARS - 1] + "…"
 
 
+class RecordChunk(BaseModel):
+    """Older entries of one of the run's lists, moved out of the carried state into the
+    history as the input of a `keel.archive_record` activity (`AgentClient.record` reads
+    them back). `start` is the index of the first entry in the run's whole list."""
+
+    list: Literal["audit", "effects", "decisions", "retired_call_ids"]
+    start: int
+    audit: list[AuditEntry] = Field(default_factory=list)
+    effects: list[Effect] = Field(default_factory=list)
+    decisions: list[DecisionRecord] = Field(default_factory=list)
+    retired_call_ids: list[str] = Field(default_factory=list)
+
+
+class ListArchive(BaseModel):
+    """Where one record list stands: entries `[0, archived)` are in the history's archive;
+    the state holds entries from `dropped` on (`dropped <= archived`)."""
+
+    dropped: int = 0
+    archived: int = 0
+    measured: int = 0  # entries whose bytes are counted in `pending_bytes` (from the first)
+    pending_bytes: int = 0  # bytes of the entries not archived yet
+
+    def total(self, held: int) -> int:
+        """Entries in the whole list, given how many the state holds."""
+        return self.dropped + held
+
+
+class RecordArchive(BaseModel):
+    """How much of the run's record lives in its histories rather than in its state."""
+
+    audit: ListArchive = Field(default_factory=ListArchive)
+    effects: ListArchive = Field(default_factory=ListArchive)
+    decisions: ListArchive = Field(default_factory=ListArchive)
+    retired_call_ids: ListArchive = Field(default_factory=ListArchive)
+    chunks: int = 0  # archive chunks written over the run
+
+
 class QueuedMessage(BaseModel):
     text: str
     policy: MessagePolicy
@@ -639,6 +684,9 @@ class RunState(BaseModel):
     transcript_from: int = 0
     transcript_of: int = 0
     cut: bool = False
+    # set once the run archives its record: the lists above then hold only their latest
+    # entries, and `AgentClient.record` reads the rest from the run's histories
+    archive: RecordArchive | None = None
 
     def decision(self, call_id: str) -> DecisionRecord | None:
         """How the approval of this call ended, if it has."""
@@ -669,11 +717,17 @@ class AgentState(RunState):
     context_stored: str = ""
     budget: Budget | None = None  # a sub-agent's: what its parent had left when it started
 
+    # called after each audit entry (the workflow's archiver: keel.workflows.archive)
+    _recorded: Any = PrivateAttr(default=None)
+
     def record(self, entry: AuditEntry) -> None:
-        """Append to the audit trail. Refusals of bad input are bounded: past MAX_REFUSALS
-        the oldest refusal makes room. Nothing else is ever dropped."""
+        """Append to the audit trail. With the record archived, nothing is ever dropped;
+        before (runs recorded earlier), refusals of bad input are bounded: past
+        MAX_REFUSALS the oldest refusal makes room."""
         self.audit.append(entry)
-        if entry.kind in REFUSALS:
+        if self._recorded is not None:
+            self._recorded()
+        if entry.kind in REFUSALS and self.archive is None:
             refusals = [i for i, e in enumerate(self.audit) if e.kind in REFUSALS]
             if len(refusals) > MAX_REFUSALS:
                 del self.audit[refusals[0]]
