@@ -30,6 +30,7 @@ from keel.client.api import KeelClientError as KeelClientError
 from keel.client.api import NoWorker as NoWorker
 from keel.client.api import PendingApproval as PendingApproval
 from keel.client.api import RunSummary as RunSummary
+from keel.client.record import RunRecord as RunRecord
 from keel.client.schedules import ScheduleError as ScheduleError
 from keel.client.schedules import ScheduleInfo as ScheduleInfo
 from keel.client.schedules import Schedules as Schedules
