@@ -53,7 +53,10 @@ class RecordArchiver:
 
     def __init__(self, state: AgentState) -> None:
         self._state = state
-        self._legacy = False  # replaying a history recorded before ARCHIVE_PATCH
+        # asked once, as the history begins: asked at the first entry instead (which may come
+        # in the activation a local activity's result arrives in, live, but not on replay),
+        # the marker would not line up with the replayed commands
+        self._legacy = not workflow.patched(ARCHIVE_PATCH)  # recorded before: lists whole
         state._recorded = self.sweep
 
     def sweep(self) -> None:
@@ -61,9 +64,6 @@ class RecordArchiver:
         st = self._state
         if st.archive is None:
             if self._legacy or not any(getattr(st, n) for n in LISTS):
-                return
-            if not workflow.patched(ARCHIVE_PATCH):
-                self._legacy = True
                 return
             st.archive = RecordArchive()
         for name in LISTS:
