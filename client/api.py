@@ -28,7 +28,13 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from keel.client.presence import worker_arrives, worker_polls
 from keel.client.signing import load_signing_key, sign_decision
-from keel.client.visibility import quoted, visibility_query
+from keel.client.visibility import (
+    NOT_CONTINUED,
+    quoted,
+    run_status,
+    status_query,
+    visibility_query,
+)
 from keel.config import Settings, SettingsError, connect
 from keel.policy_file import PolicyError
 from keel.workflows import errors
@@ -117,19 +123,29 @@ class RunSummary(BaseModel):
     error: str = ""
     task_queue: str = ""  # where its workflow tasks wait for a worker
 
+    agent_status: str = ""  # the AgentStatus the run upserted last (`status` is the truth)
+
     @classmethod
     def of(
-        cls, run_id: str, sa: TypedSearchAttributes, started: datetime | None, task_queue: str = ""
+        cls,
+        run_id: str,
+        sa: TypedSearchAttributes,
+        started: datetime | None,
+        task_queue: str = "",
+        execution: WorkflowExecutionStatus | None = None,
     ) -> RunSummary:
-        """A run as its search attributes describe it."""
+        """A run as its search attributes and its latest execution's status describe it."""
+        upserted = sa.get(AGENT_STATUS) or ""
         return cls(
             run_id=run_id,
             agent=sa.get(AGENT_NAME) or "",
-            status=sa.get(AGENT_STATUS) or "",
+            status=run_status(upserted, execution),
+            agent_status=upserted,
             user=sa.get(AGENT_USER) or "",
             steps=sa.get(AGENT_STEPS) or 0,
             tokens=sa.get(TOTAL_TOKENS) or 0,
             started=started,
+            temporal_status=execution.name.lower() if execution else "",
             task_queue=task_queue,
         )
 
@@ -372,8 +388,7 @@ class AgentClient:
                 ending = _cause(e)
             except RPCError:
                 pass
-        summary = RunSummary.of(run_id, sa, desc.start_time, desc.task_queue)
-        summary.temporal_status = desc.status.name.lower() if desc.status else ""
+        summary = RunSummary.of(run_id, sa, desc.start_time, desc.task_queue, desc.status)
         summary.error = ending
         return summary
 
@@ -477,11 +492,17 @@ class AgentClient:
         as_user: str | None = None,
         agent: str | None = None,
     ) -> list[RunSummary]:
-        """Recent runs, newest first, optionally only those with this AgentStatus (and of this
-        agent); with a caller (`as_user`, default the client's), only the runs they may see."""
-        query = KEEL_RUNS
+        """Recent runs, newest first, one row each (its latest execution: continue-as-new and
+        reset make several of one run), optionally only those with this status (an
+        AgentStatus, `terminated` or `timed_out`, as `run_status` derives it from Temporal's
+        own status) and of this agent; with a caller (`as_user`, default the client's), only
+        the runs they may see."""
+        query = f"{KEEL_RUNS} AND {NOT_CONTINUED}"
         if status:
-            query += f" AND AgentStatus = '{AgentStatus(status).value}'"
+            try:
+                query += status_query(status)
+            except ValueError as e:
+                raise KeelClientError(str(e)) from None
         if agent:
             try:
                 query += f" AND AgentName = {quoted(agent)}"
@@ -489,11 +510,33 @@ class AgentClient:
                 raise KeelClientError(f"agent: {e}") from None
         query += self._visible(as_user)
         out: list[RunSummary] = []
-        async for wf in self.client.list_workflows(query, limit=limit):
+        seen: set[str] = set()
+        # newest first: an open execution, then by close time, so a run's latest comes first
+        async for wf in self.client.list_workflows(query, page_size=min(2 * limit + 10, 1000)):
+            if wf.id in seen:
+                continue
+            seen.add(wf.id)
+            if (
+                wf.status != WorkflowExecutionStatus.RUNNING
+                and status
+                and not (await self._is_latest(wf.id, wf.run_id))
+            ):
+                continue  # a closed execution its run has moved on from (a reset)
             out.append(
-                RunSummary.of(wf.id, wf.typed_search_attributes, wf.start_time, wf.task_queue)
+                RunSummary.of(
+                    wf.id, wf.typed_search_attributes, wf.start_time, wf.task_queue, wf.status
+                )
             )
+            if len(out) >= limit:
+                break
         return out
+
+    async def _is_latest(self, run_id: str, execution: str) -> bool:
+        """Whether this execution is its run's latest (one filtered list cannot tell)."""
+        try:
+            return (await self._handle(run_id).describe()).run_id == execution
+        except RPCError:
+            return True
 
     def _visible(self, as_user: str | None) -> str:
         """The filter of what the caller may list ('' for a client that names no caller).

@@ -67,6 +67,7 @@ with workflow.unsafe.imports_passed_through():
 EMPTY_REPLY_NUDGE = "Your last reply was empty. Answer the user, or call one of the tools."
 ENDINGS_PATCH = "keel-endings-agree"  # runs recorded before it completed on a spent budget
 EMPTY_PATCH = "keel-empty-reply"  # runs recorded before it ended a turn on an empty reply
+FAILED_STATUS_PATCH = "keel-failed-status"  # runs recorded before every failure upserted it
 Loop = Callable[[AgentSpec], Awaitable[AgentResult]]
 
 
@@ -128,7 +129,9 @@ class KeelWorkflow(RunDoors):
                 result = await loop(self.spec)
             except EndRun as e:
                 result = self.finish(e.status, e.reason)
-            except ApplicationError:  # the run failed (`fail`): watchers are let go first
+            except ApplicationError as e:  # the run failed (`fail`): watchers are let go first
+                if st.status not in TERMINAL_STATUSES and workflow.patched(FAILED_STATUS_PATCH):
+                    self.finish(AgentStatus.FAILED, e.message)  # a failure no block recorded
                 await self._release_watchers()
                 raise
             if self.state.status not in TERMINAL_STATUSES:  # a loop that did not say
