@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import InitVar, dataclass, field
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, Field
@@ -92,10 +96,17 @@ ANSWER_GRACE = 1.0
 # a query sent is let finish though its answer is no longer wanted: one abandoned midway
 # leaves the worker an answer for a query that is gone, and it warns "Query not found"
 QUERY_DRAIN_SECONDS = 5.0
-SEND_ATTEMPTS = 8  # a message is idempotent by its id: resending it is always safe
-SEND_RETRY_FIRST = 0.2
+SEND_ATTEMPTS = 10  # a message is idempotent by its id: resending it is always safe
+SEND_RETRY_FIRST = 0.1
 SEND_RETRY_MAX = 5.0
 UNKNOWN_OUTCOME = {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED}
+# Temporal takes 10 updates in flight per run and refuses the rest: a client keeps below it
+MESSAGES_IN_FLIGHT = 8
+SERVED_TRUST = 5.0  # seconds a run seen served is trusted to be, for a burst of messages
+# One request's payloads: Temporal's blob limit (2 MiB; gRPC itself refuses past 4 MiB)
+MAX_REQUEST_BYTES = 2 * 1024 * 1024
+# what gRPC and Temporal say of a request too large (RESOURCE_EXHAUSTED is also "busy")
+TOO_LARGE_SIGNS = ("larger than max", "message too large", "exceeds limit", "size exceeds")
 # Every Keel run, whatever its loop, carries AgentName from its start.
 KEEL_RUNS = "AgentName IS NOT NULL"
 
@@ -109,6 +120,42 @@ class KeelClientError(Exception):
 
 class NoWorker(KeelClientError):
     """No worker serves the run's task queue, so the run cannot answer a query now."""
+
+
+class MessageTooLarge(KeelClientError):
+    """A message too large for one Temporal request: refused before sending, never retried."""
+
+
+class SendFailure(StrEnum):
+    BUSY = "busy"  # too many updates in flight to the run: back off and resend
+    UNKNOWN = "unknown"  # no answer: it may have arrived; resend under the same id
+    TOO_LARGE = "too_large"  # no resend can help
+    GONE = "gone"  # no such run
+    OTHER = "other"
+
+
+def send_failure(e: RPCError) -> SendFailure:
+    """What an RPC error on sending a message means for resending it."""
+    text = (e.message or "").lower()
+    if any(sign in text for sign in TOO_LARGE_SIGNS):
+        return SendFailure.TOO_LARGE
+    if e.status == RPCStatusCode.NOT_FOUND:
+        return SendFailure.GONE
+    if e.status == RPCStatusCode.RESOURCE_EXHAUSTED:
+        return SendFailure.BUSY
+    if e.status in UNKNOWN_OUTCOME:
+        return SendFailure.UNKNOWN
+    return SendFailure.OTHER
+
+
+@dataclass
+class _Gate:
+    limit: InitVar[int]
+    users: int = 0
+    slots: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self, limit: int) -> None:
+        self.slots = asyncio.Semaphore(limit)
 
 
 class RunSummary(BaseModel):
@@ -192,6 +239,8 @@ class AgentClient:
             except PolicyError as e:
                 raise SettingsError(f"KEEL_POLICY: {e}") from None
         self.policy = policy  # the workers' policy, to refuse early (workers decide)
+        self._gates: dict[str, _Gate] = {}  # per run: this client's messages in flight
+        self._served_at: dict[str, float] = {}  # per run: when a worker was seen serving it
 
     @classmethod
     async def connect(cls, settings: Settings | None = None) -> AgentClient:
@@ -695,25 +744,67 @@ class AgentClient:
         before, delivered once) or why it was refused.
 
         The message carries an id (made here unless given), so sending it again is safe: a
-        run busy with other messages (Temporal takes 10 updates in flight per run) or an
-        answer lost on the way is retried here, and a message is delivered exactly once.
-        When the outcome stays unknown, KeelClientError says so and names the id to resend."""
+        run busy with other messages or an answer lost on the way is retried here under the
+        same id, and a message is delivered exactly once. This client sends at most
+        MESSAGES_IN_FLIGHT updates to one run at a time (Temporal refuses more than 10), so a
+        burst waits here instead of being refused there. A message too large to send at all
+        raises MessageTooLarge at once. When the outcome stays unknown, KeelClientError says
+        so and names the id to resend."""
         m = MessageInput(
             text=text,
             policy=MessagePolicy(policy) if policy else None,
             sender=sender,
             id=message_id or uuid.uuid4().hex,
         )
+        size = (await self.client.data_converter.encode([m]))[0].ByteSize()
+        if size > MAX_REQUEST_BYTES:
+            raise MessageTooLarge(
+                f"run {run_id}: the message is {size} bytes encoded, over the "
+                f"{MAX_REQUEST_BYTES}-byte limit of one Temporal request; it was not sent"
+            )
         handle = self._handle(run_id)
-        if not await self.has_worker(run_id):  # once: retries below are for busy runs
+        if not await self._served(run_id):  # retries below are for busy runs
             return await self._send_as_signal(handle, m)
+        async with self._door(run_id):
+            return await self._send_by_update(handle, m)
+
+    async def _served(self, run_id: str) -> bool:
+        """`has_worker`, trusted for SERVED_TRUST seconds per run: a burst asks once."""
+        now = asyncio.get_running_loop().time()
+        if now - self._served_at.get(run_id, -SERVED_TRUST) < SERVED_TRUST:
+            return True
+        if not await self.has_worker(run_id):
+            return False
+        if len(self._served_at) > 10_000:
+            self._served_at.clear()
+        self._served_at[run_id] = now
+        return True
+
+    @contextlib.asynccontextmanager
+    async def _door(self, run_id: str) -> AsyncIterator[None]:
+        """A slot among this client's updates in flight to `run_id`."""
+        gate = self._gates.get(run_id)
+        if gate is None:
+            gate = self._gates[run_id] = _Gate(MESSAGES_IN_FLIGHT)
+        gate.users += 1
+        try:
+            async with gate.slots:
+                yield
+        finally:
+            gate.users -= 1
+            if not gate.users:
+                del self._gates[run_id]
+
+    async def _send_by_update(
+        self, handle: WorkflowHandle[Any, AgentResult], m: MessageInput
+    ) -> MessageReceipt:
         delay = SEND_RETRY_FIRST
         for attempt in range(1, SEND_ATTEMPTS + 1):
             try:
                 update = await handle.start_update(
                     KeelWorkflow.send_message,
                     m,
-                    id=f"message-{m.id}",
+                    id=f"message-{m.id}",  # a resend is the same update: answered once
                     wait_for_stage=WorkflowUpdateStage.ACCEPTED,
                     rpc_timeout=ACCEPT_TIMEOUT,
                 )
@@ -723,23 +814,30 @@ class AgentClient:
                     status="rejected", policy=m.policy or MessagePolicy.QUEUE, reason=_cause(e)
                 )
             except RPCError as e:
-                if e.status == RPCStatusCode.NOT_FOUND:
+                kind = send_failure(e)
+                if kind == SendFailure.GONE:
                     return MessageReceipt(
                         status="rejected",
                         policy=m.policy or MessagePolicy.QUEUE,
-                        reason=f"run {run_id}: {e.message}",
+                        reason=f"run {handle.id}: {e.message}",
                     )
-                busy = e.status == RPCStatusCode.RESOURCE_EXHAUSTED
-                if attempt == SEND_ATTEMPTS or not (busy or e.status in UNKNOWN_OUTCOME):
-                    why = "is busy with other messages" if busy else "did not answer"
+                if kind == SendFailure.TOO_LARGE:
+                    raise MessageTooLarge(
+                        f"run {handle.id}: the message is too large to send ({e.message})"
+                    ) from e
+                if attempt == SEND_ATTEMPTS or kind == SendFailure.OTHER:
+                    why = "is busy with other messages" if kind == SendFailure.BUSY else ""
                     raise KeelClientError(
-                        f"run {run_id} {why} ({e.message}); the message may not have arrived: "
-                        f"send it again with message_id={m.id!r}, it is delivered only once"
+                        f"run {handle.id} {why or 'did not answer'} ({e.message}); the message "
+                        f"may not have arrived: send it again with message_id={m.id!r}, it is "
+                        "delivered only once"
                     ) from e
             except WorkflowUpdateRPCTimeoutOrCancelledError:
                 # no worker took it in time: a signal keeps it (its id keeps it single)
+                self._served_at.pop(handle.id, None)
                 return await self._send_as_signal(handle, m)
-            await asyncio.sleep(delay)
+            # full jitter: senders refused together do not come back together
+            await asyncio.sleep(random.uniform(delay / 2, delay))
             delay = min(delay * 2, SEND_RETRY_MAX)
         raise AssertionError("unreachable")
 
