@@ -140,12 +140,13 @@ class RunDoors:
         if refusal:
             raise ValueError(refusal)
 
-    def _carried_bytes(self) -> int:
-        """The state's size as continue-as-new carries it (`KeelWorkflow._carry_over`): a
-        message that would make it too large for a run without payload storage is refused
-        here, at the door, instead of failing the run at its next continue-as-new."""
+    def _carried_bytes(self, m: MessageInput) -> int:
+        """The state's size as continue-as-new carries it (`KeelWorkflow._carry_over`), with
+        `m` in it: a message that would make it too large for a run without payload storage
+        is refused here, at the door, instead of failing the run at its next continue-as-new."""
         st = self.state
-        return payload_bytes(AgentInput(agent=st.agent, message="", user=st.user, carry=st))
+        carry = AgentInput(agent=st.agent, message="", user=st.user, carry=st)
+        return payload_bytes(carry) + payload_bytes(m)
 
     def _message_event(self, m: MessageInput, receipt: MessageReceipt) -> MessageReceipt:
         self.events.emit(

@@ -37,7 +37,8 @@ AUDIT_TEXT_CHARS = 500
 # conversation alone passes MEASURE_FROM, so a small run pays nothing for the check
 CARRY_LIMIT_BYTES = 1_800_000 - 200_000
 MEASURE_FROM = CARRY_LIMIT_BYTES // 4
-Measure = Callable[[], int]  # the state's size as Temporal will carry it, in bytes
+# the state's size as Temporal would carry it with this message in it, in bytes
+Measure = Callable[[MessageInput], int]
 
 
 def context_bytes(state: AgentState) -> int:
@@ -54,7 +55,8 @@ def message_refusal(
     spec: AgentSpec | None, state: AgentState, m: MessageInput, carried: Measure | None = None
 ) -> str:
     """Why a message must be refused now ('' when it is accepted). `carried` measures the
-    state as continue-as-new would carry it (a run without payload storage must fit)."""
+    state, with the message in it, as continue-as-new would carry it (a run without payload
+    storage must fit)."""
     if m.id and m.id in state.message_ids:
         return ""  # a duplicate is answered, never refused
     if not m.text.strip():
@@ -73,12 +75,12 @@ def message_refusal(
                 "model request can carry; start a new run"
             )
         if carried is not None and conversation + size > MEASURE_FROM:
-            state_bytes = carried()
-            if state_bytes + size > CARRY_LIMIT_BYTES:
+            state_bytes = carried(m)
+            if state_bytes > CARRY_LIMIT_BYTES:
                 return (
-                    f"the run's state is {state_bytes} bytes: with this message "
-                    f"({size} bytes) it would pass {CARRY_LIMIT_BYTES} bytes, too large to "
-                    "carry into a new history without payload storage; start a new run"
+                    f"with this message the run's state would be {state_bytes} bytes, over "
+                    f"{CARRY_LIMIT_BYTES}: too large to carry into a new history without "
+                    "payload storage; start a new run"
                 )
     if state.status in TERMINAL_STATUSES:
         return f"the run has ended ({state.status.value})"
