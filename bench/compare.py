@@ -42,6 +42,12 @@ from bench.api import ApiResults
 from bench.api import Scale as ApiScale
 from bench.api import measure as measure_api
 from bench.api_report import render as render_api
+from bench.burst import BEGIN as BURST_BEGIN
+from bench.burst import END as BURST_END
+from bench.burst import BurstResults
+from bench.burst import Scale as BurstScale
+from bench.burst import measure as measure_burst
+from bench.burst import render as render_burst
 from bench.drivers import SPECS, Env, KeelSystem, Spec, System, TemporalSystem, make, unavailable
 from bench.harness import REPO, Arrivals, start_dev_server, start_fake_model, temporal_binary
 from bench.measure import (
@@ -101,6 +107,7 @@ class Scale:
     recovery_systems: tuple[str, ...] | None  # None: every system that can recover
     streaming_rounds: int  # of Keel's streamed replies against streaming off (bench.streaming)
     api: ApiScale  # keel serve against AgentClient (bench.api)
+    burst: BurstScale = BurstScale()  # messages to one idle run (bench.burst)
 
     def describe(self) -> str:
         lat = ", ".join(
@@ -114,7 +121,9 @@ class Scale:
             f"recovery {self.recovery_runs} runs of K={self.recovery_k} "
             f"(model replies delayed {self.recovery_delay_ms} ms); {self.warmup} warm-up runs; "
             f"streamed replies {self.streaming_rounds} rounds; keel serve {self.api.rounds} "
-            f"rounds, {self.api.watchers} SSE clients on a run, {self.api.runs} runs watched"
+            f"rounds, {self.api.watchers} SSE clients on a run, {self.api.runs} runs watched; "
+            f"a burst of {self.burst.messages} messages from {self.burst.concurrency} senders "
+            f"× {self.burst.rounds} rounds"
         )
 
 
@@ -156,6 +165,7 @@ QUICK = Scale(
     recovery_systems=("keel", "langgraph", "langgraph_sync"),
     streaming_rounds=2,
     api=ApiScale(rounds=2, approvals=2, watchers=10, runs=10),
+    burst=BurstScale(rounds=1, messages=60, concurrency=30),
 )
 
 
@@ -355,6 +365,14 @@ async def amain(args: argparse.Namespace) -> Results:
 
         await section(r, "keel serve", served)
 
+        async def burst() -> None:
+            if "keel" in by_key:
+                meta = {k: r.meta[k] for k in ("date", "command", "machine")}
+                results = await measure_burst(address, workdir, scale.burst, meta)
+                r.burst = dataclasses.asdict(results)
+
+        await section(r, "a burst of messages", burst)
+
         async def hist() -> None:
             payloads = str(workdir / "payloads")
             runs = [(s, f"{s.key}", scale.payload_threshold) for s in temporal if s in peers]
@@ -472,6 +490,10 @@ def main(argv: list[str] | None = None) -> None:
             api = render_api(ApiResults.of(results.api))
             print(api, flush=True)
             write(api, out, API_BEGIN, API_END)
+        if results.burst:
+            burst = render_burst(BurstResults.of(results.burst))
+            print(burst, flush=True)
+            write(burst, out, BURST_BEGIN, BURST_END)
         log(f"wrote {out}")
         if results.errors:
             code = 1
