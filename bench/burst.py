@@ -37,7 +37,7 @@ from keel.client.api import AgentClient
 from keel.config import Settings, connect
 from keel.testing import AgentEnvironment
 from keel.workflows.base import KeelWorkflow
-from keel.workflows.models import AgentStatus, Limits, MessageInput
+from keel.workflows.models import AgentStatus, Limits, MessageInput, MessageReceipt
 
 DOC = REPO / "docs" / "benchmarks.md"
 RAW = REPO / "bench" / "results" / "burst.json"
@@ -61,13 +61,15 @@ class Scale:
 
 @dataclass
 class Burst:
-    """One burst: how many were accepted, how long until the last answer, each latency."""
+    """One burst: how many were accepted, refused by the run (with why) or failed on the way,
+    how long until the last answer, each latency."""
 
     accepted: int
-    errors: int
+    errors: int  # failed on the way: the client raised
     seconds: float
     latencies: list[float]
-    error_kinds: dict[str, int] = field(default_factory=dict)
+    error_kinds: dict[str, int] = field(default_factory=dict)  # what raised, or why refused
+    refused: int = 0  # answered `rejected` by the run's door
 
 
 @dataclass
@@ -83,30 +85,36 @@ class BurstResults:
 
 
 async def one_burst(
-    send: Callable[[str], Awaitable[bool]], messages: int, concurrency: int
+    send: Callable[[str], Awaitable[MessageReceipt]], messages: int, concurrency: int
 ) -> Burst:
-    """`messages` sends, `concurrency` at a time; `send` says whether it was accepted."""
+    """`messages` sends, `concurrency` at a time, each answered with the run's receipt."""
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
     kinds: dict[str, int] = {}
-    accepted = 0
+    counts = {"accepted": 0, "refused": 0, "errors": 0}
 
     async def one(i: int) -> None:
-        nonlocal accepted
         async with gate:
             t = time.monotonic()
             try:
-                ok = await send(f"burst message {i}")
+                receipt = await send(f"burst message {i}")
             except Exception as e:
-                kinds[type(e).__name__] = kinds.get(type(e).__name__, 0) + 1
+                why = f"{type(e).__name__}: {str(e)[:80]}"
+                kinds[why] = kinds.get(why, 0) + 1
+                counts["errors"] += 1
                 return
             latencies.append(time.monotonic() - t)
-            accepted += ok
+            if receipt.status == "rejected":
+                why = f"refused: {receipt.reason[:80]}"
+                kinds[why] = kinds.get(why, 0) + 1
+                counts["refused"] += 1
+            else:
+                counts["accepted"] += 1
 
     t0 = time.monotonic()
     await asyncio.gather(*(one(i) for i in range(messages)))
     seconds = time.monotonic() - t0
-    return Burst(accepted, messages - accepted, seconds, latencies, kinds)
+    return Burst(counts["accepted"], counts["errors"], seconds, latencies, kinds, counts["refused"])
 
 
 async def measure(address: str, workdir: Path, scale: Scale, meta: dict[str, str]) -> BurstResults:
@@ -129,11 +137,10 @@ async def measure(address: str, workdir: Path, scale: Scale, meta: dict[str, str
                 run = await idle_run()
                 handle = client.get_workflow_handle(run)
 
-                async def by_client(text: str, run: str = run) -> bool:
-                    receipt = await agents.send_message(run, text)
-                    return receipt.status != "rejected"
+                async def by_client(text: str, run: str = run) -> MessageReceipt:
+                    return await agents.send_message(run, text)
 
-                async def by_update(text: str, handle: Any = handle) -> bool:
+                async def by_update(text: str, handle: Any = handle) -> MessageReceipt:
                     m = MessageInput(text=text, id=uuid.uuid4().hex)
                     update = await handle.start_update(
                         KeelWorkflow.send_message,
@@ -141,7 +148,7 @@ async def measure(address: str, workdir: Path, scale: Scale, meta: dict[str, str
                         id=f"message-{m.id}",
                         wait_for_stage=WorkflowUpdateStage.ACCEPTED,
                     )
-                    return (await update.result()).status != "rejected"
+                    return await update.result()
 
                 send = by_client if kind == "send_message" else by_update
                 burst = await one_burst(send, scale.messages, scale.concurrency)
@@ -168,9 +175,9 @@ def render(results: BurstResults) -> str:
         "`send_message` is `AgentClient.send_message`; `start_update` is one plain update each, "
         "with the same update ids and no retries of Keel's.",
         "",
-        "| sent through | accepted | errors | time to the last answer (median) | "
-        "latency median | latency p95 |",
-        "|---|---|---|---|---|---|",
+        "| sent through | accepted | refused by the run | failed on the way | "
+        "time to the last answer (median) | latency median | latency p95 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for kind in KINDS:
         bursts = results.bursts.get(kind, [])
@@ -179,20 +186,21 @@ def render(results: BurstResults) -> str:
         lat = sorted(x for b in bursts for x in b.latencies)
         p95 = lat[int(0.95 * (len(lat) - 1))] if lat else 0.0
         accepted = "/".join(str(b.accepted) for b in bursts)
-        errors = sum(b.errors for b in bursts)
+        refused = "/".join(str(b.refused) for b in bursts)
+        errors = "/".join(str(b.errors) for b in bursts)
         lines.append(
-            f"| `{kind}` | {accepted} | {errors} | "
+            f"| `{kind}` | {accepted} | {refused} | {errors} | "
             f"{statistics.median(b.seconds for b in bursts):.1f} s | "
             f"{statistics.median(lat) if lat else 0:.2f} s | {p95:.2f} s |"
         )
-    kinds = {
-        k: v
-        for kind in KINDS
-        for b in results.bursts.get(kind, [])
-        for k, v in b.error_kinds.items()
-    }
-    if kinds:
-        lines += ["", "Errors: " + ", ".join(f"{k} × {v}" for k, v in sorted(kinds.items()))]
+    for kind in KINDS:
+        kinds: dict[str, int] = {}
+        for b in results.bursts.get(kind, []):
+            for k, v in b.error_kinds.items():
+                kinds[k] = kinds.get(k, 0) + v
+        if kinds:
+            said = "; ".join(f"{k} (× {v})" for k, v in sorted(kinds.items()))
+            lines += ["", f"Not accepted through `{kind}`: {said}"]
     return "\n".join(lines) + "\n"
 
 
