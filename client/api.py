@@ -8,9 +8,7 @@ import os
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import InitVar, dataclass, field
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, Field
@@ -31,6 +29,17 @@ from temporalio.exceptions import ApplicationError, CancelledError, FailureError
 from temporalio.service import RPCError, RPCStatusCode
 
 from keel.client.presence import worker_arrives, worker_polls
+from keel.client.sending import (
+    MAX_REQUEST_BYTES,
+    MESSAGES_IN_FLIGHT,
+    SEND_ATTEMPTS,
+    SEND_RETRY_FIRST,
+    SEND_RETRY_MAX,
+    SERVED_TRUST,
+    Gate,
+    SendFailure,
+    send_failure,
+)
 from keel.client.signing import load_signing_key, sign_decision
 from keel.client.visibility import (
     NOT_CONTINUED,
@@ -96,17 +105,6 @@ ANSWER_GRACE = 1.0
 # a query sent is let finish though its answer is no longer wanted: one abandoned midway
 # leaves the worker an answer for a query that is gone, and it warns "Query not found"
 QUERY_DRAIN_SECONDS = 5.0
-SEND_ATTEMPTS = 10  # a message is idempotent by its id: resending it is always safe
-SEND_RETRY_FIRST = 0.1
-SEND_RETRY_MAX = 5.0
-UNKNOWN_OUTCOME = {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED}
-# Temporal takes 10 updates in flight per run and refuses the rest: a client keeps below it
-MESSAGES_IN_FLIGHT = 8
-SERVED_TRUST = 5.0  # seconds a run seen served is trusted to be, for a burst of messages
-# One request's payloads: Temporal's blob limit (2 MiB; gRPC itself refuses past 4 MiB)
-MAX_REQUEST_BYTES = 2 * 1024 * 1024
-# what gRPC and Temporal say of a request too large (RESOURCE_EXHAUSTED is also "busy")
-TOO_LARGE_SIGNS = ("larger than max", "message too large", "exceeds limit", "size exceeds")
 # Every Keel run, whatever its loop, carries AgentName from its start.
 KEEL_RUNS = "AgentName IS NOT NULL"
 
@@ -124,38 +122,6 @@ class NoWorker(KeelClientError):
 
 class MessageTooLarge(KeelClientError):
     """A message too large for one Temporal request: refused before sending, never retried."""
-
-
-class SendFailure(StrEnum):
-    BUSY = "busy"  # too many updates in flight to the run: back off and resend
-    UNKNOWN = "unknown"  # no answer: it may have arrived; resend under the same id
-    TOO_LARGE = "too_large"  # no resend can help
-    GONE = "gone"  # no such run
-    OTHER = "other"
-
-
-def send_failure(e: RPCError) -> SendFailure:
-    """What an RPC error on sending a message means for resending it."""
-    text = (e.message or "").lower()
-    if any(sign in text for sign in TOO_LARGE_SIGNS):
-        return SendFailure.TOO_LARGE
-    if e.status == RPCStatusCode.NOT_FOUND:
-        return SendFailure.GONE
-    if e.status == RPCStatusCode.RESOURCE_EXHAUSTED:
-        return SendFailure.BUSY
-    if e.status in UNKNOWN_OUTCOME:
-        return SendFailure.UNKNOWN
-    return SendFailure.OTHER
-
-
-@dataclass
-class _Gate:
-    limit: InitVar[int]
-    users: int = 0
-    slots: asyncio.Semaphore = field(init=False)
-
-    def __post_init__(self, limit: int) -> None:
-        self.slots = asyncio.Semaphore(limit)
 
 
 class RunSummary(BaseModel):
@@ -239,7 +205,7 @@ class AgentClient:
             except PolicyError as e:
                 raise SettingsError(f"KEEL_POLICY: {e}") from None
         self.policy = policy  # the workers' policy, to refuse early (workers decide)
-        self._gates: dict[str, _Gate] = {}  # per run: this client's messages in flight
+        self._gates: dict[str, Gate] = {}  # per run: this client's messages in flight
         self._served_at: dict[str, float] = {}  # per run: when a worker was seen serving it
 
     @classmethod
@@ -785,7 +751,7 @@ class AgentClient:
         """A slot among this client's updates in flight to `run_id`."""
         gate = self._gates.get(run_id)
         if gate is None:
-            gate = self._gates[run_id] = _Gate(MESSAGES_IN_FLIGHT)
+            gate = self._gates[run_id] = Gate(MESSAGES_IN_FLIGHT)
         gate.users += 1
         try:
             async with gate.slots:
