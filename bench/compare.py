@@ -44,6 +44,12 @@ from bench.api import ApiResults
 from bench.api import Scale as ApiScale
 from bench.api import measure as measure_api
 from bench.api_report import render as render_api
+from bench.burst import BEGIN as BURST_BEGIN
+from bench.burst import END as BURST_END
+from bench.burst import BurstResults
+from bench.burst import Scale as BurstScale
+from bench.burst import measure as measure_burst
+from bench.burst import render as render_burst
 from bench.drivers import SPECS, Env, KeelSystem, Spec, System, TemporalSystem, make, unavailable
 from bench.harness import REPO, Arrivals, start_dev_server, start_fake_model, temporal_binary
 from bench.mcp import BEGIN as MCP_BEGIN
@@ -110,6 +116,7 @@ class Scale:
     streaming_rounds: int  # of Keel's streamed replies against streaming off (bench.streaming)
     api: ApiScale  # keel serve against AgentClient (bench.api)
     mcp_rounds: int = 30  # a tool as an MCP server's against the same as a @tool (bench.mcp)
+    burst: BurstScale = BurstScale()  # messages to one idle run (bench.burst)
 
     def describe(self) -> str:
         lat = ", ".join(
@@ -124,7 +131,9 @@ class Scale:
             f"(model replies delayed {self.recovery_delay_ms} ms); {self.warmup} warm-up runs; "
             f"streamed replies {self.streaming_rounds} rounds; keel serve {self.api.rounds} "
             f"rounds, {self.api.watchers} SSE clients on a run, {self.api.runs} runs watched; "
-            f"MCP tools {self.mcp_rounds} rounds"
+            f"MCP tools {self.mcp_rounds} rounds; "
+            f"a burst of {self.burst.messages} messages from {self.burst.concurrency} senders "
+            f"× {self.burst.rounds} rounds"
         )
 
 
@@ -167,6 +176,7 @@ QUICK = Scale(
     streaming_rounds=2,
     api=ApiScale(rounds=2, approvals=2, watchers=10, runs=10),
     mcp_rounds=3,
+    burst=BurstScale(rounds=1, messages=60, concurrency=30),
 )
 
 
@@ -375,6 +385,14 @@ async def amain(args: argparse.Namespace) -> Results:
 
         await section(r, "MCP tools", mcp_tools)
 
+        async def burst() -> None:
+            if "keel" in by_key:
+                meta = {k: r.meta[k] for k in ("date", "command", "machine")}
+                results = await measure_burst(address, workdir, scale.burst, meta)
+                r.burst = dataclasses.asdict(results)
+
+        await section(r, "a burst of messages", burst)
+
         async def hist() -> None:
             payloads = str(workdir / "payloads")
             runs = [(s, f"{s.key}", scale.payload_threshold) for s in temporal if s in peers]
@@ -504,6 +522,10 @@ def main(argv: list[str] | None = None) -> None:
         for text_, begin, end in _REPORTS:  # sections whose raw results are kept apart
             print(text_, flush=True)
             write(text_, out, begin, end)
+        if results.burst:
+            burst = render_burst(BurstResults.of(results.burst))
+            print(burst, flush=True)
+            write(burst, out, BURST_BEGIN, BURST_END)
         log(f"wrote {out}")
         if results.errors:
             code = 1

@@ -23,12 +23,13 @@ from keel.client.api import (
     load_approver_key,
     no_worker,
 )
+from keel.client.visibility import RUN_STATUSES, TERMINATED, TIMED_OUT
 from keel.config import Settings, SettingsError, use_core_logging
 from keel.workflows.budgets import usage_line
 from keel.workflows.events import EventKind, RunEvent
-from keel.workflows.models import TERMINAL_STATUSES, WORKFLOW_TYPE, AgentStatus
+from keel.workflows.models import TERMINAL_STATUSES, WORKFLOW_TYPE
 
-TERMINAL_VALUES = {st.value for st in TERMINAL_STATUSES}
+TERMINAL_VALUES = {st.value for st in TERMINAL_STATUSES} | {TERMINATED, TIMED_OUT}
 CLOSED_QUERY_TIMEOUT = timedelta(seconds=5)  # a finished run's record: else its summary
 WORKER_PATIENCE = 5.0  # seconds a waiting command gives a worker that is starting too
 
@@ -127,7 +128,7 @@ async def cmd_status(a: argparse.Namespace, s: Settings) -> int:
             _json(summary.model_dump())
         else:
             print(
-                f"{a.run}: {summary.status or summary.temporal_status} (Temporal: "
+                f"{a.run}: {summary.status} (Temporal: "
                 f"{summary.temporal_status}), step {summary.steps}, {summary.tokens} tokens"
             )
             print(f"  task queue: {summary.task_queue}")
@@ -135,12 +136,24 @@ async def cmd_status(a: argparse.Namespace, s: Settings) -> int:
                 print(f"  ended: {summary.error}")
         print(f"  {e}", file=sys.stderr)
         return 0 if closed else 1
+    # a closed run's status is Temporal's: one terminated or timed out from outside Keel
+    # replays to the last status it upserted itself
+    status = summary.status if closed else state.status.value
     if a.json:
-        _json({**state.model_dump(mode="json"), "task_queue": summary.task_queue})
+        _json(
+            {
+                **state.model_dump(mode="json"),
+                "status": status,
+                "temporal_status": summary.temporal_status,
+                "task_queue": summary.task_queue,
+            }
+        )
         return 0
-    print(f"{a.run}: {state.status.value}, step {state.step}, {state.usage.total_tokens} tokens")
+    print(f"{a.run}: {status}, step {state.step}, {state.usage.total_tokens} tokens")
     print(f"  usage: {usage_line(state.usage, state.subagents)}")
     print(f"  task queue: {summary.task_queue}")
+    if closed and summary.error and not state.error:
+        print(f"  ended: {summary.error}")
     for r in state.pending_approvals:
         print(f"  waiting for approval: {r.call_id} {r.tool}({r.arguments}) — {r.reason}")
     for q in state.queued_messages:
@@ -622,7 +635,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     add("result", cmd_result, "wait for a run's answer").add_argument("run")
     sp = add("list", cmd_list, "recent runs")
-    sp.add_argument("--status", default=None, choices=[st.value for st in AgentStatus])
+    sp.add_argument("--status", default=None, choices=RUN_STATUSES)
     sp.add_argument("--json", action="store_true")
     sp.add_argument(
         "--as",

@@ -72,8 +72,9 @@ with workflow.unsafe.imports_passed_through():
 
 EMPTY_REPLY_NUDGE = "Your last reply was empty. Answer the user, or call one of the tools."
 ENDINGS_PATCH = "keel-endings-agree"  # runs recorded before it completed on a spent budget
-EMPTY_PATCH = "keel-empty-reply"
-CANCEL_USAGE_PATCH = "keel-cancel-usage"  # runs recorded before a cancelled child reported  # runs recorded before it ended a turn on an empty reply
+EMPTY_PATCH = "keel-empty-reply"  # runs recorded before it ended a turn on an empty reply
+FAILED_STATUS_PATCH = "keel-failed-status"  # runs recorded before every failure upserted it
+CANCEL_USAGE_PATCH = "keel-cancel-usage"  # runs recorded before a cancelled child reported
 Loop = Callable[[AgentSpec], Awaitable[AgentResult]]
 
 
@@ -86,6 +87,9 @@ class KeelWorkflow(RunDoors):
         self.spec: AgentSpec | None = self.state.spec
         self.inbox = Inbox(self.state)
         self.archiver = RecordArchiver(self.state)  # the record's older part goes to history
+        # asked as the history begins (a failure may come right after a local activity's
+        # result, where a patch asked then would not line up on replay)
+        self._failed_status = workflow.patched(FAILED_STATUS_PATCH)
         self.publisher = StatusPublisher()
         # watchers' view (keel watch); carried again only at continue-as-new
         self.events = EventLog(self.state.events, input.agent, legacy=self.state.stream)
@@ -139,7 +143,9 @@ class KeelWorkflow(RunDoors):
                 result = await loop(self.spec)
             except EndRun as e:
                 result = self.finish(e.status, e.reason)
-            except ApplicationError:  # the run failed (`fail`): watchers are let go first
+            except ApplicationError as e:  # the run failed (`fail`): watchers are let go first
+                if st.status not in TERMINAL_STATUSES and self._failed_status:
+                    self.finish(AgentStatus.FAILED, e.message)  # a failure no block recorded
                 await self._release_watchers()
                 raise
             if self.state.status not in TERMINAL_STATUSES:  # a loop that did not say

@@ -32,6 +32,7 @@ from keel.workflows.models import (
     SIGNAL_SUBAGENT_USAGE,
     UPDATE_DECIDE,
     UPDATE_MESSAGE,
+    AgentInput,
     AgentSpec,
     AgentState,
     AuditEntry,
@@ -47,6 +48,7 @@ from keel.workflows.models import (
     TranscriptPage,
     TranscriptSlice,
 )
+from keel.workflows.steps import payload_bytes
 from keel.workflows.views import state_view, transcript_slice
 
 M = TypeVar("M", bound=BaseModel)
@@ -101,7 +103,8 @@ class RunDoors:
         elif name == SIGNAL_MESSAGE:
             m = self._decode(args, MessageInput, name)
             if m is not None:
-                self._message_event(m, self.inbox.accept(self.spec, m, workflow.now()))
+                accepted = self.inbox.accept(self.spec, m, workflow.now(), self._carried_bytes)
+                self._message_event(m, accepted)
         elif name == PUBLISH_SIGNAL:
             self._refuse_signal(f"{name}: only the run itself publishes its events")
         elif name == SIGNAL_STREAM:
@@ -137,13 +140,22 @@ class RunDoors:
     @workflow.update(name=UPDATE_MESSAGE)
     def send_message(self, m: MessageInput) -> MessageReceipt:
         """A user message that answers with a receipt: queued, delivered, or refused."""
-        return self._message_event(m, self.inbox.accept(self.spec, m, workflow.now()))
+        accepted = self.inbox.accept(self.spec, m, workflow.now(), self._carried_bytes)
+        return self._message_event(m, accepted)
 
     @send_message.validator
     def _validate_message(self, m: MessageInput) -> None:
-        refusal = message_refusal(self.spec, self.state, m)
+        refusal = message_refusal(self.spec, self.state, m, self._carried_bytes)
         if refusal:
             raise ValueError(refusal)
+
+    def _carried_bytes(self, m: MessageInput) -> int:
+        """The state's size as continue-as-new carries it (`KeelWorkflow._carry_over`), with
+        `m` in it: a message that would make it too large for a run without payload storage
+        is refused here, at the door, instead of failing the run at its next continue-as-new."""
+        st = self.state
+        carry = AgentInput(agent=st.agent, message="", user=st.user, carry=st)
+        return payload_bytes(carry) + payload_bytes(m)
 
     def _message_event(self, m: MessageInput, receipt: MessageReceipt) -> MessageReceipt:
         self.events.emit(
