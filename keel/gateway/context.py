@@ -22,7 +22,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from keel.client.api import AgentClient, KeelClientError, RunSummary, load_approver_key, no_worker
 from keel.client.presence import worker_polls
-from keel.client.visibility import may_see
+from keel.client.visibility import may_see, run_status
 from keel.config import Settings
 from keel.gateway.auth import SESSION_COOKIE, Caller, TokenFile
 from keel.gateway.feeds import RunFeeds
@@ -54,7 +54,7 @@ class RunRef:
     agent: str
     user: str
     tenant: str
-    status: str  # AgentStatus as its search attribute says
+    status: str  # as keel status says it (Temporal's, once the run is closed)
     steps: int
     tokens: int
     temporal_status: str
@@ -150,7 +150,7 @@ class Gateway:
             agent=agent,
             user=user,
             tenant=tenant,
-            status=sa.get(AGENT_STATUS) or "",
+            status=run_status(sa.get(AGENT_STATUS) or "", desc.status),
             steps=sa.get(AGENT_STEPS) or 0,
             tokens=sa.get(TOTAL_TOKENS) or 0,
             temporal_status=status.name.lower(),
