@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from keel.activities.fork import load_fork
 from keel.activities.model import ModelActivities
 from keel.activities.registry import Agent, AgentRegistry
 from keel.activities.tools import Tool, ToolActivities, ToolContext, tool
@@ -15,7 +16,7 @@ def build_activities(
 ) -> list[Callable[..., Any]]:
     """The activities a worker registers for these agents, bound to their config."""
     tools = ToolActivities(registry.tools(), resources)
-    return [registry.load_agent_spec, model.call_model, tools.run_tool]
+    return [registry.load_agent_spec, model.call_model, tools.run_tool, load_fork]
 
 
 __all__ = [
