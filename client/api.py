@@ -69,6 +69,7 @@ from keel.workflows.models import (
     Usage,
     Visibility,
 )
+from keel.workflows.steps import WORKFLOW_TASK_TIMEOUT
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -230,6 +231,7 @@ class AgentClient:
             task_queue=task_queue or self.task_queue,
             result_type=AgentResult,
             execution_timeout=execution_timeout,
+            task_timeout=WORKFLOW_TASK_TIMEOUT,
             **options,
         )
         return run_id
@@ -796,6 +798,7 @@ class AgentClient:
             task_queue=desc.task_queue,
             result_type=AgentResult,
             execution_timeout=execution_timeout,
+            task_timeout=WORKFLOW_TASK_TIMEOUT,
             memo={FORK_MEMO: origin.model_dump(mode="json")},
             **options,
         )

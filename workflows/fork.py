@@ -12,6 +12,10 @@ What the fork starts with, read from the origin's record by the `keel.load_fork`
   current spec;
 - the origin's effects of steps 1..N, listed as inherited: done there, never redone here.
 
+The inherited effects are read from the origin's state view, which shows its latest 300
+effects: an origin with more lists only those of them up to step N (its own record keeps
+them all).
+
 The fork has a run key of its own, so every tool call it makes gets a new idempotency key:
 an effect the origin made after step N is not undone, and a call the fork makes again is a
 new effect.

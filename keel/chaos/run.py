@@ -57,12 +57,15 @@ from keel.chaos.check import (
     RunOutcome,
     SentDecision,
     SentMessage,
+    ToolAttempt,
     check,
     conversation_key,
     outcome_of,
     recovery,
     report_lines,
+    spurious_retries,
     summary_line,
+    waits,
 )
 from keel.chaos.stack import (
     SERVER_START_TIMEOUT,
@@ -473,7 +476,7 @@ class Chaos:
         hit = await runs_on_worker(self.client, self._working(), identity(proc.pid))
         at = time.time()
         await self.workers.restart(i)
-        self.seen.disruptions.append(Disruption("kill", at, at, hit, worker=i))
+        self.seen.disruptions.append(Disruption("kill", at, at, hit, worker=i, pid=proc.pid))
         self.say(f"killed worker {i} (pid {proc.pid}), started another; {len(hit)} runs hit")
 
     def _working(self) -> list[str]:
@@ -509,7 +512,7 @@ class Chaos:
                 why = self.workers.last_words(i)
                 note = f"worker {i} (pid {pid}) exited by itself with code {code}: {why}"
                 at = time.time()
-                self.seen.exits.append(Disruption("exit", at, at, [], worker=i))
+                self.seen.exits.append(Disruption("exit", at, at, [], worker=i, pid=pid))
                 self.seen.notes.append(note)
                 self.say(note + "; started again")
                 await self.workers.start(i)
@@ -564,9 +567,14 @@ class Chaos:
                     key = conversation_key(body)
                     calls.append(ModelCall(run, key, r["outcome"], r["at"], worker))
                     progress[run].append(r["at"])
-        for a in ChaosLedger(self.home / "ledger.db").rows("attempts"):
-            progress[a["run"]].append(a["at"])
+        for a in self.tool_attempts():
+            progress[a.run].append(a.at)
         return calls, progress, faults
+
+    def tool_attempts(self) -> list[ToolAttempt]:
+        """Every transfer write the ledger logged, with the worker process that made it."""
+        rows = ChaosLedger(self.home / "ledger.db").rows("attempts")
+        return [ToolAttempt(r["idempotency_key"], r["run"], r["pid"], r["at"]) for r in rows]
 
     async def report(self) -> int:
         """Check everything, print what was found; the last line is the summary."""
@@ -577,9 +585,21 @@ class Chaos:
             outcomes, ledger, s.messages, s.decisions, dict(s.malformed), calls,
             s.disruptions + s.restarts + s.exits,
         )  # fmt: skip
-        kills = recovery(s.disruptions, progress, s.closed)
+        kills = recovery(s.disruptions, progress, s.closed, s.restarts)
         restart = recovery(s.restarts, progress, s.closed)
-        lines = report_lines(verdict, outcomes, ledger, s, faults, kills, restart)
+        struck = s.disruptions + s.restarts + s.exits
+        spurious = spurious_retries(calls, self.tool_attempts(), struck)
+        lines = report_lines(verdict, outcomes, ledger, s, faults, kills, restart, spurious)
+        every = waits(s.disruptions, progress, s.closed)
+        broken = len(every) - len(kills)
+        if broken:
+            lines.append(f"recovery: {broken} waits after a kill the server restart broke into")
+        slow = sorted(waits(s.disruptions, progress, s.closed, s.restarts), key=lambda w: -w[0])
+        for wait, run, d in slow[:3]:
+            lines.append(
+                f"slowest takeover: {run}, {wait:.1f}s after the kill of worker {d.worker} "
+                f"at {d.at - self.t0:.1f}s"
+            )
         if not self.embedded:
             lines.append("server restart: not done (an existing deployment cannot be restarted)")
         for line in lines:
@@ -587,7 +607,11 @@ class Chaos:
         if self.opts.keep:
             print(f"kept: {self.home}", flush=True)
         restarts = len(s.restarts)
-        print(summary_line(verdict, kills, len(s.disruptions), restarts, sum(faults.values())))
+        print(
+            summary_line(
+                verdict, kills, len(s.disruptions), restarts, sum(faults.values()), len(spurious)
+            )
+        )
         sys.stdout.flush()
         return 0 if verdict.ok else 1
 
