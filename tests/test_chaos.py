@@ -217,6 +217,15 @@ def test_recovery_is_per_run_hit_and_reports_median_and_worst() -> None:
     assert p50_max(samples) == (3.0, 6.0) and p50_max([]) == (0.0, 0.0)
 
 
+def test_a_wait_the_restart_or_a_person_broke_into_is_not_a_kills() -> None:
+    kill = Disruption("kill", 10.0, 10.0, ["a", "b", "c"])
+    progress = {"a": [12.0], "b": [18.0], "c": [19.0]}
+    restart = Disruption("server restart", 14.0, 16.0, ["b"])  # b had not moved yet
+    decided = [SentDecision("c", "call", "approved", "ann", True, at=17.0)]  # c waited on ann
+    assert recovery([kill], progress, {}, [restart], decided) == [2.0]
+    assert recovery([kill], progress, {}) == [2.0, 8.0, 9.0]
+
+
 def test_summary_line_is_what_scripts_read() -> None:
     a, rows = done_run("a")
     line = summary_line(check([a], rows), [2.14, 6.81], kills=3, restarts=1, faults=7)

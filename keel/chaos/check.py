@@ -87,6 +87,7 @@ class SentDecision:
     outcome: str  # approved / edited / rejected
     approver: str
     accepted: bool | None  # the update's answer; None: sent as a signal
+    at: float = 0.0  # when it was sent
 
 
 @dataclass
@@ -384,11 +385,16 @@ def waits(
     progress: dict[str, list[float]],
     closed: dict[str, float],
     restarts: Sequence[Disruption] = (),
+    decisions: Sequence[SentDecision] = (),
 ) -> list[tuple[float, str, Disruption]]:
     """For each disruption and each run it hit: seconds from it until that run's next
     progress (or its end), the run, the disruption. Runs that never moved again are left
     out (they count as lost); so is a wait the server's restart broke into (the server went
-    down before the run moved again): that run is counted in the restart's recovery."""
+    down before the run moved again: the run is counted in the restart's recovery), and a
+    wait for a person (the run asked for a decision, which came before it moved again)."""
+    decided: dict[str, list[float]] = defaultdict(list)
+    for x in decisions:
+        decided[x.run_id].append(x.at)
     out = []
     for d in disruptions:
         for run in d.hit:
@@ -396,8 +402,12 @@ def waits(
             end = closed.get(run)
             if end is not None and end > d.at:
                 after.append(end)
-            if after and not any(d.at < r.at < min(after) for r in restarts):
-                out.append((min(after) - d.at, run, d))
+            if not after:
+                continue
+            moved = min(after)
+            broken = any(d.at < r.at < moved for r in restarts)
+            if not broken and not any(d.at < t < moved for t in decided[run]):
+                out.append((moved - d.at, run, d))
     return out
 
 
@@ -406,9 +416,10 @@ def recovery(
     progress: dict[str, list[float]],
     closed: dict[str, float],
     restarts: Sequence[Disruption] = (),
+    decisions: Sequence[SentDecision] = (),
 ) -> list[float]:
     """The seconds of `waits`: per disruption, per run it hit, until that run moved again."""
-    return [w for w, _, _ in waits(disruptions, progress, closed, restarts)]
+    return [w for w, _, _ in waits(disruptions, progress, closed, restarts, decisions)]
 
 
 def p50_max(samples: list[float]) -> tuple[float, float]:

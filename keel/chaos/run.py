@@ -440,6 +440,7 @@ class Chaos:
             d = DecideInput(call_id=call_id, decision=Decision.APPROVE, approver=approver)
             outcome = "approved"
         accepted: bool | None
+        sent = time.time()
         try:
             receipt = await self.agents.decide(plan.run_id, d, wait=not by_signal)
             accepted = None if receipt.note else receipt.accepted
@@ -449,7 +450,7 @@ class Chaos:
             accepted = False  # refused: the call was withdrawn by an interrupt, say
         self._decided.add(call_id)
         self.seen.decisions.append(
-            SentDecision(plan.run_id, call_id, outcome, d.approver, accepted)
+            SentDecision(plan.run_id, call_id, outcome, d.approver, accepted, at=sent)
         )
 
     async def _kill_workers(self) -> None:
@@ -555,8 +556,10 @@ class Chaos:
 
     def model_record(self) -> tuple[list[ModelCall], dict[str, list[float]], Counter[str]]:
         """The model's requests by run (and the worker that sent each), progress times by
-        run, and faults by kind."""
+        run, and faults by kind. A run progresses when the model is asked, when its reply has
+        gone out whole to a worker that lived through it, and when a tool writes."""
         calls, progress, faults = [], defaultdict(list), Counter[str]()
+        struck = self.seen.disruptions + self.seen.restarts + self.seen.exits
         for worker, model in enumerate(self.models):
             for r in model.requests():
                 body = r["body"] if isinstance(r["body"], dict) else {}
@@ -567,6 +570,15 @@ class Chaos:
                     key = conversation_key(body)
                     calls.append(ModelCall(run, key, r["outcome"], r["at"], worker))
                     progress[run].append(r["at"])
+                    end = (r.get("chunks_at") or [None])[-1]
+                    if (
+                        r["outcome"] == "served"
+                        and end is not None
+                        and not any(
+                            d.worker in (None, worker) and r["at"] <= d.at <= end for d in struck
+                        )
+                    ):
+                        progress[run].append(end)
         for a in self.tool_attempts():
             progress[a.run].append(a.at)
         return calls, progress, faults
@@ -585,16 +597,19 @@ class Chaos:
             outcomes, ledger, s.messages, s.decisions, dict(s.malformed), calls,
             s.disruptions + s.restarts + s.exits,
         )  # fmt: skip
-        kills = recovery(s.disruptions, progress, s.closed, s.restarts)
+        kills = recovery(s.disruptions, progress, s.closed, s.restarts, s.decisions)
         restart = recovery(s.restarts, progress, s.closed)
         struck = s.disruptions + s.restarts + s.exits
         spurious = spurious_retries(calls, self.tool_attempts(), struck)
         lines = report_lines(verdict, outcomes, ledger, s, faults, kills, restart, spurious)
         every = waits(s.disruptions, progress, s.closed)
-        broken = len(every) - len(kills)
-        if broken:
-            lines.append(f"recovery: {broken} waits after a kill the server restart broke into")
-        slow = sorted(waits(s.disruptions, progress, s.closed, s.restarts), key=lambda w: -w[0])
+        if len(every) > len(kills):
+            lines.append(
+                f"recovery: {len(every) - len(kills)} waits after a kill left out: the server "
+                "restart broke into them, or the run was waiting for a person's decision"
+            )
+        slow = waits(s.disruptions, progress, s.closed, s.restarts, s.decisions)
+        slow.sort(key=lambda w: -w[0])
         for wait, run, d in slow[:3]:
             lines.append(
                 f"slowest takeover: {run}, {wait:.1f}s after the kill of worker {d.worker} "
