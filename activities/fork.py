@@ -52,6 +52,7 @@ async def load_fork(input: ForkInput) -> ForkState:
     return ForkState(
         transcript=transcript,
         usage=usage,
-        effects=inherited(st.effects, o.step, o.run_id),
+        # a fork of a fork inherits what its origin inherited, too
+        effects=inherited([*st.inherited_effects, *st.effects], o.step, o.run_id),
         spec=st.spec,
     )

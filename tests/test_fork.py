@@ -130,6 +130,12 @@ async def test_fork_without_message_goes_on_from_step(forks: AgentEnvironment) -
     new: RunState = await e.agents.get_state(fork)
     assert [m.role for m in new.transcript].count("user") == 1  # no message of its own
     assert [x.step for x in new.effects] == [2, 3]
+    # a fork of the fork inherits the origin's step 1 and the fork's step 2, each by its run
+    again = await e.agents.fork(fork, 2)
+    assert (await e.agents.result(again, 60)).final_answer == DONE_ANSWER.format(of=3)
+    third = await e.agents.get_state(again)
+    assert [(x.step, x.run_id) for x in third.inherited_effects] == [(1, run), (2, fork)]
+    assert [x.step for x in third.effects] == [3]
 
 
 async def test_only_who_may_see_a_run_forks_it(forks: AgentEnvironment) -> None:
