@@ -55,9 +55,9 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"  # the openai client's, when none 
 # loses only its cache (another worker replays the run).
 STICKY_TIMEOUT = timedelta(seconds=2)
 SDK_DEFAULT_STICKY_TIMEOUT = timedelta(seconds=10)
-# The SDK sends an activity's heartbeats at most every 80% of its heartbeat timeout (1.6 s of
-# a 2 s one): on a busy worker, one late send and a live attempt is timed out and retried
-# beside itself. Sending every half second leaves 1.5 s of slack.
+# The SDK sends an activity's heartbeats at most every 80% of its heartbeat timeout (2 s of
+# a 2.5 s one): on a busy worker, one late send and a live attempt is timed out and retried
+# beside itself. Sending every half second leaves 2 s of slack.
 HEARTBEAT_THROTTLE = timedelta(seconds=0.5)
 SDK_DEFAULT_HEARTBEAT_THROTTLE = timedelta(seconds=60)
 

@@ -49,15 +49,16 @@ from keel.workflows.policy import short_args
 from keel.workflows.views import MAX_CONTEXT_CHARS, context_window
 
 LOAD_SPEC_TIMEOUT = timedelta(seconds=10)
-# How fast a dead worker's calls are taken over: an activity heartbeats every 0.5 s
-# (activities/heartbeat.py, paced by the plugin's heartbeat throttle), so a 2 s heartbeat
-# timeout notices a SIGKILLed worker within 2 s and leaves a live call three missed beats
-# of slack; the retry then starts after half a second.
-MODEL_HEARTBEAT_TIMEOUT = timedelta(seconds=2)
+# How fast a dead worker's calls are taken over: an activity heartbeats at once and then
+# every 0.5 s (activities/heartbeat.py, paced by the plugin's heartbeat throttle), so a
+# 2.5 s heartbeat timeout notices a SIGKILLed worker within 2.5 s and leaves a live call
+# 2 s of slack on a busy worker (2 s left a starved worker's live calls timed out: see
+# docs/chaos.md); the retry then starts after half a second.
+MODEL_HEARTBEAT_TIMEOUT = timedelta(seconds=2.5)
 MODEL_RETRY_INITIAL = timedelta(seconds=0.5)
 MODEL_RETRY_MAX_INTERVAL = timedelta(seconds=30)
 TOOL_RETRY_MAX_INTERVAL = timedelta(seconds=60)
-TOOL_HEARTBEAT_SECONDS = 2.0
+TOOL_HEARTBEAT_SECONDS = 2.5
 # A workflow task a dead worker had started is given to another after this (Temporal's
 # default is 10 s). Keel's tasks take milliseconds; the longest is a cold replay of a history
 # up to the continue-as-new point, which stays well inside it.
