@@ -14,6 +14,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from keel.chaos.agent import AGENTS, DONE_ANSWER, ChaosLedger, chaos_rules, first_message, op_of
 from keel.client.api import FORK_MEMO, AgentClient, KeelClientError
+from keel.client.cli import parser
 from keel.testing import AgentEnvironment
 from keel.workflows.models import AgentStatus, ChatMessage, ForkOrigin, Policy, RunState
 
@@ -155,3 +156,10 @@ async def test_only_who_may_see_a_run_forks_it(forks: AgentEnvironment) -> None:
     ended = await e.agents.result(fork, 60)
     assert ended.status == AgentStatus.FAILED
     assert "user 'mallory' may not see run" in (ended.error or "")
+
+
+def test_the_cli_names_the_step_and_the_message() -> None:
+    a = parser().parse_args(["fork", "run-1", "--at-step", "3", "--message", "plan B"])
+    assert (a.run, a.at_step, a.message, a.current_spec) == ("run-1", 3, "plan B", False)
+    with pytest.raises(SystemExit):
+        parser().parse_args(["fork", "run-1"])  # the step is required
