@@ -203,8 +203,8 @@ def test_a_call_tried_again_while_its_worker_lived_is_a_spurious_retry() -> None
     ]
     found = spurious_retries(calls, attempts, struck)
     assert len(found) == 2, found
-    assert "model call of 30.0 (worker 1) was asked again at 33.0" in found[0]
-    assert "tool call a-key:2:0 of 40.0 (pid 102) was tried again at 41.0" in found[1]
+    assert "model call of 30.0s (worker 1) was asked again at 33.0s" in found[0]
+    assert "tool call a-key:2:0 of 40.0s (pid 102) was tried again at 41.0s" in found[1]
     assert spurious_retries(calls[:4], attempts[:2], struck) == []
 
 

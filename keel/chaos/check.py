@@ -340,8 +340,9 @@ def spurious_retries(
     calls: Sequence[ModelCall],
     attempts: Sequence[ToolAttempt],
     disruptions: Sequence[Disruption],
+    t0: float = 0.0,
 ) -> list[str]:
-    """Calls tried again while the attempt before them was alive: a model request repeated
+    """Calls tried again while the attempt before them was alive (times said from `t0`): a model request repeated
     (same run, same conversation) after one the provider did not fail, or a transfer written
     again under its key, with no kill or exit of the worker that had the earlier attempt and
     no server restart in between. Each is a heartbeat timeout of a live call."""
@@ -364,8 +365,8 @@ def spurious_retries(
             failed = before.outcome.startswith(("fault:", "broken:"))
             if not failed and not hit(before.worker, None, before.at, again.at):
                 found.append(
-                    f"{run}: the model call of {before.at:.1f} (worker {before.worker}) was "
-                    f"asked again at {again.at:.1f} while its worker was alive"
+                    f"{run}: the model call of {before.at - t0:.1f}s (worker {before.worker}) "
+                    f"was asked again at {again.at - t0:.1f}s while its worker was alive"
                 )
     writes: dict[str, list[ToolAttempt]] = defaultdict(list)
     for a in sorted(attempts, key=lambda a: a.at):
@@ -374,8 +375,9 @@ def spurious_retries(
         for before, again in zip(seq, seq[1:], strict=False):
             if not hit(None, before.pid, before.at, again.at):
                 found.append(
-                    f"{before.run}: the tool call {key} of {before.at:.1f} (pid {before.pid}) "
-                    f"was tried again at {again.at:.1f} while its worker was alive"
+                    f"{before.run}: the tool call {key} of {before.at - t0:.1f}s (pid "
+                    f"{before.pid}) was tried again at {again.at - t0:.1f}s while its worker "
+                    "was alive"
                 )
     return found
 

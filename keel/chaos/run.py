@@ -600,7 +600,7 @@ class Chaos:
         kills = recovery(s.disruptions, progress, s.closed, s.restarts, s.decisions)
         restart = recovery(s.restarts, progress, s.closed)
         struck = s.disruptions + s.restarts + s.exits
-        spurious = spurious_retries(calls, self.tool_attempts(), struck)
+        spurious = spurious_retries(calls, self.tool_attempts(), struck, self.t0)
         lines = report_lines(verdict, outcomes, ledger, s, faults, kills, restart, spurious)
         every = waits(s.disruptions, progress, s.closed)
         if len(every) > len(kills):
