@@ -1,4 +1,4 @@
-"""All I/O: the model call, tool dispatch, the agent registry."""
+"""All I/O: the model call, tool dispatch (tools and MCP servers), the agent registry."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 from keel.activities.fork import load_fork
 from keel.activities.model import ModelActivities
+from keel.activities.record import archive_record
 from keel.activities.registry import Agent, AgentRegistry
 from keel.activities.tools import Tool, ToolActivities, ToolContext, tool
 
@@ -15,8 +16,15 @@ def build_activities(
     registry: AgentRegistry, model: ModelActivities, resources: Any = None
 ) -> list[Callable[..., Any]]:
     """The activities a worker registers for these agents, bound to their config."""
-    tools = ToolActivities(registry.tools(), resources)
-    return [registry.load_agent_spec, model.call_model, tools.run_tool, load_fork]
+    tools = ToolActivities(registry.tools(), resources, registry.mcp)
+    return [
+        registry.load_agent_spec,
+        model.call_model,
+        tools.run_tool,
+        registry.mcp.list_tools,
+        archive_record,
+        load_fork,
+    ]
 
 
 __all__ = [

@@ -23,6 +23,8 @@ from temporalio.exceptions import ApplicationError
 
 from keel.activities.heartbeat import annotate_span, heartbeat_while
 from keel.activities.streaming import BadStream, Reply, StreamBroke, stream_reply
+from keel.activities.transcripts import Transcripts
+from keel.storage import TranscriptStore
 from keel.workflows import errors
 from keel.workflows.models import (
     CALL_MODEL,
@@ -228,12 +230,14 @@ class ModelActivities:
         api_key: str | None,
         default_model: str,
         calls_per_second: float = 0.0,
+        transcripts: TranscriptStore | None = None,
     ) -> None:
         self._base_url = base_url
         self._api_key = api_key or "not-needed"
         self._default_model = default_model
         self._clients: dict[tuple[str | None, str, float], AsyncOpenAI] = {}
         self._pace = Pace(calls_per_second)
+        self.transcripts = Transcripts(transcripts)  # contexts sent by reference
         self._whole_only: set[tuple[str, str]] = set()  # (base URL, model): no streams
         self._said: set[tuple[tuple[str, str], object]] = set()  # said once in the log
 
@@ -309,11 +313,11 @@ class ModelActivities:
             )
         return self._clients[key]
 
-    def _request(self, input: ModelInput) -> dict[str, Any]:
+    def _request(self, input: ModelInput, messages: list[ChatMessage]) -> dict[str, Any]:
         s = input.settings
         kwargs: dict[str, Any] = {
             "model": s.model or self._default_model,
-            "messages": to_openai_messages(input.messages),
+            "messages": to_openai_messages(messages),
         }
         if input.tools:
             kwargs["tools"] = [
@@ -338,8 +342,9 @@ class ModelActivities:
     @activity.defn(name=CALL_MODEL)
     async def call_model(self, input: ModelInput) -> ModelResult:
         """One chat completion with the agent's tools; usage recorded."""
+        messages, stored = await heartbeat_while(self.transcripts.context(input))
         try:
-            kwargs = self._request(input)
+            kwargs = self._request(input, messages)
             client = self._client(input.settings)
         except Exception as e:
             # nothing reached the provider: this is Keel's own bug, and retrying cannot help
@@ -356,7 +361,7 @@ class ModelActivities:
         try:
             reply = await self._ask(client, kwargs, input)
             usage = reply.usage
-            used = {t.id for m in input.messages for t in m.tool_calls}
+            used = {t.id for m in messages for t in m.tool_calls}
             used.update(input.reserved_call_ids)
             model = reply.model or kwargs["model"]
             result = ModelResult(
@@ -376,6 +381,7 @@ class ModelActivities:
                 finish_reason=reply.finish_reason,
                 model=model,
                 attempt=activity.info().attempt,
+                stored=stored,
             )
         except (
             openai.APIError,

@@ -11,6 +11,7 @@ from pathlib import Path
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from keel.activities.mcp import MCPServer, MCPToolsets
 from keel.activities.tools import Tool, ToolContext
 from keel.policy_file import PolicyError, parse_policy
 from keel.workflows import errors
@@ -21,8 +22,10 @@ from keel.workflows.models import (
     ApprovalMode,
     ApprovalPolicy,
     ApprovalTimeoutAction,
+    Compaction,
     Limits,
     LoadAgentInput,
+    MCPPin,
     MessagePolicy,
     ModelSettings,
     Policy,
@@ -51,6 +54,9 @@ class Agent:
     approval_timeout_seconds: float = 24 * 3600.0
     on_approval_timeout: ApprovalTimeoutAction = ApprovalTimeoutAction.REJECT
     approvals: dict[str, ApprovalPolicy] = field(default_factory=dict)  # per-tool overrides
+    compaction: Compaction | None = None  # summarise the oldest turns of long conversations
+    # MCP servers whose tools it may call (MCPStdio, MCPHttp): listed once per run, pinned
+    toolsets: list[MCPServer] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.check()
@@ -66,7 +72,14 @@ class Agent:
                 f"agent {self.name!r}: two of its tools are named {twice[0]!r}; "
                 "give each a name of its own (tool(name=...))"
             )
-        unknown = sorted(set(self.approvals) - set(names))
+        servers = [s.name for s in self.toolsets]
+        if len(set(servers)) < len(servers):
+            raise AgentDefinitionError(
+                f"agent {self.name!r}: two of its MCP servers have the same name; "
+                "give each a name of its own"
+            )
+        # an MCP server's tools are known once it is listed: its names are checked then
+        unknown = sorted(n for n in set(self.approvals) - set(names) if not self.mcp_owned(n))
         if unknown:
             raise AgentDefinitionError(
                 f"agent {self.name!r}: approvals names {_listed(unknown)}, which is not one "
@@ -79,6 +92,10 @@ class Agent:
                     f"agent {self.name!r}: tool {t.name!r} runs locally (local=True), so it "
                     "cannot need an approval; make it an ordinary tool"
                 )
+
+    def mcp_owned(self, name: str) -> bool:
+        """Whether `name` may be a tool of one of its MCP servers (known once listed)."""
+        return any(s.owns(name) for s in self.toolsets)
 
     def as_tool(
         self,
@@ -133,6 +150,8 @@ class Agent:
             keep_open_seconds=self.keep_open_seconds,
             approval_timeout_seconds=self.approval_timeout_seconds,
             on_approval_timeout=self.on_approval_timeout,
+            compaction=self.compaction,
+            mcp=[MCPPin(server=s.name) for s in self.toolsets],
         )
 
 
@@ -188,14 +207,15 @@ def check_policy(policy: Policy, agents: list[Agent]) -> None:
         if agent is None or entry.tools is None:
             continue
         have = {t.name for t in agent.tools}
-        unknown = sorted(set(entry.tools) - have)
+        unknown = sorted(n for n in set(entry.tools) - have if not agent.mcp_owned(n))
         if unknown:
             raise PolicyError(
                 f"policy: agents.{name}.tools names {_listed(unknown)}, which agent {name!r} "
                 f"does not have (its tools: {_listed(sorted(have)) or 'none'})"
             )
     have = {t.name for a in agents for t in a.tools}
-    unknown = sorted(set(policy.tools) - have)
+    # names an MCP server's tools may have are checked when a run lists that server
+    unknown = sorted(n for n in set(policy.tools) - have if not any(a.mcp_owned(n) for a in agents))
     if not unknown or not agents:
         return
     named = set(policy.agents) | {n for r in policy.roles.values() for n in r.agents}
@@ -237,6 +257,7 @@ class AgentRegistry:
             policy = parse_policy(policy.model_dump(mode="json", exclude={"digest"}))
             check_policy(policy, list(self._agents.values()))
         self.policy = policy
+        self.mcp = MCPToolsets(list(self._agents.values()), policy)
 
     @property
     def names(self) -> list[str]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, get_type_hints
 
+from mcp.shared.exceptions import McpError
 from pydantic import BaseModel, ValidationError
 from temporalio import activity
 
@@ -170,12 +171,13 @@ def _render(value: Any) -> str:
 
 
 class ToolActivities:
-    """The `run_tool` activity over the tools a worker knows."""
+    """The `run_tool` activity over the tools a worker knows, and those of its MCP servers."""
 
-    def __init__(self, tools: list[Tool], resources: Any = None) -> None:
+    def __init__(self, tools: list[Tool], resources: Any = None, mcp: Any = None) -> None:
         # sub-agents are child workflows, never activities
         self._tools = {t.name: t for t in tools if t.agent is None}
         self._resources = resources
+        self._mcp = mcp  # MCPToolsets, when an agent served here has MCP servers
 
     @activity.defn(name=RUN_TOOL)
     async def run_tool(self, input: ToolInput) -> ToolResult:
@@ -184,6 +186,8 @@ class ToolActivities:
         An exception from the tool itself propagates, so Temporal retries it with the
         tool's retry policy.
         """
+        if input.mcp_server:
+            return await self._run_mcp(input)
         t = self._tools.get(input.tool)
         if t is None:
             known = ", ".join(sorted(self._tools)) or "none"
@@ -207,7 +211,10 @@ class ToolActivities:
                 error_type="invalid_arguments",
                 content=f"Error: invalid arguments for {t.name}: {problems}",
             )
-        ctx = ToolContext(
+        return await self._measured(input, t.fn(args, self._context(input, t)), t.spec.secrets)
+
+    def _context(self, input: ToolInput, t: Tool) -> ToolContext:
+        return ToolContext(
             agent=input.agent,
             call_id=input.call_id,
             idempotency_key=input.idempotency_key,
@@ -216,26 +223,63 @@ class ToolActivities:
             resources=self._resources,
             secrets=tuple(t.spec.secrets),
         )
+
+    async def _run_mcp(self, input: ToolInput) -> ToolResult:
+        """Call a tool of an MCP server with the call's idempotency key in the request's
+        `_meta`. The server's own errors (an `isError` result, a JSON-RPC error) are the
+        model's to read; a server that cannot be reached raises, and is retried."""
+        server = self._mcp.servers.get(input.mcp_server) if self._mcp is not None else None
+        if server is None:
+            return ToolResult(
+                ok=False,
+                error_type="unknown_tool",
+                content=f"Error: this worker has no MCP server named {input.mcp_server!r}.",
+            )
+        raw, problem = parse_arguments(input.arguments)
+        if raw is None:
+            return ToolResult(ok=False, error_type="invalid_arguments", content=f"Error: {problem}")
+        meta = {
+            "keel/idempotency_key": input.idempotency_key,
+            "keel/run_id": input.run_id,
+            "keel/call_id": input.call_id,
+        }
+        return await self._measured(
+            input,
+            self._mcp.call(server, input.mcp_tool, raw, meta),
+            server.secret_names(),
+        )
+
+    async def _measured(self, input: ToolInput, run: Any, secrets: Sequence[str]) -> ToolResult:
+        """Await a tool (heartbeating), with its metrics and span; its result rendered,
+        bounded and scrubbed of secrets."""
+        name = input.tool
         # heartbeats while the tool runs: a dead worker is noticed within seconds, and a
         # cancellation (interrupt, keel cancel) reaches the tool
         meter = activity.metric_meter().with_additional_attributes(
-            {"agent": input.agent, "tool": t.name}
+            {"agent": input.agent, "tool": name}
         )
         calls = meter.create_counter("keel_tool_calls", "tool calls, by outcome")
         began = time.monotonic()
         try:
-            result = await heartbeat_while(t.fn(args, ctx))
+            result = await heartbeat_while(run)
+        except McpError as e:  # the MCP server's own error: an answer, not a failure to retry
+            calls.add(1, {"outcome": "error"})
+            said = redact(_render(f"Error: {e.error.message}"), secrets)
+            return ToolResult(ok=False, error_type="tool_error", content=said)
         except BaseException as e:
             calls.add(1, {"outcome": "raised"})  # retried by its policy, or cancelled
-            annotate_span({"keel.tool": t.name, "keel.outcome": f"raised {type(e).__name__}"})
+            annotate_span({"keel.tool": name, "keel.outcome": f"raised {type(e).__name__}"})
             said = str(e)
-            if isinstance(e, Exception) and redact(said, t.spec.secrets) != said:
+            if isinstance(e, Exception) and redact(said, secrets) != said:
                 # the failure's message goes into the history: never with a secret in it
-                raise RuntimeError(f"{type(e).__name__}: {redact(said, t.spec.secrets)}") from None
+                raise RuntimeError(f"{type(e).__name__}: {redact(said, secrets)}") from None
             raise
-        annotate_span({"keel.tool": t.name, "keel.call_id": input.call_id, "keel.outcome": "ok"})
+        annotate_span({"keel.tool": name, "keel.call_id": input.call_id, "keel.outcome": "ok"})
         meter.create_histogram_timedelta("keel_tool_latency", "a tool call", "ms").record(
             timedelta(seconds=time.monotonic() - began)
         )
+        if isinstance(result, ToolResult):  # an MCP tool's: `isError` is the model's to read
+            calls.add(1, {"outcome": "ok" if result.ok else "error"})
+            return result.model_copy(update={"content": redact(_render(result.content), secrets)})
         calls.add(1, {"outcome": "ok"})
-        return ToolResult(ok=True, content=redact(_render(result), t.spec.secrets))
+        return ToolResult(ok=True, content=redact(_render(result), secrets))

@@ -8,8 +8,9 @@ Temporal dev server (with `keel.dev.dev_server_args`).
     python -m bench.compare --only keel keel_api keel_stored plain   # Keel's own overhead
 
 With Keel among the systems, it also measures Keel's streamed replies (`bench.streaming`)
-and its HTTP API (`bench.api`, `keel serve`), each on a fake endpoint and workers of their
-own; their reports go between their own markers.
+its HTTP API (`bench.api`, `keel serve`) and a tool call's overhead as a tool of an MCP server
+(`bench.mcp`), each on a model endpoint and workers of their own; their reports go between
+their own markers.
 
 Every measurement is interleaved round by round (the order rotates), and reported as medians
 and as ratios measured side by side. See docs/benchmarks.md for what is measured, and how.
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import platform
 import re
@@ -42,8 +44,20 @@ from bench.api import ApiResults
 from bench.api import Scale as ApiScale
 from bench.api import measure as measure_api
 from bench.api_report import render as render_api
+from bench.burst import BEGIN as BURST_BEGIN
+from bench.burst import END as BURST_END
+from bench.burst import BurstResults
+from bench.burst import Scale as BurstScale
+from bench.burst import measure as measure_burst
+from bench.burst import render as render_burst
 from bench.drivers import SPECS, Env, KeelSystem, Spec, System, TemporalSystem, make, unavailable
 from bench.harness import REPO, Arrivals, start_dev_server, start_fake_model, temporal_binary
+from bench.mcp import BEGIN as MCP_BEGIN
+from bench.mcp import END as MCP_END
+from bench.mcp import RAW as MCP_RAW
+from bench.mcp import MCPResults
+from bench.mcp import measure as measure_mcp
+from bench.mcp import render as render_mcp
 from bench.measure import (
     MODEL_ACTIVITIES,
     History,
@@ -101,6 +115,8 @@ class Scale:
     recovery_systems: tuple[str, ...] | None  # None: every system that can recover
     streaming_rounds: int  # of Keel's streamed replies against streaming off (bench.streaming)
     api: ApiScale  # keel serve against AgentClient (bench.api)
+    mcp_rounds: int = 30  # a tool as an MCP server's against the same as a @tool (bench.mcp)
+    burst: BurstScale = BurstScale()  # messages to one idle run (bench.burst)
 
     def describe(self) -> str:
         lat = ", ".join(
@@ -114,7 +130,10 @@ class Scale:
             f"recovery {self.recovery_runs} runs of K={self.recovery_k} "
             f"(model replies delayed {self.recovery_delay_ms} ms); {self.warmup} warm-up runs; "
             f"streamed replies {self.streaming_rounds} rounds; keel serve {self.api.rounds} "
-            f"rounds, {self.api.watchers} SSE clients on a run, {self.api.runs} runs watched"
+            f"rounds, {self.api.watchers} SSE clients on a run, {self.api.runs} runs watched; "
+            f"MCP tools {self.mcp_rounds} rounds; "
+            f"a burst of {self.burst.messages} messages from {self.burst.concurrency} senders "
+            f"× {self.burst.rounds} rounds"
         )
 
 
@@ -156,6 +175,8 @@ QUICK = Scale(
     recovery_systems=("keel", "langgraph", "langgraph_sync"),
     streaming_rounds=2,
     api=ApiScale(rounds=2, approvals=2, watchers=10, runs=10),
+    mcp_rounds=3,
+    burst=BurstScale(rounds=1, messages=60, concurrency=30),
 )
 
 
@@ -355,6 +376,23 @@ async def amain(args: argparse.Namespace) -> Results:
 
         await section(r, "keel serve", served)
 
+        async def mcp_tools() -> None:
+            if "keel" in by_key:
+                meta = {k: r.meta[k] for k in ("date", "command")}
+                results = await measure_mcp(address, meta, scale.mcp_rounds)
+                MCP_RAW.write_text(json.dumps(dataclasses.asdict(results), indent=1))
+                _REPORTS.append((render_mcp(results), MCP_BEGIN, MCP_END))
+
+        await section(r, "MCP tools", mcp_tools)
+
+        async def burst() -> None:
+            if "keel" in by_key:
+                meta = {k: r.meta[k] for k in ("date", "command", "machine")}
+                results = await measure_burst(address, workdir, scale.burst, meta)
+                r.burst = dataclasses.asdict(results)
+
+        await section(r, "a burst of messages", burst)
+
         async def hist() -> None:
             payloads = str(workdir / "payloads")
             runs = [(s, f"{s.key}", scale.payload_threshold) for s in temporal if s in peers]
@@ -412,6 +450,10 @@ async def amain(args: argparse.Namespace) -> Results:
     wall = time.monotonic() - t_start
     r.meta["wall"] = f"{wall / 60:.1f} min"
     return r
+
+
+# reports of sections measured in `amain` that `Results` does not carry: (text, markers)
+_REPORTS: list[tuple[str, str, str]] = []
 
 
 def write(text: str, out: Path, begin: str = BEGIN, end: str = END) -> None:
@@ -472,6 +514,18 @@ def main(argv: list[str] | None = None) -> None:
             api = render_api(ApiResults.of(results.api))
             print(api, flush=True)
             write(api, out, API_BEGIN, API_END)
+        if args.render and MCP_RAW.exists():
+            # rendered again: the MCP section's raw results are kept in a file of their own
+            _REPORTS.append(
+                (render_mcp(MCPResults.of(json.loads(MCP_RAW.read_text()))), MCP_BEGIN, MCP_END)
+            )
+        for text_, begin, end in _REPORTS:  # sections whose raw results are kept apart
+            print(text_, flush=True)
+            write(text_, out, begin, end)
+        if results.burst:
+            burst = render_burst(BurstResults.of(results.burst))
+            print(burst, flush=True)
+            write(burst, out, BURST_BEGIN, BURST_END)
         log(f"wrote {out}")
         if results.errors:
             code = 1

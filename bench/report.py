@@ -81,6 +81,7 @@ class Results:
     errors: dict[str, str] = field(default_factory=dict)  # a section that failed, and why
     streaming: dict[str, Any] | None = None  # bench.streaming's results, as saved
     api: dict[str, Any] | None = None  # bench.api's results (keel serve), as saved
+    burst: dict[str, Any] | None = None  # bench.burst's results (a burst of messages)
 
     def per_step(self, k: int, key: str) -> list[float]:
         return [s.seconds / model_steps(k) for s in self.latency.get(k, {}).get(key, [])]
@@ -118,6 +119,7 @@ def load(path: Path) -> Results:
         errors=d["errors"],
         streaming=d.get("streaming"),
         api=d.get("api"),
+        burst=d.get("burst"),
     )
 
 

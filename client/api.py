@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
@@ -27,13 +29,33 @@ from temporalio.exceptions import ApplicationError, CancelledError, FailureError
 from temporalio.service import RPCError, RPCStatusCode
 
 from keel.client.presence import worker_arrives, worker_polls
+from keel.client.record import RecordGap, RunRecord, archived_chunks, join
+from keel.client.sending import (
+    MAX_REQUEST_BYTES,
+    MESSAGES_IN_FLIGHT,
+    SEND_ATTEMPTS,
+    SEND_RETRY_FIRST,
+    SEND_RETRY_MAX,
+    SERVED_TRUST,
+    Gate,
+    SendFailure,
+    send_failure,
+)
 from keel.client.signing import load_signing_key, sign_decision
-from keel.client.visibility import may_see, quoted, visibility_query
+from keel.client.visibility import (
+    NOT_CONTINUED,
+    may_see,
+    quoted,
+    run_status,
+    status_query,
+    visibility_query,
+)
 from keel.config import Settings, SettingsError, connect
 from keel.policy_file import PolicyError
 from keel.workflows import errors
 from keel.workflows.authz import start_refusal, tenant_of, visibility
 from keel.workflows.base import KeelWorkflow
+from keel.workflows.budgets import run_usage
 from keel.workflows.decisions import DecisionTarget
 from keel.workflows.events import TOPIC, EventKind, RunEvent
 from keel.workflows.models import (
@@ -88,10 +110,6 @@ ANSWER_GRACE = 1.0
 # a query sent is let finish though its answer is no longer wanted: one abandoned midway
 # leaves the worker an answer for a query that is gone, and it warns "Query not found"
 QUERY_DRAIN_SECONDS = 5.0
-SEND_ATTEMPTS = 8  # a message is idempotent by its id: resending it is always safe
-SEND_RETRY_FIRST = 0.2
-SEND_RETRY_MAX = 5.0
-UNKNOWN_OUTCOME = {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED}
 # Every Keel run, whatever its loop, carries AgentName from its start.
 KEEL_RUNS = "AgentName IS NOT NULL"
 FORK_MEMO = "keel.forked_from"  # a fork's memo: the run and step it began from
@@ -108,6 +126,10 @@ class NoWorker(KeelClientError):
     """No worker serves the run's task queue, so the run cannot answer a query now."""
 
 
+class MessageTooLarge(KeelClientError):
+    """A message too large for one Temporal request: refused before sending, never retried."""
+
+
 class RunSummary(BaseModel):
     run_id: str
     agent: str = ""
@@ -120,19 +142,29 @@ class RunSummary(BaseModel):
     error: str = ""
     task_queue: str = ""  # where its workflow tasks wait for a worker
 
+    agent_status: str = ""  # the AgentStatus the run upserted last (`status` is the truth)
+
     @classmethod
     def of(
-        cls, run_id: str, sa: TypedSearchAttributes, started: datetime | None, task_queue: str = ""
+        cls,
+        run_id: str,
+        sa: TypedSearchAttributes,
+        started: datetime | None,
+        task_queue: str = "",
+        execution: WorkflowExecutionStatus | None = None,
     ) -> RunSummary:
-        """A run as its search attributes describe it."""
+        """A run as its search attributes and its latest execution's status describe it."""
+        upserted = sa.get(AGENT_STATUS) or ""
         return cls(
             run_id=run_id,
             agent=sa.get(AGENT_NAME) or "",
-            status=sa.get(AGENT_STATUS) or "",
+            status=run_status(upserted, execution),
+            agent_status=upserted,
             user=sa.get(AGENT_USER) or "",
             steps=sa.get(AGENT_STEPS) or 0,
             tokens=sa.get(TOTAL_TOKENS) or 0,
             started=started,
+            temporal_status=execution.name.lower() if execution else "",
             task_queue=task_queue,
         )
 
@@ -179,6 +211,8 @@ class AgentClient:
             except PolicyError as e:
                 raise SettingsError(f"KEEL_POLICY: {e}") from None
         self.policy = policy  # the workers' policy, to refuse early (workers decide)
+        self._gates: dict[str, Gate] = {}  # per run: this client's messages in flight
+        self._served_at: dict[str, float] = {}  # per run: when a worker was seen serving it
 
     @classmethod
     async def connect(cls, settings: Settings | None = None) -> AgentClient:
@@ -335,6 +369,22 @@ class AgentClient:
         except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError) as e:
             raise await self._query_failed(run_id, e, timeout) from e
 
+    async def record(self, run_id: str) -> RunRecord:
+        """The run's whole record: every audit entry, effect, decision and retired call id,
+        in order. A run keeps only the latest of each in its state; the rest is read from
+        the chunks it archived into its chain of histories (one history read each)."""
+        for _ in range(3):
+            state = await self.get_state(run_id)
+            try:
+                chunks, histories = await archived_chunks(self.client, run_id)
+            except RPCError as e:
+                raise KeelClientError(f"run {run_id}: {e.message}") from e
+            try:
+                return join(run_id, state, chunks, histories)
+            except RecordGap as gap:  # archived as we read: the next read has it
+                missing = gap
+        raise KeelClientError(f"run {run_id}: the record is incomplete: {missing}")
+
     async def _query_failed(self, run_id: str, e: Exception, timeout: timedelta) -> KeelClientError:
         """What a failed query means, said plainly (NoWorker when no worker answered)."""
         message = getattr(e, "message", str(e))
@@ -376,8 +426,7 @@ class AgentClient:
                 ending = _cause(e)
             except RPCError:
                 pass
-        summary = RunSummary.of(run_id, sa, desc.start_time, desc.task_queue)
-        summary.temporal_status = desc.status.name.lower() if desc.status else ""
+        summary = RunSummary.of(run_id, sa, desc.start_time, desc.task_queue, desc.status)
         summary.error = ending
         return summary
 
@@ -406,7 +455,7 @@ class AgentClient:
                     final_answer=state.final_answer if state else None,
                     error=(state.error if state else None) or _cause(e),
                     steps=state.step if state else 0,
-                    usage=state.usage if state else Usage(),
+                    usage=run_usage(state) if state else Usage(),
                 )
 
         async def idle() -> AgentResult:
@@ -430,7 +479,7 @@ class AgentClient:
                             status=state.status,
                             final_answer=state.final_answer,
                             steps=state.step,
-                            usage=state.usage,
+                            usage=run_usage(state),
                         )
                     continue
                 if view.keeps_open is None:  # not loaded yet: the first task is under way
@@ -481,11 +530,17 @@ class AgentClient:
         as_user: str | None = None,
         agent: str | None = None,
     ) -> list[RunSummary]:
-        """Recent runs, newest first, optionally only those with this AgentStatus (and of this
-        agent); with a caller (`as_user`, default the client's), only the runs they may see."""
-        query = KEEL_RUNS
+        """Recent runs, newest first, one row each (its latest execution: continue-as-new and
+        reset make several of one run), optionally only those with this status (an
+        AgentStatus, `terminated` or `timed_out`, as `run_status` derives it from Temporal's
+        own status) and of this agent; with a caller (`as_user`, default the client's), only
+        the runs they may see."""
+        query = f"{KEEL_RUNS} AND {NOT_CONTINUED}"
         if status:
-            query += f" AND AgentStatus = '{AgentStatus(status).value}'"
+            try:
+                query += status_query(status)
+            except ValueError as e:
+                raise KeelClientError(str(e)) from None
         if agent:
             try:
                 query += f" AND AgentName = {quoted(agent)}"
@@ -493,11 +548,33 @@ class AgentClient:
                 raise KeelClientError(f"agent: {e}") from None
         query += self._visible(as_user)
         out: list[RunSummary] = []
-        async for wf in self.client.list_workflows(query, limit=limit):
+        seen: set[str] = set()
+        # newest first: an open execution, then by close time, so a run's latest comes first
+        async for wf in self.client.list_workflows(query, page_size=min(2 * limit + 10, 1000)):
+            if wf.id in seen:
+                continue
+            seen.add(wf.id)
+            if (
+                wf.status != WorkflowExecutionStatus.RUNNING
+                and status
+                and not (await self._is_latest(wf.id, wf.run_id))
+            ):
+                continue  # a closed execution its run has moved on from (a reset)
             out.append(
-                RunSummary.of(wf.id, wf.typed_search_attributes, wf.start_time, wf.task_queue)
+                RunSummary.of(
+                    wf.id, wf.typed_search_attributes, wf.start_time, wf.task_queue, wf.status
+                )
             )
+            if len(out) >= limit:
+                break
         return out
+
+    async def _is_latest(self, run_id: str, execution: str) -> bool:
+        """Whether this execution is its run's latest (one filtered list cannot tell)."""
+        try:
+            return (await self._handle(run_id).describe()).run_id == execution
+        except RPCError:
+            return True
 
     def _visible(self, as_user: str | None) -> str:
         """The filter of what the caller may list ('' for a client that names no caller).
@@ -656,25 +733,67 @@ class AgentClient:
         before, delivered once) or why it was refused.
 
         The message carries an id (made here unless given), so sending it again is safe: a
-        run busy with other messages (Temporal takes 10 updates in flight per run) or an
-        answer lost on the way is retried here, and a message is delivered exactly once.
-        When the outcome stays unknown, KeelClientError says so and names the id to resend."""
+        run busy with other messages or an answer lost on the way is retried here under the
+        same id, and a message is delivered exactly once. This client sends at most
+        MESSAGES_IN_FLIGHT updates to one run at a time (Temporal refuses more than 10), so a
+        burst waits here instead of being refused there. A message too large to send at all
+        raises MessageTooLarge at once. When the outcome stays unknown, KeelClientError says
+        so and names the id to resend."""
         m = MessageInput(
             text=text,
             policy=MessagePolicy(policy) if policy else None,
             sender=sender,
             id=message_id or uuid.uuid4().hex,
         )
+        size = (await self.client.data_converter.encode([m]))[0].ByteSize()
+        if size > MAX_REQUEST_BYTES:
+            raise MessageTooLarge(
+                f"run {run_id}: the message is {size} bytes encoded, over the "
+                f"{MAX_REQUEST_BYTES}-byte limit of one Temporal request; it was not sent"
+            )
         handle = self._handle(run_id)
-        if not await self.has_worker(run_id):  # once: retries below are for busy runs
+        if not await self._served(run_id):  # retries below are for busy runs
             return await self._send_as_signal(handle, m)
+        async with self._door(run_id):
+            return await self._send_by_update(handle, m)
+
+    async def _served(self, run_id: str) -> bool:
+        """`has_worker`, trusted for SERVED_TRUST seconds per run: a burst asks once."""
+        now = asyncio.get_running_loop().time()
+        if now - self._served_at.get(run_id, -SERVED_TRUST) < SERVED_TRUST:
+            return True
+        if not await self.has_worker(run_id):
+            return False
+        if len(self._served_at) > 10_000:
+            self._served_at.clear()
+        self._served_at[run_id] = now
+        return True
+
+    @contextlib.asynccontextmanager
+    async def _door(self, run_id: str) -> AsyncIterator[None]:
+        """A slot among this client's updates in flight to `run_id`."""
+        gate = self._gates.get(run_id)
+        if gate is None:
+            gate = self._gates[run_id] = Gate(MESSAGES_IN_FLIGHT)
+        gate.users += 1
+        try:
+            async with gate.slots:
+                yield
+        finally:
+            gate.users -= 1
+            if not gate.users:
+                del self._gates[run_id]
+
+    async def _send_by_update(
+        self, handle: WorkflowHandle[Any, AgentResult], m: MessageInput
+    ) -> MessageReceipt:
         delay = SEND_RETRY_FIRST
         for attempt in range(1, SEND_ATTEMPTS + 1):
             try:
                 update = await handle.start_update(
                     KeelWorkflow.send_message,
                     m,
-                    id=f"message-{m.id}",
+                    id=f"message-{m.id}",  # a resend is the same update: answered once
                     wait_for_stage=WorkflowUpdateStage.ACCEPTED,
                     rpc_timeout=ACCEPT_TIMEOUT,
                 )
@@ -684,23 +803,30 @@ class AgentClient:
                     status="rejected", policy=m.policy or MessagePolicy.QUEUE, reason=_cause(e)
                 )
             except RPCError as e:
-                if e.status == RPCStatusCode.NOT_FOUND:
+                kind = send_failure(e)
+                if kind == SendFailure.GONE:
                     return MessageReceipt(
                         status="rejected",
                         policy=m.policy or MessagePolicy.QUEUE,
-                        reason=f"run {run_id}: {e.message}",
+                        reason=f"run {handle.id}: {e.message}",
                     )
-                busy = e.status == RPCStatusCode.RESOURCE_EXHAUSTED
-                if attempt == SEND_ATTEMPTS or not (busy or e.status in UNKNOWN_OUTCOME):
-                    why = "is busy with other messages" if busy else "did not answer"
+                if kind == SendFailure.TOO_LARGE:
+                    raise MessageTooLarge(
+                        f"run {handle.id}: the message is too large to send ({e.message})"
+                    ) from e
+                if attempt == SEND_ATTEMPTS or kind == SendFailure.OTHER:
+                    why = "is busy with other messages" if kind == SendFailure.BUSY else ""
                     raise KeelClientError(
-                        f"run {run_id} {why} ({e.message}); the message may not have arrived: "
-                        f"send it again with message_id={m.id!r}, it is delivered only once"
+                        f"run {handle.id} {why or 'did not answer'} ({e.message}); the message "
+                        f"may not have arrived: send it again with message_id={m.id!r}, it is "
+                        "delivered only once"
                     ) from e
             except WorkflowUpdateRPCTimeoutOrCancelledError:
                 # no worker took it in time: a signal keeps it (its id keeps it single)
+                self._served_at.pop(handle.id, None)
                 return await self._send_as_signal(handle, m)
-            await asyncio.sleep(delay)
+            # full jitter: senders refused together do not come back together
+            await asyncio.sleep(random.uniform(delay / 2, delay))
             delay = min(delay * 2, SEND_RETRY_MAX)
         raise AssertionError("unreachable")
 

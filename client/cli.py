@@ -23,11 +23,13 @@ from keel.client.api import (
     load_approver_key,
     no_worker,
 )
+from keel.client.visibility import RUN_STATUSES, TERMINATED, TIMED_OUT
 from keel.config import Settings, SettingsError, use_core_logging
+from keel.workflows.budgets import usage_line
 from keel.workflows.events import EventKind, RunEvent
-from keel.workflows.models import TERMINAL_STATUSES, WORKFLOW_TYPE, AgentStatus
+from keel.workflows.models import TERMINAL_STATUSES, WORKFLOW_TYPE
 
-TERMINAL_VALUES = {st.value for st in TERMINAL_STATUSES}
+TERMINAL_VALUES = {st.value for st in TERMINAL_STATUSES} | {TERMINATED, TIMED_OUT}
 CLOSED_QUERY_TIMEOUT = timedelta(seconds=5)  # a finished run's record: else its summary
 WORKER_PATIENCE = 5.0  # seconds a waiting command gives a worker that is starting too
 
@@ -126,7 +128,7 @@ async def cmd_status(a: argparse.Namespace, s: Settings) -> int:
             _json(summary.model_dump())
         else:
             print(
-                f"{a.run}: {summary.status or summary.temporal_status} (Temporal: "
+                f"{a.run}: {summary.status} (Temporal: "
                 f"{summary.temporal_status}), step {summary.steps}, {summary.tokens} tokens"
             )
             print(f"  task queue: {summary.task_queue}")
@@ -134,11 +136,24 @@ async def cmd_status(a: argparse.Namespace, s: Settings) -> int:
                 print(f"  ended: {summary.error}")
         print(f"  {e}", file=sys.stderr)
         return 0 if closed else 1
+    # a closed run's status is Temporal's: one terminated or timed out from outside Keel
+    # replays to the last status it upserted itself
+    status = summary.status if closed else state.status.value
     if a.json:
-        _json({**state.model_dump(mode="json"), "task_queue": summary.task_queue})
+        _json(
+            {
+                **state.model_dump(mode="json"),
+                "status": status,
+                "temporal_status": summary.temporal_status,
+                "task_queue": summary.task_queue,
+            }
+        )
         return 0
-    print(f"{a.run}: {state.status.value}, step {state.step}, {state.usage.total_tokens} tokens")
+    print(f"{a.run}: {status}, step {state.step}, {state.usage.total_tokens} tokens")
+    print(f"  usage: {usage_line(state.usage, state.subagents)}")
     print(f"  task queue: {summary.task_queue}")
+    if closed and summary.error and not state.error:
+        print(f"  ended: {summary.error}")
     for r in state.pending_approvals:
         print(f"  waiting for approval: {r.call_id} {r.tool}({r.arguments}) — {r.reason}")
     for q in state.queued_messages:
@@ -285,6 +300,8 @@ async def cmd_transcript(a: argparse.Namespace, s: Settings) -> int:
     for m in state.transcript:
         calls = "".join(f"\n    → {c.name}({c.arguments}) [{c.id}]" for c in m.tool_calls)
         who = f"tool {m.name} [{m.tool_call_id}]" if m.role == "tool" else m.role
+        if m.summarizes:  # requests carry it in place of the messages it covers
+            who = f"summary of messages 1-{m.summarizes - 1}"
         print(f"{who}: {m.content or ''}{calls}")
     print(f"-- {state.status.value}, {state.step} steps, {state.usage.total_tokens} tokens")
     return 0
@@ -448,6 +465,41 @@ async def cmd_serve(a: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+async def cmd_mcp(a: argparse.Namespace, s: Settings) -> int:
+    from keel.client.mcp_server import http_server, local_server
+    from keel.gateway.app import load_gateway_policy
+    from keel.worker import load_agents
+
+    ref = a.agents or s.agents
+    agents = load_agents(ref) if ref else None
+    policy = load_gateway_policy(s)
+    if not a.http:
+        user = a.user or s.user
+        if not user:
+            raise KeelClientError(
+                "keel mcp acts as a user of the policy: name them with --user NAME or KEEL_USER "
+                "(or serve many users with --http and KEEL_API_TOKENS)"
+            )
+        # stdout carries the protocol: nothing else may be printed there
+        server = local_server(s, policy, (await _agents(s)).client, user, agents)
+        await server.run_stdio_async()
+        return 0
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    host, port = a.host or s.api_host, a.port
+    if not s.api_tokens:
+        http_server(s, policy, None, host, port, agents)  # says what is missing
+    client = (await _agents(s)).client  # Temporal first: said in one line
+    app = http_server(s, policy, client, host, port, agents).streamable_http_app()
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, proxy_headers=False)
+    try:
+        await uvicorn.Server(config).serve()
+    except SystemExit:  # uvicorn's way of saying the port is taken (it logged why)
+        raise KeelClientError(f"cannot serve on {host}:{port}") from None
+    return 0
+
+
 async def cmd_token(a: argparse.Namespace, s: Settings) -> int:
     """A fresh API token for a user: the token once, and the entry the tokens file keeps."""
     from datetime import date
@@ -608,7 +660,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     add("result", cmd_result, "wait for a run's answer").add_argument("run")
     sp = add("list", cmd_list, "recent runs")
-    sp.add_argument("--status", default=None, choices=[st.value for st in AgentStatus])
+    sp.add_argument("--status", default=None, choices=RUN_STATUSES)
     sp.add_argument("--json", action="store_true")
     sp.add_argument(
         "--as",
@@ -704,6 +756,22 @@ def parser() -> argparse.ArgumentParser:
         "--host", default=None, help="the address to listen on ($KEEL_API_HOST, 127.0.0.1)"
     )
     sp.add_argument("--port", type=int, default=None, help="the port ($KEEL_API_PORT, 8000)")
+    sp = add(
+        "mcp",
+        cmd_mcp,
+        "runs as an MCP server: over stdio as one user, or over HTTP with KEEL_API_TOKENS",
+    )
+    sp.add_argument("--user", default=None, help="(stdio) who you act as (default: $KEEL_USER)")
+    sp.add_argument(
+        "--agents",
+        default=None,
+        help="the agents list_agents describes, as module:attribute (default: $KEEL_AGENTS)",
+    )
+    sp.add_argument("--http", action="store_true", help="serve streamable HTTP at /mcp")
+    sp.add_argument(
+        "--host", default=None, help="(http) the address to listen on ($KEEL_API_HOST, 127.0.0.1)"
+    )
+    sp.add_argument("--port", type=int, default=8001, help="(http) the port (%(default)s)")
     sp = add("token", cmd_token, "API tokens for `keel serve`")
     token = sp.add_subparsers(dest="action", required=True)
     sc = token.add_parser("new", help="a fresh token for a user, and its tokens-file entry")
@@ -803,18 +871,23 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
     except BrokenPipeError:
         code = _reader_gone()
+    except ValueError:  # closed already (`keel mcp`'s stdio transport closes it)
+        pass
     sys.stderr.flush()
     os._exit(code)
 
 
 def _main(argv: list[str] | None) -> int:
     from keel.codec import PayloadDecryptError
-    from keel.dev import DevStackError
+    from keel.dev import DevStackError, stored_where_dev_stores
 
     args = parser().parse_args(argv)
     use_core_logging()
     try:
-        return asyncio.run(args.fn(args, Settings.from_env()))
+        settings = Settings.from_env()
+        if args.fn is not cmd_worker:  # a worker stores where it is told, nowhere else
+            settings = stored_where_dev_stores(settings)
+        return asyncio.run(args.fn(args, settings))
     except KeyboardInterrupt:
         return 130
     except (KeelClientError, DevStackError, SettingsError, PayloadDecryptError) as e:

@@ -15,6 +15,10 @@ the worker, and never inside the sandbox.
 
 import types as _types
 
+from keel.activities.mcp import MCPHttp as MCPHttp
+from keel.activities.mcp import MCPServer as MCPServer
+from keel.activities.mcp import MCPStdio as MCPStdio
+from keel.activities.mcp import Secret as Secret
 from keel.activities.registry import Agent as Agent
 from keel.activities.registry import load_policy as load_policy
 from keel.activities.tools import SecretError as SecretError
@@ -26,6 +30,7 @@ from keel.client.api import KeelClientError as KeelClientError
 from keel.client.api import NoWorker as NoWorker
 from keel.client.api import PendingApproval as PendingApproval
 from keel.client.api import RunSummary as RunSummary
+from keel.client.record import RunRecord as RunRecord
 from keel.client.schedules import ScheduleError as ScheduleError
 from keel.client.schedules import ScheduleInfo as ScheduleInfo
 from keel.client.schedules import Schedules as Schedules
@@ -49,6 +54,7 @@ from keel.workflows.models import AgentStatus as AgentStatus
 from keel.workflows.models import ApprovalMode as ApprovalMode
 from keel.workflows.models import ApprovalPolicy as ApprovalPolicy
 from keel.workflows.models import ApprovalTimeoutAction as ApprovalTimeoutAction
+from keel.workflows.models import Compaction as Compaction
 from keel.workflows.models import Condition as Condition
 from keel.workflows.models import DecideInput as DecideInput
 from keel.workflows.models import DecideReceipt as DecideReceipt
@@ -56,6 +62,7 @@ from keel.workflows.models import Decision as Decision
 from keel.workflows.models import Limits as Limits
 from keel.workflows.models import MessagePolicy as MessagePolicy
 from keel.workflows.models import MessageReceipt as MessageReceipt
+from keel.workflows.models import ModelPrice as ModelPrice
 from keel.workflows.models import ModelResult as ModelResult
 from keel.workflows.models import ModelSettings as ModelSettings
 from keel.workflows.models import Policy as Policy

@@ -83,11 +83,30 @@ def scripted_model_answers(port: int) -> bool:
         return False
 
 
+def with_payload_storage(settings: Settings) -> Settings:
+    """The settings with payload storage on: large payloads (a long conversation, its
+    carried state) go to `.keel/payloads` unless a directory or a bucket is configured
+    (KEEL_PAYLOAD_DIR, KEEL_PAYLOAD_S3_BUCKET). Then each model request refers to the
+    conversation stored once, and Temporal's 2 MB payload limit bounds no conversation."""
+    if settings.stores_payloads:
+        return settings
+    return dataclasses.replace(settings, payload_dir=str(settings.home / "payloads"))
+
+
+def stored_where_dev_stores(settings: Settings) -> Settings:
+    """For the CLI: with no storage configured, the payload directory `keel dev` keeps under
+    `.keel/`, when there is one, so `keel result` or `keel transcript` in another terminal
+    reads what the dev stack's worker stored."""
+    if settings.stores_payloads or not (settings.home / "payloads").is_dir():
+        return settings
+    return with_payload_storage(settings)
+
+
 class DevStack:
     """Starts what is missing of the stack; stops, on exit, what it started."""
 
     def __init__(self, settings: Settings | None = None, *, quiet: bool = False) -> None:
-        self.settings = settings or Settings.from_env()
+        self.settings = with_payload_storage(settings or Settings.from_env())
         self.quiet = quiet
         self.client: Client | None = None
         self.ledger = Ledger(self.settings.home / "ledger.db")
@@ -243,6 +262,8 @@ class DevStack:
         self._worker_task = asyncio.create_task(self._worker.run())
         self.say(f"Worker:   serving task queue {self.settings.task_queue}")
         s = self.settings
+        where = s.payload_dir or f"s3://{s.payload_s3_bucket}"
+        self.say(f"Payloads: large ones stored in {where}")
         if s.metrics_port:
             from keel.metrics import publish_run_counts
 

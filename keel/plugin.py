@@ -36,6 +36,7 @@ from keel.activities.registry import Agent, AgentDefinitionError, AgentRegistry,
 from keel.codec import EncryptionCodec, keel_codec_of
 from keel.config import Settings, SettingsError
 from keel.policy_file import PolicyError
+from keel.storage import transcript_store
 from keel.tracing import check_provider
 from keel.workflows import WORKFLOWS
 from keel.workflows.errors import WORKFLOW_FAILURE_TYPES
@@ -138,6 +139,7 @@ class KeelPlugin(SimplePlugin):
             provider.api_key,
             provider.model,
             calls_per_second=self.settings.model_calls_per_second,
+            transcripts=transcript_store(self.settings),
         )
         self._register = register_search_attributes
         super().__init__(
@@ -213,10 +215,14 @@ class KeelPlugin(SimplePlugin):
             )
 
     async def run_worker(self, worker: Worker, next: Callable[[Worker], Awaitable[None]]) -> None:
-        """Register Keel's search attributes (where allowed), then run the worker."""
+        """Register Keel's search attributes (where allowed), then run the worker; when it
+        stops, close the sessions of the agents' MCP servers."""
         if self._register:
             await ensure_search_attributes(worker.client)
-        await super().run_worker(worker, next)
+        try:
+            await super().run_worker(worker, next)
+        finally:
+            await self.registry.mcp.close()
 
 
 def _with_passthrough(existing: WorkflowRunner | None) -> WorkflowRunner:

@@ -11,15 +11,22 @@ import re
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from temporalio.api.common.v1 import Payload
 from temporalio.contrib.aws.s3driver import S3StorageDriverClient
 from temporalio.converter import (
+    PayloadCodec,
     StorageDriver,
     StorageDriverClaim,
     StorageDriverRetrieveContext,
     StorageDriverStoreContext,
 )
+
+from keel.workflows.models import TranscriptSegment
+
+if TYPE_CHECKING:
+    from keel.config import Settings
 
 DIGEST = re.compile(r"[0-9a-f]{64}")
 MAX_PAYLOAD_FILE_BYTES = 256 * 1024 * 1024
@@ -156,3 +163,107 @@ def s3_driver(bucket: str) -> StorageDriver:
     from temporalio.contrib.aws.s3driver import S3StorageDriver
 
     return S3StorageDriver(client=LazyS3Client(), bucket=bucket)
+
+
+class SegmentMissing(LookupError):
+    """A piece of a stored conversation is not in the store (or is not what it claims)."""
+
+
+class TranscriptStore:
+    """The pieces of conversations model requests refer to (keel.workflows.transcript_ref),
+    in the store the worker's payload storage uses: `transcripts/` in the payload directory,
+    or `keel-transcripts/` in the bucket. Each is kept under its chain head, encoded with the
+    worker's payload codec (encrypted when payloads are)."""
+
+    def __init__(
+        self,
+        codec: PayloadCodec | None = None,
+        *,
+        directory: Path | str | None = None,
+        bucket: str | None = None,
+    ) -> None:
+        if (directory is None) == (bucket is None):
+            raise ValueError("a transcript store needs a directory or a bucket")
+        self._codec = codec
+        self._root = Path(directory).resolve() / "transcripts" if directory else None
+        self._bucket = bucket
+        self._s3: LazyS3Client | None = LazyS3Client() if bucket else None
+
+    def where(self) -> str:
+        """Where the pieces are, as a message may say it."""
+        return str(self._root) if self._root else f"s3://{self._bucket}/{S3_PREFIX}"
+
+    async def put(self, head: str, segment: TranscriptSegment) -> None:
+        """Keep `segment` under `head` (once: the same head is the same content)."""
+        payload = Payload(
+            metadata={"encoding": b"json/plain"}, data=segment.model_dump_json().encode()
+        )
+        if self._codec is not None:
+            [payload] = await self._codec.encode([payload])
+        data = payload.SerializeToString(deterministic=True)
+        if self._s3 is not None:
+            await self._s3.put_object(bucket=self._bucket or "", key=S3_PREFIX + head, data=data)
+        else:
+            await asyncio.to_thread(self._write, head, data)
+
+    async def get(self, head: str) -> TranscriptSegment:
+        """The segment kept under `head`; SegmentMissing when the store has none."""
+        if not DIGEST.fullmatch(head):
+            raise SegmentMissing(f"{head!r} is not a chain head")
+        if self._s3 is not None:
+            try:
+                data = await self._s3.get_object(bucket=self._bucket or "", key=S3_PREFIX + head)
+            except Exception as e:
+                if not _not_found(e):
+                    raise  # the store is down, say: the activity's retries try again
+                raise SegmentMissing(f"{head} is not in {self.where()}") from None
+        else:
+            data = await asyncio.to_thread(self._read, head)
+        payload = Payload.FromString(data)
+        if self._codec is not None:
+            [payload] = await self._codec.decode([payload])
+        return TranscriptSegment.model_validate_json(payload.data)
+
+    def _path(self, head: str) -> Path:
+        assert self._root is not None
+        return self._root / head[:2] / head
+
+    def _write(self, head: str, data: bytes) -> None:
+        path = self._path(head)
+        if path.is_file():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # atomic: a reader never sees half a segment
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _read(self, head: str) -> bytes:
+        try:
+            return self._path(head).read_bytes()
+        except FileNotFoundError:
+            raise SegmentMissing(f"{head} is not in {self.where()}") from None
+
+
+S3_PREFIX = "keel-transcripts/"
+
+
+def _not_found(e: Exception) -> bool:
+    """Whether an S3 client's error says the object is not there (botocore's NoSuchKey/404)."""
+    response = getattr(e, "response", None)
+    code = (
+        str((response or {}).get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+    )
+    return code in ("NoSuchKey", "404", "NotFound") or type(e).__name__ == "NoSuchKey"
+
+
+def transcript_store(settings: Settings) -> TranscriptStore | None:
+    """The worker's transcript store: where its payload storage is (None without one)."""
+    if not settings.stores_payloads:
+        return None
+    codec = settings.payload_codec()
+    if settings.payload_s3_bucket:
+        return TranscriptStore(codec, bucket=settings.payload_s3_bucket)
+    return TranscriptStore(codec, directory=settings.payload_dir)

@@ -24,6 +24,7 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from keel.activities.mcp_client import close_connections
 from keel.activities.registry import Agent, AgentDefinitionError, with_subagents
 from keel.activities.tools import ToolActivities
 from keel.config import Settings, SettingsError, connect, env_number
@@ -255,12 +256,12 @@ def build_workers(
             )
         )
     if settings.tool_task_queue and role in ("all", "tools"):
-        tools = ToolActivities(plugin.registry.tools(), resources)
+        tools = ToolActivities(plugin.registry.tools(), resources, plugin.registry.mcp)
         workers.append(
             Worker(
                 client,
                 task_queue=settings.tool_task_queue,
-                activities=[tools.run_tool],
+                activities=[tools.run_tool, plugin.registry.mcp.list_tools],
                 **activity_options,
             )
         )
@@ -364,6 +365,7 @@ async def run_worker(
             )
             await asyncio.gather(*(w.shutdown() for w in workers))
         await running
+        await close_connections()  # the MCP servers' sessions (and their processes)
         log.info("worker stopped")
     finally:
         stopping.cancel()

@@ -51,10 +51,12 @@ SCENARIOS = [
     ("fallback", "falling-back", "add 1 and 1 (one)"),
     ("continue-as-new", "long", "loop forever"),
     ("stored", "calc", "add 2 and 3"),
+    ("stored-ref", "six", "loop forever"),  # model requests refer to the stored conversation
     ("plan", "planner", "My laptop will not boot and the VPN is down"),
     ("parked", "shop", "charge twice"),
     ("expiry", "shop-brief", "charge 30"),  # no decision: the approval expires (1 s)
     ("streamed", "calc", "tell a story"),  # the reply's pieces reach the run as signals
+    ("mcp", "timekeeper", "what time is it?"),  # an MCP server's tools listed, pinned and called
 ]
 
 
@@ -148,6 +150,7 @@ async def scenario(h: Harness, name: str, agent: str, text: str) -> None:
 def _test_agents() -> list:  # type: ignore[type-arg]
     from keel.activities.registry import Agent
     from tests.agents import CHARGE, INSTRUCTIONS, TEST_AGENTS, TOOLS
+    from tests.mcp_servers.agents import CLOCK
 
     brief = Agent(
         name="shop-brief",
@@ -156,7 +159,7 @@ def _test_agents() -> list:  # type: ignore[type-arg]
         approvals=CHARGE,
         approval_timeout_seconds=1,
     )
-    return [*TEST_AGENTS, brief]
+    return [*TEST_AGENTS, brief, CLOCK]
 
 
 async def _pending(h: Harness, run: str) -> object:
@@ -211,10 +214,14 @@ async def main() -> None:
             rules = (
                 RuleSet.load(HELPDESK_RULES) if name == "plan" else RuleSet.from_dict(TEST_RULES)
             )
+            if name == "mcp":
+                from tests.mcp_servers.agents import MCP_RULES
+
+                rules = RuleSet.from_dict(MCP_RULES)
             with ScriptedModelServer(rules) as model:
                 ledger = Ledger(Path(tempfile.mkdtemp()) / "ledger.db")
                 h = Harness(env, model, ledger)
-                if name == "stored":
+                if name in ("stored", "stored-ref"):
                     # a history whose payloads live outside it (KEEL_PAYLOAD_DIR)
                     h.settings = Settings(
                         task_queue=h.settings.task_queue,

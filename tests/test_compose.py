@@ -899,6 +899,36 @@ def test_the_stack_has_what_the_issue_names() -> None:
         assert ":" in image and not image.endswith(":latest"), name
 
 
+def test_workers_keep_payloads_in_the_stacks_s3_store() -> None:
+    """The workers and the CLI store large payloads in the minio service's bucket, which
+    minio-setup makes before any of them starts, with the credentials minio was given."""
+    from keel.config import Settings
+
+    p = load_project(ROOT)
+    assert str(p.services["minio"]["image"]).startswith("minio/minio:")
+    assert str(p.services["minio-setup"]["image"]).startswith("minio/mc:")
+    setup, store = p.environment("minio-setup"), p.environment("minio")
+    for name in ("worker", "keel"):
+        env = p.environment(name)
+        settings = Settings.from_env(env)
+        assert settings.stores_payloads and settings.payload_s3_bucket == setup["BUCKET"]
+        assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+        assert env["AWS_ACCESS_KEY_ID"] == store["MINIO_ROOT_USER"] == setup["MINIO_USER"]
+        assert env["AWS_SECRET_ACCESS_KEY"] == store["MINIO_ROOT_PASSWORD"]
+        needs = p.services[name]["depends_on"]["minio-setup"]
+        assert needs["condition"] == "service_completed_successfully"
+    assert 'mc mb --ignore-existing "store/$BUCKET"' in p.services["minio-setup"]["entrypoint"][-1]
+    # a bucket of one's own (AWS S3, say) is one setting; no bucket: the shared volume
+    own = Settings.from_env(
+        load_project(ROOT, {"KEEL_PAYLOAD_S3_BUCKET": "mine"}).environment("worker")
+    )
+    assert own.payload_s3_bucket == "mine"
+    volume = Settings.from_env(
+        load_project(ROOT, {"KEEL_PAYLOAD_S3_BUCKET": ""}).environment("worker")
+    )
+    assert volume.payload_s3_bucket is None and volume.payload_dir == "/data/payloads"
+
+
 def test_the_setup_job_registers_keels_search_attributes() -> None:
     """temporal-setup creates what workflows/models.py declares (names and types)."""
     from keel.workflows.models import SEARCH_ATTRIBUTES

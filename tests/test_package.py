@@ -74,7 +74,9 @@ PUBLIC_CALLS: list[Any] = [
 ]
 # What a user builds those calls' inputs from or compares their results with, and the
 # default loop (`loop=` of AgentClient.start, Temporal's typed handles).
-PARTS = {"ApprovalMode", "Condition", "Decision", "EventKind", "AgentWorkflow"}
+PARTS = {"ApprovalMode", "Condition", "Decision", "EventKind", "AgentWorkflow", "ModelPrice"}
+# the MCP toolsets an Agent takes (`toolsets=[...]`), and a secret by reference in them
+PARTS |= {"MCPStdio", "MCPHttp", "Secret"}
 # What those calls raise for a caller to catch (EndRun: what a loop raises to end its run).
 ERRORS = {
     "KeelClientError",

@@ -45,6 +45,7 @@ def test_histories_are_there() -> None:
         "cancel",
         "continue-as-new",
         "stored",
+        "stored-ref",
         "plan",
         "parked",
         "expiry",

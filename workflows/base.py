@@ -28,12 +28,15 @@ from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from keel.workflows import errors
     from keel.workflows.approvals import Approvals
+    from keel.workflows.archive import RecordArchiver
     from keel.workflows.authz import START_REFUSED, start_refusal
+    from keel.workflows.budgets import budget_exhausted, run_usage
+    from keel.workflows.compaction import compact
     from keel.workflows.doors import RunDoors
     from keel.workflows.errors import EndRun
     from keel.workflows.events import EventKind, EventLog
@@ -41,6 +44,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.workflows.inbox import Inbox
     from keel.workflows.model_call import ModelCall
     from keel.workflows.models import (
+        SIGNAL_SUBAGENT_USAGE,
         TERMINAL_STATUSES,
         AgentInput,
         AgentResult,
@@ -53,21 +57,25 @@ with workflow.unsafe.imports_passed_through():
         MessagePolicy,
         ModelResult,
         QueuedMessage,
+        SubagentUsage,
         ToolSpec,
     )
-    from keel.workflows.policy import budget_exhausted, short_args
+    from keel.workflows.policy import short_args
     from keel.workflows.steps import (
         MAX_PAYLOAD_BYTES,
         StatusPublisher,
         TaskClock,
         load_spec,
         payload_bytes,
+        pin_mcp_tools,
     )
     from keel.workflows.tool_step import ToolStep
 
 EMPTY_REPLY_NUDGE = "Your last reply was empty. Answer the user, or call one of the tools."
 ENDINGS_PATCH = "keel-endings-agree"  # runs recorded before it completed on a spent budget
 EMPTY_PATCH = "keel-empty-reply"  # runs recorded before it ended a turn on an empty reply
+FAILED_STATUS_PATCH = "keel-failed-status"  # runs recorded before every failure upserted it
+CANCEL_USAGE_PATCH = "keel-cancel-usage"  # runs recorded before a cancelled child reported
 Loop = Callable[[AgentSpec], Awaitable[AgentResult]]
 
 
@@ -79,6 +87,10 @@ class KeelWorkflow(RunDoors):
         self.state = input.carry or AgentState(agent=input.agent, user=input.user)
         self.spec: AgentSpec | None = self.state.spec
         self.inbox = Inbox(self.state)
+        self.archiver = RecordArchiver(self.state)  # the record's older part goes to history
+        # asked as the history begins (a failure may come right after a local activity's
+        # result, where a patch asked then would not line up on replay)
+        self._failed_status = workflow.patched(FAILED_STATUS_PATCH)
         self.publisher = StatusPublisher()
         # watchers' view (keel watch); carried again only at continue-as-new
         self.events = EventLog(self.state.events, input.agent, legacy=self.state.stream)
@@ -117,10 +129,16 @@ class KeelWorkflow(RunDoors):
                     if refused and workflow.info().parent is None:
                         raise errors.KeelError(refused, type=START_REFUSED)
                     forked = await load_fork(input, self.spec) if input.fork else None
+                    keeps_origin = forked is not None and forked.spec is not None
+                    if keeps_origin and input.fork is not None and input.fork.current_spec:
+                        keeps_origin = False
+                    if self.spec.mcp and not keeps_origin:  # listed once, pinned in the snapshot
+                        self.spec = st.spec = await pin_mcp_tools(self.spec)
                 except errors.KeelError as e:
                     self.finish(AgentStatus.FAILED, e.message)
                     raise
                 st.run_key = str(workflow.uuid4())
+                st.budget = input.budget  # a sub-agent's: what its parent had left
                 st.started_at = begun
                 st.transcript = [ChatMessage(role="system", content=self.spec.instructions)]
                 st.turn_start = 1
@@ -136,7 +154,9 @@ class KeelWorkflow(RunDoors):
                 result = await loop(self.spec)
             except EndRun as e:
                 result = self.finish(e.status, e.reason)
-            except ApplicationError:  # the run failed (`fail`): watchers are let go first
+            except ApplicationError as e:  # the run failed (`fail`): watchers are let go first
+                if st.status not in TERMINAL_STATUSES and self._failed_status:
+                    self.finish(AgentStatus.FAILED, e.message)  # a failure no block recorded
                 await self._release_watchers()
                 raise
             if self.state.status not in TERMINAL_STATUSES:  # a loop that did not say
@@ -149,8 +169,22 @@ class KeelWorkflow(RunDoors):
             st.pending_approvals.clear()
             self.publish()
             self.events.emit(EventKind.ENDED, status=st.status.value, text="cancelled")
+            await self._report_to_parent()
             await self._release_watchers()
             raise
+
+    async def _report_to_parent(self) -> None:
+        """A cancelled sub-agent tells its parent what it spent, for the parent's budgets:
+        a cancellation carries no result the parent could read it from."""
+        parent = workflow.info().parent
+        if parent is None or not workflow.patched(CANCEL_USAGE_PATCH):
+            return
+        report = SubagentUsage(run_id=workflow.info().workflow_id, usage=run_usage(self.state))
+        try:
+            handle = workflow.get_external_workflow_handle(parent.workflow_id)
+            await handle.signal(SIGNAL_SUBAGENT_USAGE, report)
+        except FailureError:
+            pass  # the parent has ended too: there is no budget left to count it in
 
     async def _release_watchers(self) -> None:
         """Before the run ends: watchers' long polls return what they have (a watcher then
@@ -235,7 +269,7 @@ class KeelWorkflow(RunDoors):
             return ModelResult(message=st.transcript[-1])
         st.step += 1
         self.publish()
-        model = asyncio.create_task(self.model.ask(spec, tools))
+        model = asyncio.create_task(self._ask(spec, tools))
         try:
             await workflow.wait_condition(lambda: model.done() or self.inbox.stop_turn is not None)
         except asyncio.CancelledError:
@@ -274,6 +308,11 @@ class KeelWorkflow(RunDoors):
         await self.tools.run(spec, calls, tools)
         return result
 
+    async def _ask(self, spec: AgentSpec, tools: list[ToolSpec] | None) -> ModelResult:
+        """The model's reply, the context compacted first where the agent asks for it."""
+        await compact(spec, self.state, self.events)
+        return await self.model.ask(spec, tools)
+
     # --- ending a history, ending a run ---------------------------------------------------
 
     async def continue_as_new(self, *, redo_step: bool = False) -> NoReturn:
@@ -294,6 +333,7 @@ class KeelWorkflow(RunDoors):
     def _carry_over(self) -> NoReturn:
         """Continue-as-new now (no await: nothing can change the state in between)."""
         st = self.state
+        self.archiver.sweep()  # e.g. effects, which grow without an audit entry
         st.events = self.events.carry()
         carry = AgentInput(agent=st.agent, message="", user=st.user, carry=st)
         stored = self.spec is not None and self.spec.payload_storage
@@ -321,7 +361,7 @@ class KeelWorkflow(RunDoors):
             final_answer=st.final_answer,
             error=error,
             steps=st.step,
-            usage=st.usage,
+            usage=run_usage(st),
         )
 
     def _outcome(self, result: AgentResult) -> AgentResult:
@@ -334,14 +374,20 @@ class KeelWorkflow(RunDoors):
             AgentStatus.BUDGET_EXHAUSTED: errors.BUDGET_EXHAUSTED,
             AgentStatus.CANCELLED: errors.RUN_CANCELLED,
         }.get(result.status, "KeelError")
+        # the usage rides along, so a parent counts what its sub-agent spent
         raise ApplicationError(
-            f"{result.status.value}: {result.error}", type=kind, non_retryable=True
+            f"{result.status.value}: {result.error}",
+            result.usage,
+            type=kind,
+            non_retryable=True,
         )
 
     def fail(self, message: str, type: str) -> NoReturn:
         """The run cannot go on: it ends `failed`, saying what went wrong."""
-        self.finish(AgentStatus.FAILED, message)
-        raise ApplicationError(f"step {self.state.step}: {message}", type=type, non_retryable=True)
+        result = self.finish(AgentStatus.FAILED, message)
+        raise ApplicationError(
+            f"step {self.state.step}: {message}", result.usage, type=type, non_retryable=True
+        )
 
 
 def _first_message(input: AgentInput) -> QueuedMessage:

@@ -108,6 +108,13 @@ def _state_refusal(state: AgentState, d: DecideInput, now: datetime) -> str:
     if request is None:
         prior = state.decision(d.call_id)
         if prior is None:
+            if state.archive is not None and state.archive.decisions.dropped:
+                # the state keeps the latest decisions; a call settled before them is
+                # refused all the same (it is not pending), its decision is in the record
+                return (
+                    f"no pending approval with call id {d.call_id!r} (decisions on calls "
+                    "settled earlier are in the run's archived record)"
+                )
             return f"no pending approval with call id {d.call_id!r}"
         if prior.outcome == "expired":
             return f"the approval for {d.call_id} has expired"

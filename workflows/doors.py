@@ -17,6 +17,7 @@ from temporalio import workflow
 from temporalio.common import RawValue
 
 from keel.workflows.approvals import Approvals
+from keel.workflows.budgets import count_report
 from keel.workflows.events import PUBLISH_SIGNAL, EventKind, EventLog
 from keel.workflows.inbox import Inbox, message_refusal
 from keel.workflows.model_call import ModelCall
@@ -28,8 +29,10 @@ from keel.workflows.models import (
     SIGNAL_MESSAGE,
     SIGNAL_RESUME,
     SIGNAL_STREAM,
+    SIGNAL_SUBAGENT_USAGE,
     UPDATE_DECIDE,
     UPDATE_MESSAGE,
+    AgentInput,
     AgentSpec,
     AgentState,
     AuditEntry,
@@ -41,9 +44,11 @@ from keel.workflows.models import (
     RunState,
     RunStatusView,
     StreamBatch,
+    SubagentUsage,
     TranscriptPage,
     TranscriptSlice,
 )
+from keel.workflows.steps import payload_bytes
 from keel.workflows.views import state_view, transcript_slice
 
 M = TypeVar("M", bound=BaseModel)
@@ -75,6 +80,7 @@ class RunDoors:
             status=st.status,
             step=st.step,
             usage=st.usage,
+            subagents=st.subagents,
             pending_approvals=st.pending_approvals,
             error=st.error,
             keeps_open=None if self.spec is None else self.spec.keep_open_seconds > 0,
@@ -97,13 +103,19 @@ class RunDoors:
         elif name == SIGNAL_MESSAGE:
             m = self._decode(args, MessageInput, name)
             if m is not None:
-                self._message_event(m, self.inbox.accept(self.spec, m, workflow.now()))
+                accepted = self.inbox.accept(self.spec, m, workflow.now(), self._carried_bytes)
+                self._message_event(m, accepted)
         elif name == PUBLISH_SIGNAL:
             self._refuse_signal(f"{name}: only the run itself publishes its events")
         elif name == SIGNAL_STREAM:
             batch = self._decode(args, StreamBatch, name)
             if batch is not None:
                 self.model.on_stream(batch)
+        elif name == SIGNAL_SUBAGENT_USAGE:
+            report = self._decode(args, SubagentUsage, name)
+            refused = report and count_report(self.state, workflow.info().workflow_id, report)
+            if refused:
+                self._refuse_signal(f"{name}: {refused}")
         elif name == SIGNAL_RESUME:
             self.model.resume()
             detail = "try the model provider again now"
@@ -128,13 +140,22 @@ class RunDoors:
     @workflow.update(name=UPDATE_MESSAGE)
     def send_message(self, m: MessageInput) -> MessageReceipt:
         """A user message that answers with a receipt: queued, delivered, or refused."""
-        return self._message_event(m, self.inbox.accept(self.spec, m, workflow.now()))
+        accepted = self.inbox.accept(self.spec, m, workflow.now(), self._carried_bytes)
+        return self._message_event(m, accepted)
 
     @send_message.validator
     def _validate_message(self, m: MessageInput) -> None:
-        refusal = message_refusal(self.spec, self.state, m)
+        refusal = message_refusal(self.spec, self.state, m, self._carried_bytes)
         if refusal:
             raise ValueError(refusal)
+
+    def _carried_bytes(self, m: MessageInput) -> int:
+        """The state's size as continue-as-new carries it (`KeelWorkflow._carry_over`), with
+        `m` in it: a message that would make it too large for a run without payload storage
+        is refused here, at the door, instead of failing the run at its next continue-as-new."""
+        st = self.state
+        carry = AgentInput(agent=st.agent, message="", user=st.user, carry=st)
+        return payload_bytes(carry) + payload_bytes(m)
 
     def _message_event(self, m: MessageInput, receipt: MessageReceipt) -> MessageReceipt:
         self.events.emit(

@@ -19,6 +19,8 @@ KEEL_INTERNAL = "KeelInternalError"  # a bug in Keel's own code: never the provi
 BUDGET_EXHAUSTED = "BudgetExhausted"  # a run's budget is spent: it ends, not a success
 RUN_CANCELLED = "RunCancelled"  # an approval expired under the agent's "cancel" policy
 EMPTY_REPLY = "EmptyReply"  # the model answered with nothing, even after being told so
+# a model request refers to stored conversation the worker cannot find: sent again whole
+TRANSCRIPT_MISSING = "TranscriptMissing"
 
 # What the run does when a model call's retries are spent, by failure type:
 WAIT_AND_RETRY = {PROVIDER_UNAVAILABLE, PROVIDER_BAD_RESPONSE, PROVIDER_AUTH}

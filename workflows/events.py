@@ -31,6 +31,7 @@ from keel.workflows.stream import PUBLISH_SIGNAL, TOPIC, RunStream
 __all__ = ["PUBLISH_SIGNAL", "TOPIC", "EventKind", "EventLog", "RunEvent", "cut"]
 RETAINED = 300  # events kept for late watchers (and carried across continue-as-new)
 TEXT_CHARS = 300  # an event carries the start of long texts; the transcript has them whole
+CARRIED_BYTES = 128_000  # of the retained events, what continue-as-new carries at most
 
 
 def cut(text: str | None, limit: int = TEXT_CHARS) -> str:
@@ -128,5 +129,5 @@ class EventLog:
         self.stream.reattach()
 
     def carry(self) -> EventsCarry:
-        """The retained events, for the next history."""
-        return self.stream.carry()
+        """The retained events, for the next history (the newest CARRIED_BYTES of them)."""
+        return self.stream.carry(CARRIED_BYTES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 from keel.workflows.models import (
@@ -19,40 +20,68 @@ from keel.workflows.models import (
 from keel.workflows.policy import effective_policy, turn_in_flight
 
 # Without payload storage the whole run must fit Temporal's 2 MB payloads: past what one
-# model request carries, a message is refused at the door, rather than accepted and fatal.
-from keel.workflows.views import MAX_CONTEXT_CHARS
+# model request carries, or what the state can carry into a new history, a message is
+# refused at the door, rather than accepted and fatal later.
+from keel.workflows.views import MAX_CONTEXT_BYTES, message_bytes, utf8_len
 
 INTERRUPTED = "Interrupted by user: this tool call was not run to completion."
 ROLLBACK_KINDS = (MessagePolicy.INTERRUPT, MessagePolicy.ROLLBACK)
-MAX_MESSAGE_CHARS = 100_000  # a message lives in history and in every later model request
+# a message lives in history and in every later model request; Temporal counts bytes
+MAX_MESSAGE_BYTES = 100_000
+MAX_MESSAGE_CHARS = MAX_MESSAGE_BYTES  # the name it had when it counted characters
 MAX_QUEUED_MESSAGES = 100
 MESSAGE_IDS_KEPT = 1000  # ids remembered for deduplication, carried across continue-as-new
 AUDIT_TEXT_CHARS = 500
+# What the carried state may weigh with a new message in it (Keel's payload limit, less room
+# for the events carried beside it and a message's own record); measured only when the
+# conversation alone passes MEASURE_FROM, so a small run pays nothing for the check
+CARRY_LIMIT_BYTES = 1_800_000 - 200_000
+MEASURE_FROM = CARRY_LIMIT_BYTES // 4
+# the state's size as Temporal would carry it with this message in it, in bytes
+Measure = Callable[[MessageInput], int]
 
 
-def context_chars(state: AgentState) -> int:
-    """The characters of the conversation the next model request would carry."""
-    return sum(len(m.content or "") for m in state.transcript) + sum(
-        len(q.text) for q in state.queued_messages
+def context_bytes(state: AgentState) -> int:
+    """The bytes of the conversation the next model request would carry."""
+    return sum(message_bytes(m) for m in state.transcript) + sum(
+        utf8_len(q.text) for q in state.queued_messages
     )
 
 
-def message_refusal(spec: AgentSpec | None, state: AgentState, m: MessageInput) -> str:
-    """Why a message must be refused now ('' when it is accepted)."""
+context_chars = context_bytes  # the name it had when it counted characters
+
+
+def message_refusal(
+    spec: AgentSpec | None, state: AgentState, m: MessageInput, carried: Measure | None = None
+) -> str:
+    """Why a message must be refused now ('' when it is accepted). `carried` measures the
+    state, with the message in it, as continue-as-new would carry it (a run without payload
+    storage must fit)."""
     if m.id and m.id in state.message_ids:
         return ""  # a duplicate is answered, never refused
     if not m.text.strip():
         return "the message is empty"
-    if len(m.text) > MAX_MESSAGE_CHARS:
-        return f"the message is {len(m.text)} characters, over the {MAX_MESSAGE_CHARS} limit"
+    size = utf8_len(m.text)
+    if size > MAX_MESSAGE_BYTES:
+        return f"the message is {size} bytes (UTF-8), over the {MAX_MESSAGE_BYTES}-byte limit"
     if len(state.queued_messages) >= MAX_QUEUED_MESSAGES:
         return f"{MAX_QUEUED_MESSAGES} messages are already queued; send it once they are read"
     stored = spec is not None and spec.payload_storage  # then old turns leave the request
-    if not stored and context_chars(state) + len(m.text) > MAX_CONTEXT_CHARS:
-        return (
-            f"the conversation would pass {MAX_CONTEXT_CHARS} characters, more than one "
-            "model request can carry; start a new run"
-        )
+    if not stored:
+        conversation = context_bytes(state)
+        if conversation + size > MAX_CONTEXT_BYTES:
+            return (
+                f"the conversation would pass {MAX_CONTEXT_BYTES} bytes, more than one "
+                "model request can carry; start a new run"
+            )
+        if carried is not None and conversation + size > MEASURE_FROM:
+            state_bytes = carried(m)
+            if state_bytes > CARRY_LIMIT_BYTES:
+                return (
+                    f"with this message the run's state would be {state_bytes} bytes, over "
+                    f"{CARRY_LIMIT_BYTES}: too large to carry into a new history without "
+                    "payload storage; start a new run"
+                )
     if state.status in TERMINAL_STATUSES:
         return f"the run has ended ({state.status.value})"
     policy = effective_policy(spec, m.policy)
@@ -76,7 +105,13 @@ class Inbox:
     def stop_turn(self, policy: MessagePolicy | None) -> None:
         self._state.stop_turn = policy
 
-    def accept(self, spec: AgentSpec | None, m: MessageInput, now: datetime) -> MessageReceipt:
+    def accept(
+        self,
+        spec: AgentSpec | None,
+        m: MessageInput,
+        now: datetime,
+        carried: Measure | None = None,
+    ) -> MessageReceipt:
         """Queue a message (or refuse it), recording either in the audit trail."""
         st = self._state
         policy = effective_policy(spec, m.policy)
@@ -86,7 +121,7 @@ class Inbox:
                 AuditEntry(at=now, kind=AuditKind.MESSAGE_DUPLICATE, detail=reason, actor=m.sender)
             )
             return MessageReceipt(status="duplicate", policy=policy, reason=reason)
-        refusal = message_refusal(spec, st, m)
+        refusal = message_refusal(spec, st, m, carried)
         if refusal:
             st.record(
                 AuditEntry(at=now, kind=AuditKind.MESSAGE_REJECTED, detail=refusal, actor=m.sender)

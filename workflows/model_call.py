@@ -40,6 +40,9 @@ from keel.workflows.steps import (
     failure_type,
     model_step,
 )
+from keel.workflows.transcript_ref import TranscriptChain
+
+BY_REFERENCE_PATCH = "keel.transcript-by-reference"  # model requests refer to stored context
 
 
 class ModelCall:
@@ -66,6 +69,21 @@ class ModelCall:
         self._flight = ""  # the stream id of the call in flight ("" when none)
         self._attempt = 0  # the latest attempt of that call heard from
         self._written = 0  # the attempt whose text watchers hold (0: none)
+        self._chain: TranscriptChain | None = None  # the context by reference (storage on)
+        self._chain_known = False  # whether the run sends it so (decided at its first call)
+        # asked at the start of every history, where its marker is on replay too (asked at
+        # a step instead, a replay can meet the marker in another activation than live)
+        self._referable = workflow.patched(BY_REFERENCE_PATCH)
+
+    def _by_reference(self, spec: AgentSpec) -> TranscriptChain | None:
+        """The chain the requests refer to, when the worker stores payloads; runs recorded
+        before requests went by reference replay sending them whole."""
+        if not self._chain_known:
+            self._chain_known = True
+            if spec.payload_storage and self._referable:
+                self._chain = TranscriptChain()
+                self._chain.take_up(self._state.context_stored)
+        return self._chain
 
     def on_stream(self, batch: StreamBatch) -> None:
         """Deltas of the call in flight become `model_delta` events. A batch of another call
@@ -105,9 +123,17 @@ class ModelCall:
         self._calls += 1
         self._flight = f"{self._state.step}.{self._calls}"
         self._attempt = 0
+        chain = self._by_reference(spec)
         try:
-            result = await model_step(spec, self._state, tools, settings, self._flight)
+            result = await model_step(spec, self._state, tools, settings, self._flight, chain)
         except BaseException as e:
+            if chain is not None and isinstance(e, ActivityError):
+                if failure_type(e) == errors.TRANSCRIPT_MISSING:
+                    # the store lost a piece of the conversation: this step goes whole
+                    chain.forget()
+                    self._state.context_stored = ""
+                    self._flight = ""
+                    return await self._call(spec, tools, settings)
             cancelled = isinstance(e, asyncio.CancelledError) or (
                 isinstance(e, ActivityError) and isinstance(e.cause, CancelledError)
             )
@@ -115,6 +141,9 @@ class ModelCall:
             raise
         finally:
             self._flight = ""
+        if chain is not None:
+            chain.stored(result.stored)
+            self._state.context_stored = chain.carried()
         if self._written and self._written != result.attempt:
             self._void("retried")  # what an earlier attempt wrote is not the reply
         self._written = 0

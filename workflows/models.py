@@ -9,7 +9,14 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from temporalio.common import SearchAttributeKey
 
 AUDIT_FIELD_CHARS = 500
@@ -28,11 +35,14 @@ SIGNAL_DECIDE = "keel.decide"
 SIGNAL_MESSAGE = "keel.submit_message"
 SIGNAL_RESUME = "keel.resume"  # an operator: ask the model provider again now
 SIGNAL_STREAM = "keel.model_stream"  # the model activity: the reply as it is written
+SIGNAL_SUBAGENT_USAGE = "keel.subagent_usage"  # a cancelled sub-agent: what it spent
 UPDATE_DECIDE = "keel.decide_approval"
 UPDATE_MESSAGE = "keel.send_message"
 QUERY_STATE = "keel.get_state"  # bounded: the transcript's tail, long texts cut
 QUERY_TRANSCRIPT = "keel.get_transcript"  # the transcript whole, page by page
 QUERY_STATUS = "keel.get_status"  # small: what lists and waits need, no transcript
+MCP_LIST_TOOLS = "keel.mcp_list_tools"  # an MCP server's tools, listed once per run and pinned
+ARCHIVE_RECORD = "keel.archive_record"  # its input moves a chunk of the record into history
 
 # --- the agent spec (a snapshot of it is recorded in each run's history) -------------------
 
@@ -77,6 +87,10 @@ class ToolSpec(BaseModel):
     local: bool = False  # read-only: runs as a local activity, in the model step's task
     # the worker's environment variables it may read (`ctx.secret`): names only, never values
     secrets: list[str] = Field(default_factory=list)
+    # set: a tool of this MCP server (the worker's declaration of that name), called by its
+    # own name there; the schema above is the one the run pinned when it listed the server
+    mcp_server: str = ""
+    mcp_tool: str = ""
 
     @property
     def is_subagent(self) -> bool:
@@ -113,6 +127,17 @@ class ModelSettings(BaseModel):
         return [self, *self.fallbacks]
 
 
+class Compaction(BaseModel):
+    """Keep a long conversation's requests under a size by summarising its oldest messages
+    with a model call (keel.workflows.compaction). The transcript keeps every message."""
+
+    # compact when the next request would carry more than this (estimated: 4 characters a
+    # token); keep it well under the model's context window
+    threshold_tokens: int = Field(default=100_000, ge=1)
+    keep_last_messages: int = Field(default=6, ge=1)  # the latest messages always go whole
+    instructions: str = ""  # how to summarise ("": Keel's own)
+
+
 class MessagePolicy(StrEnum):
     QUEUE = "queue"
     INTERRUPT = "interrupt"
@@ -125,12 +150,35 @@ class ApprovalTimeoutAction(StrEnum):
     CANCEL = "cancel"
 
 
+class ModelPrice(BaseModel):
+    """What a model costs, per million tokens (in whatever currency the team counts in)."""
+
+    input: float = Field(default=0.0, ge=0)
+    output: float = Field(default=0.0, ge=0)
+
+
 class Limits(BaseModel):
-    """Budgets; max_seconds counts working time, not time spent waiting for people."""
+    """Budgets; max_seconds counts working time, not time spent waiting for people. Steps,
+    tokens and cost count the run's sub-agents too (keel.workflows.budgets)."""
 
     max_steps: int = 20
     max_tokens: int = 200_000
     max_seconds: float = 3600.0
+    max_cost: float | None = Field(default=None, ge=0)  # None: no money budget
+    # per model name (the name the run asks for, or the provider's answer starting with it):
+    # turns tokens into cost; a model not priced here costs nothing
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)
+
+
+class Budget(BaseModel):
+    """What a parent run has left when it starts a sub-agent: the child's limits are at most
+    these (the tighter of these and its own wins). None: no bound from the parent."""
+
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_cost: float | None = None
+    deadline: datetime | None = None  # the parent's working time runs out then
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)  # the parent's, for the cost
 
 
 # --- the policy: who may do what (loaded by the worker, recorded in each run's spec) ---------
@@ -208,6 +256,15 @@ class Policy(_PolicyPart):
     decision_burst: int = Field(default=DECISION_BURST, ge=1)
 
 
+class MCPPin(BaseModel):
+    """An MCP server an agent takes tools from, and (once the run listed it) what it pinned:
+    the digest of the server's tool list and the names the model sees."""
+
+    server: str
+    digest: str = ""  # sha256 of the listed tools (names, descriptions, schemas); "": not yet
+    tools: list[str] = Field(default_factory=list)
+
+
 class AgentSpec(BaseModel):
     """The snapshot of an agent a run keeps for its whole life."""
 
@@ -228,6 +285,9 @@ class AgentSpec(BaseModel):
     model_task_queue: str = ""
     tool_task_queue: str = ""
     policy: Policy | None = None  # the worker's policy when the run started (None: no policy)
+    compaction: Compaction | None = None  # None: the oldest turns are left out when too long
+    # its MCP servers: listed once when the run starts, their tools then pinned in `tools`
+    mcp: list[MCPPin] = Field(default_factory=list)
 
     def tool(self, name: str) -> ToolSpec | None:
         """The tool of that name, if the agent has it."""
@@ -254,12 +314,19 @@ class ChatMessage(BaseModel):
     # run can be forked after any step (0 / None: recorded before messages carried them)
     step: int = 0
     usage: Usage | None = None
+    # > 0: a summary marker (never sent as such): requests carry its text in place of
+    # transcript[1:summarizes], the messages it summarises
+    summarizes: int = 0
 
 
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    cost: float = 0.0  # priced by the run's `Limits.prices` (0 when none are set)
+    # model steps, where a usage counts them: a run's `subagents` and an `AgentResult`'s
+    # usage (the run's own steps and its sub-agents')
+    steps: int = 0
 
     def add(self, other: Usage) -> Usage:
         """The sum of two usages."""
@@ -267,6 +334,8 @@ class Usage(BaseModel):
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             total_tokens=self.total_tokens + other.total_tokens,
+            cost=self.cost + other.cost,
+            steps=self.steps + other.steps,
         )
 
 
@@ -292,6 +361,11 @@ class ModelInput(BaseModel):
     # where the activity sends the reply as it is written (`keel.model_stream` batches tagged
     # with it); "" for requests made before replies were streamed: not streamed
     stream_id: str = ""
+    # the conversation by reference (keel.workflows.transcript_ref): `messages` are those
+    # after `base`, the chain head of a prefix the worker's store holds ("" : none, they are
+    # the whole context); `head` is the chain head of the whole context ("" : not stored)
+    base: str = ""
+    head: str = ""
 
 
 class ModelResult(BaseModel):
@@ -300,6 +374,15 @@ class ModelResult(BaseModel):
     finish_reason: str = ""
     model: str = ""
     attempt: int = 0  # the activity attempt that answered (its streamed text is the reply's)
+    stored: str = ""  # the chain head of the context the worker stored ("" : none)
+
+
+class TranscriptSegment(BaseModel):
+    """A piece of a stored conversation: the messages after `prev` (a chain head, "" for the
+    start). Kept under the chain head it ends at, so the same content is stored once."""
+
+    prev: str = ""
+    messages: list[ChatMessage] = Field(default_factory=list)
 
 
 class StreamDelta(BaseModel):
@@ -329,6 +412,23 @@ class ToolInput(BaseModel):
     idempotency_key: str
     run_id: str = ""
     user: str = ""
+    mcp_server: str = ""  # an MCP tool: the server (by the worker's name for it) ...
+    mcp_tool: str = ""  # ... and the tool's own name there
+
+
+class MCPListInput(BaseModel):
+    """List one MCP server's tools for a run of this agent (`keel.mcp_list_tools`)."""
+
+    agent: str
+    server: str
+
+
+class MCPToolList(BaseModel):
+    """A server's tools as the run pins them, with the options the agent declared applied."""
+
+    server: str
+    digest: str
+    tools: list[ToolSpec] = Field(default_factory=list)
 
 
 class ToolResult(BaseModel):
@@ -455,6 +555,43 @@ class AuditEntry(BaseModel):
         return v if len(v) <= AUDIT_FIELD_CHARS else v[: AUDIT_FIELD_CHARS - 1] + "…"
 
 
+class RecordChunk(BaseModel):
+    """Older entries of one of the run's lists, moved out of the carried state into the
+    history as the input of a `keel.archive_record` activity (`AgentClient.record` reads
+    them back). `start` is the index of the first entry in the run's whole list."""
+
+    list: Literal["audit", "effects", "decisions", "retired_call_ids"]
+    start: int
+    audit: list[AuditEntry] = Field(default_factory=list)
+    effects: list[Effect] = Field(default_factory=list)
+    decisions: list[DecisionRecord] = Field(default_factory=list)
+    retired_call_ids: list[str] = Field(default_factory=list)
+
+
+class ListArchive(BaseModel):
+    """Where one record list stands: entries `[0, archived)` are in the history's archive;
+    the state holds entries from `dropped` on (`dropped <= archived`)."""
+
+    dropped: int = 0
+    archived: int = 0
+    measured: int = 0  # entries whose bytes are counted in `pending_bytes` (from the first)
+    pending_bytes: int = 0  # bytes of the entries not archived yet
+
+    def total(self, held: int) -> int:
+        """Entries in the whole list, given how many the state holds."""
+        return self.dropped + held
+
+
+class RecordArchive(BaseModel):
+    """How much of the run's record lives in its histories rather than in its state."""
+
+    audit: ListArchive = Field(default_factory=ListArchive)
+    effects: ListArchive = Field(default_factory=ListArchive)
+    decisions: ListArchive = Field(default_factory=ListArchive)
+    retired_call_ids: ListArchive = Field(default_factory=ListArchive)
+    chunks: int = 0  # archive chunks written over the run
+
+
 class QueuedMessage(BaseModel):
     text: str
     policy: MessagePolicy
@@ -480,6 +617,8 @@ class EventKind(StrEnum):
     # the text written so far in this step is void (detail: "retried", "fallback",
     # "interrupted"): a client drops it; a new attempt may stream again
     MODEL_DISCARD = "model_discard"
+    # the oldest messages were summarised (text: the summary, detail: which, tokens: its cost)
+    COMPACTED = "compacted"
 
 
 class RunEvent(BaseModel):
@@ -538,7 +677,9 @@ class RunState(BaseModel):
     step: int = 0
     turn: int = 0
     transcript: list[ChatMessage] = Field(default_factory=list)
+    # every model call the run and its sub-agents made: `subagents` is the sub-agents' part
     usage: Usage = Field(default_factory=Usage)
+    subagents: Usage = Field(default_factory=Usage)
     pending_approvals: list[ApprovalRequest] = Field(default_factory=list)
     queued_messages: list[QueuedMessage] = Field(default_factory=list)
     effects: list[Effect] = Field(default_factory=list)
@@ -562,6 +703,9 @@ class RunState(BaseModel):
     transcript_from: int = 0
     transcript_of: int = 0
     cut: bool = False
+    # set once the run archives its record: the lists above then hold only their latest
+    # entries, and `AgentClient.record` reads the rest from the run's histories
+    archive: RecordArchive | None = None
 
     def decision(self, call_id: str) -> DecisionRecord | None:
         """How the approval of this call ended, if it has."""
@@ -587,12 +731,22 @@ class AgentState(RunState):
     # decisions per second (a token bucket): tokens left at `decision_tokens_at` (None: full)
     decision_tokens: float = 0.0
     decision_tokens_at: datetime | None = None
+    # "<messages>:<chain head>": the latest model context the worker stored, so the first
+    # request of a new history refers to it too (keel.workflows.transcript_ref)
+    context_stored: str = ""
+    budget: Budget | None = None  # a sub-agent's: what its parent had left when it started
+
+    # called after each audit entry (the workflow's archiver: keel.workflows.archive)
+    _recorded: Any = PrivateAttr(default=None)
 
     def record(self, entry: AuditEntry) -> None:
-        """Append to the audit trail. Refusals of bad input are bounded: past MAX_REFUSALS
-        the oldest refusal makes room. Nothing else is ever dropped."""
+        """Append to the audit trail. With the record archived, nothing is ever dropped;
+        before (runs recorded earlier), refusals of bad input are bounded: past
+        MAX_REFUSALS the oldest refusal makes room."""
         self.audit.append(entry)
-        if entry.kind in REFUSALS:
+        if self._recorded is not None:
+            self._recorded()
+        if entry.kind in REFUSALS and self.archive is None:
             refusals = [i for i, e in enumerate(self.audit) if e.kind in REFUSALS]
             if len(refusals) > MAX_REFUSALS:
                 del self.audit[refusals[0]]
@@ -610,6 +764,7 @@ class RunStatusView(BaseModel):
     status: AgentStatus
     step: int = 0
     usage: Usage = Field(default_factory=Usage)
+    subagents: Usage = Field(default_factory=Usage)  # the part of `usage` sub-agents spent
     pending_approvals: list[ApprovalRequest] = Field(default_factory=list)
     error: str | None = None
     keeps_open: bool | None = None  # goes idle between turns (None: spec not loaded yet)
@@ -636,6 +791,7 @@ class AgentInput(BaseModel):
     user: str = ""
     carry: AgentState | None = None  # set only by continue-as-new
     fork: ForkOrigin | None = None  # set: start from that run's state after that step
+    budget: Budget | None = None  # set by a parent run for its sub-agent
 
 
 class AgentResult(BaseModel):
@@ -643,6 +799,7 @@ class AgentResult(BaseModel):
     final_answer: str | None = None
     error: str | None = None
     steps: int = 0
+    # the run's and its sub-agents' (`usage.steps`: their model steps, all together)
     usage: Usage = Field(default_factory=Usage)
 
 
@@ -705,6 +862,14 @@ class MessageInput(BaseModel):
     # made by the sender: a message sent again with the same id (a retry, a resend after an
     # unknown outcome, an update replayed into the next history) is delivered only once
     id: str = Field(default="", max_length=200)
+
+
+class SubagentUsage(BaseModel):
+    """What a sub-agent spent, sent to its parent when it is cancelled (a cancellation
+    carries no result to read it from)."""
+
+    run_id: str = Field(max_length=1000)  # the child's run
+    usage: Usage
 
 
 class MessageReceipt(BaseModel):

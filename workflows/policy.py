@@ -127,11 +127,12 @@ def budget_exhausted(spec: AgentSpec, state: AgentState, now: datetime) -> str:
 
 
 def time_left(spec: AgentSpec, state: AgentState, now: datetime) -> float:
-    """Seconds of working time the run has left."""
-    if state.started_at is None:
-        return spec.limits.max_seconds
-    elapsed = (now - state.started_at).total_seconds() - state.paused_seconds
-    return spec.limits.max_seconds - elapsed
+    """Seconds of working time the run has left (a sub-agent: never past its parent's)."""
+    left = spec.limits.max_seconds
+    if state.started_at is not None:
+        left -= (now - state.started_at).total_seconds() - state.paused_seconds
+    deadline = state.budget.deadline if state.budget else None
+    return left if deadline is None else min(left, (deadline - now).total_seconds())
 
 
 def time_exhausted(spec: AgentSpec, state: AgentState, now: datetime) -> str:

@@ -17,7 +17,9 @@ from temporalio.exceptions import (
 )
 
 from keel.workflows import errors
-from keel.workflows.authz import tenant_of
+from keel.workflows.authz import allowed_tools, tenant_of
+from keel.workflows.budgets import budget_left, limits_of, priced, roll_up, usage_line
+from keel.workflows.compaction import request_messages
 from keel.workflows.models import (
     AGENT_NAME,
     AGENT_STATUS,
@@ -26,6 +28,7 @@ from keel.workflows.models import (
     AGENT_USER,
     CALL_MODEL,
     LOAD_AGENT_SPEC,
+    MCP_LIST_TOOLS,
     PENDING_APPROVALS,
     RUN_TOOL,
     TOTAL_TOKENS,
@@ -36,6 +39,8 @@ from keel.workflows.models import (
     AgentState,
     AgentStatus,
     LoadAgentInput,
+    MCPListInput,
+    MCPToolList,
     ModelInput,
     ModelResult,
     ModelSettings,
@@ -44,8 +49,10 @@ from keel.workflows.models import (
     ToolInput,
     ToolResult,
     ToolSpec,
+    Usage,
 )
 from keel.workflows.policy import short_args
+from keel.workflows.transcript_ref import TranscriptChain
 from keel.workflows.views import MAX_CONTEXT_CHARS, context_window
 
 LOAD_SPEC_TIMEOUT = timedelta(seconds=10)
@@ -73,6 +80,17 @@ NON_RETRYABLE_PROVIDER = [
     errors.KEEL_INTERNAL,
 ]
 AUTH_RETRY_SECONDS = 300.0  # a key to fix: try again this often, or at once on `keel resume`
+# runs recorded before it neither bounded a sub-agent's budget nor counted its usage
+SHARED_BUDGET_PATCH = "keel-shared-budget"
+MCP_LIST_TIMEOUT = timedelta(seconds=60)
+# a server that is down when a run starts: tried for about ten minutes before the run fails
+MCP_LIST_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=25,
+    non_retryable_error_types=["MCPToolsetError"],
+)
+MCP_UNLISTED = "MCPServerUnlisted"  # the run could not list an MCP server of its agent
 
 
 class TaskClock:
@@ -144,22 +162,61 @@ async def load_spec(agent: str) -> AgentSpec:
         raise errors.KeelError(failure_message(e), type=errors.AGENT_NOT_FOUND) from e
 
 
+async def pin_mcp_tools(spec: AgentSpec) -> AgentSpec:
+    """The spec with its MCP servers' tools pinned: each server listed once, in an activity
+    (recorded, so replay and continue-as-new never ask the server again), its tools added to
+    the spec's (those the run's policy allows) and its digest recorded."""
+    tools, pins = list(spec.tools), []
+    for pin in spec.mcp:
+        try:
+            listed: MCPToolList = await workflow.execute_activity(
+                MCP_LIST_TOOLS,
+                MCPListInput(agent=spec.name, server=pin.server),
+                task_queue=spec.tool_task_queue or None,
+                result_type=MCPToolList,
+                start_to_close_timeout=MCP_LIST_TIMEOUT,
+                retry_policy=MCP_LIST_RETRY,
+                summary=f"mcp list {pin.server}",
+            )
+        except ActivityError as e:
+            if isinstance(e.cause, CancelledError):
+                raise
+            raise errors.KeelError(
+                f"cannot list the tools of MCP server {pin.server!r}: {failure_message(e)}",
+                type=MCP_UNLISTED,
+            ) from e
+        tools.extend(allowed_tools(spec.policy, spec.name, listed.tools))
+        pins.append(
+            pin.model_copy(
+                update={"digest": listed.digest, "tools": [t.name for t in listed.tools]}
+            )
+        )
+    return spec.model_copy(update={"tools": tools, "mcp": pins})
+
+
 async def model_step(
     spec: AgentSpec,
     state: AgentState,
     tools: list[ToolSpec] | None = None,
     settings: ModelSettings | None = None,
     stream_id: str = "",
+    chain: TranscriptChain | None = None,
 ) -> ModelResult:
     """Call the model on the run's transcript, offering `tools` (default: all the agent's;
     `[]`: the agent's are listed, as the transcript may mention them, but none may be called).
     Raises ActivityError when the provider fails, KeelError when the request would not fit
     in a Temporal payload. `settings` picks a model of the agent's chain (default: its own).
-    With `stream_id`, the activity sends the reply as it is written (`keel.model_stream`)."""
+    With `stream_id`, the activity sends the reply as it is written (`keel.model_stream`).
+    With `chain` (payload storage on), the context goes by reference to what the worker
+    stored (keel.workflows.transcript_ref)."""
     s = settings or spec.model
-    window = context_window(state.transcript, MAX_CONTEXT_CHARS)
-    shown = {c.id for m in window for c in m.tool_calls}
-    left_out = {c.id for m in state.transcript for c in m.tool_calls} - shown
+    # a compacted conversation: its latest summary in place of the messages it covers
+    told = request_messages(state.transcript) if spec.compaction else state.transcript
+    window = context_window(told, MAX_CONTEXT_CHARS)
+    left_out: set[str] = set()
+    if window is not state.transcript:  # older turns are left out of (or summarised in) it
+        shown = {c.id for m in window for c in m.tool_calls}
+        left_out = {c.id for m in state.transcript for c in m.tool_calls} - shown
     request = ModelInput(
         agent=spec.name,
         step=state.step,
@@ -170,6 +227,8 @@ async def model_step(
         reserved_call_ids=sorted({*state.used_call_ids(), *left_out}),
         stream_id=stream_id if s.stream else "",
     )
+    if chain is not None:
+        request = chain.refer(request)
     size = 0 if spec.payload_storage else payload_bytes(request)  # stored: a reference
     if size > MAX_PAYLOAD_BYTES:
         raise errors.KeelError(
@@ -177,7 +236,7 @@ async def model_step(
             f"{MAX_PAYLOAD_BYTES}-byte limit (Temporal refuses payloads past 2 MB)",
             type=errors.PAYLOAD_TOO_LARGE,
         )
-    return await workflow.execute_activity(
+    result = await workflow.execute_activity(
         CALL_MODEL,
         request,
         task_queue=spec.model_task_queue or None,
@@ -192,6 +251,8 @@ async def model_step(
         ),
         summary=f"model {s.model or 'default'} · step {state.step}",
     )
+    result.usage = priced(result.usage, limits_of(spec, state).prices, s.model, result.model)
+    return result
 
 
 async def tool_step(
@@ -206,6 +267,8 @@ async def tool_step(
         idempotency_key=key,
         run_id=workflow.info().workflow_id,
         user=state.user,
+        mcp_server=t.mcp_server,
+        mcp_tool=t.mcp_tool,
     )
     retry = RetryPolicy(
         initial_interval=timedelta(seconds=t.initial_retry_seconds),
@@ -259,11 +322,16 @@ async def subagent_step(
     """Run a sub-agent as a child workflow with its own history, budgets and approvals; its
     answer is the tool's result. Cancelling this step (interrupt, the parent's cancellation)
     cancels the child; a parent that ends any other way asks the child to cancel too.
-    `run_id` is the child's: `subagent_run_id`."""
+    `run_id` is the child's: `subagent_run_id`.
+
+    The child may spend at most what this run has left (`budget_left`), and what it spent
+    counts in this run's usage and budgets (`roll_up`), however it ended."""
+    shared = workflow.patched(SHARED_BUDGET_PATCH)
+    budget = budget_left(spec, state, workflow.now()) if shared else None
     try:
         result: AgentResult = await workflow.execute_child_workflow(
             WORKFLOW_TYPE,
-            AgentInput(agent=tool.agent, message=task.task, user=state.user),
+            AgentInput(agent=tool.agent, message=task.task, user=state.user, budget=budget),
             id=run_id,
             result_type=AgentResult,
             task_timeout=WORKFLOW_TASK_TIMEOUT,
@@ -278,6 +346,8 @@ async def subagent_step(
             static_summary=f"sub-agent {tool.agent} for {spec.name} · step {state.step}",
         )
     except ChildWorkflowError as e:
+        if shared:
+            roll_up(state, _failure_usage(e))
         if isinstance(e.cause, CancelledError):
             raise
         return ToolResult(
@@ -285,6 +355,8 @@ async def subagent_step(
             error_type="subagent_failed",
             content=f"Error: sub-agent {tool.agent} ({run_id}) failed: {failure_message(e)}",
         )
+    if shared:
+        roll_up(state, result.usage)
     if result.status == AgentStatus.COMPLETED:
         return ToolResult(ok=True, content=result.final_answer or "")
     why = f": {result.error}" if result.error else ""
@@ -295,10 +367,22 @@ async def subagent_step(
     )
 
 
+def _failure_usage(e: ChildWorkflowError) -> Usage:
+    """What a child that did not complete had spent: its failure carries its usage (runs
+    recorded before it did carry none: nothing to count)."""
+    cause = e.cause
+    details = cause.details if isinstance(cause, ApplicationError) else ()
+    try:
+        return Usage.model_validate(details[0]) if details else Usage()
+    except ValueError:
+        return Usage()
+
+
 def current_details(state: AgentState) -> str:
     """What the Web UI shows as the run's current details (markdown)."""
     lines = [
-        f"**{state.status.value}** · step {state.step} · {state.usage.total_tokens} tokens",
+        f"**{state.status.value}** · step {state.step} · "
+        + usage_line(state.usage, state.subagents),
     ]
     if state.provider_error:
         lines.append(f"- the model provider keeps failing: {state.provider_error[:300]}")

@@ -78,8 +78,17 @@ class RunStream:
         """Take watchers' polls again (the run did not continue-as-new after all)."""
         self._stream._detaching = False  # the SDK has no public way back
 
-    def carry(self) -> EventsCarry:
-        return EventsCarry(base_offset=self.base, events=list(self.events))
+    def carry(self, max_bytes: int) -> EventsCarry:
+        """The retained events, the newest that fit in `max_bytes` (older ones are dropped,
+        as `truncate` drops them: offsets stay global)."""
+        kept, used = 0, 0
+        for e in reversed(self.events):
+            used += len(e.model_dump_json())
+            if used > max_bytes:
+                break
+            kept += 1
+        events = self.events[len(self.events) - kept :]
+        return EventsCarry(base_offset=self.base + len(self.events) - kept, events=events)
 
 
 def from_sdk_state(state: dict[str, Any], converter: PayloadConverter) -> EventsCarry:

@@ -9,9 +9,18 @@ VIEW_TRANSCRIPT_CHARS = 300_000  # the transcript's tail shown in the state view
 PAGE_CHARS = 1_000_000  # a transcript page: whole messages, about this much text
 VIEW_LIST_ITEMS = 300  # the latest entries of each record (audit, effects, decisions) shown
 VIEW_QUEUED_CHARS = 2_000  # a queued message's text in the view
-# What one model request carries of the conversation, in characters: older turns past it are
-# left out of the request (never out of the run's record)
-MAX_CONTEXT_CHARS = 1_200_000
+# What one model request carries of the conversation, in UTF-8 bytes (Temporal's limits are
+# bytes: a character can take four): older turns past it are left out of the request (never
+# out of the run's record)
+MAX_CONTEXT_BYTES = 1_200_000
+MAX_CONTEXT_CHARS = MAX_CONTEXT_BYTES  # the name it had when it counted characters
+
+
+def utf8_len(text: str | None) -> int:
+    """The bytes `text` takes in a payload (UTF-8; cheap for ASCII)."""
+    if not text:
+        return 0
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _cut(text: str | None, limit: int = VIEW_TEXT_CHARS) -> tuple[str | None, bool]:
@@ -65,7 +74,7 @@ def state_view(state: AgentState) -> RunState:
 
 def context_window(transcript: list[ChatMessage], limit: int) -> list[ChatMessage]:
     """What a model request carries: the whole transcript when it fits in `limit`
-    characters; else the instructions (saying that earlier messages are left out) and the
+    bytes; else the instructions (saying that earlier messages are left out) and the
     latest turns that fit, starting at a user message so no tool result loses its call.
     The run's record keeps everything."""
     if sum(_size(m) for m in transcript) <= limit or len(transcript) < 3:
@@ -88,8 +97,12 @@ def context_window(transcript: list[ChatMessage], limit: int) -> list[ChatMessag
     return [first, *rest[start:]]
 
 
-def _size(m: ChatMessage) -> int:
-    return len(m.content or "") + sum(len(c.arguments) for c in m.tool_calls)
+def message_bytes(m: ChatMessage) -> int:
+    """The bytes of a message's text and its tool calls' arguments."""
+    return utf8_len(m.content) + sum(utf8_len(c.arguments) for c in m.tool_calls)
+
+
+_size = message_bytes
 
 
 def transcript_slice(state: AgentState, start: int) -> TranscriptSlice:

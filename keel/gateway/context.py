@@ -22,7 +22,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from keel.client.api import AgentClient, KeelClientError, RunSummary, load_approver_key, no_worker
 from keel.client.presence import worker_polls
-from keel.client.visibility import may_see
+from keel.client.visibility import may_see, run_status
 from keel.config import Settings
 from keel.gateway.auth import SESSION_COOKIE, Caller, TokenFile
 from keel.gateway.feeds import RunFeeds
@@ -54,7 +54,7 @@ class RunRef:
     agent: str
     user: str
     tenant: str
-    status: str  # AgentStatus as its search attribute says
+    status: str  # as keel status says it (Temporal's, once the run is closed)
     steps: int
     tokens: int
     temporal_status: str
@@ -97,7 +97,7 @@ class Gateway:
         self,
         settings: Settings,
         policy: Policy | None,
-        tokens: TokenFile,
+        tokens: TokenFile | None,  # None: one local user, no tokens (`keel mcp`)
         client: Client | None = None,
     ) -> None:
         # the gateway acts for many people: never as KEEL_USER, never with one approver's key
@@ -150,7 +150,7 @@ class Gateway:
             agent=agent,
             user=user,
             tenant=tenant,
-            status=sa.get(AGENT_STATUS) or "",
+            status=run_status(sa.get(AGENT_STATUS) or "", desc.status),
             steps=sa.get(AGENT_STEPS) or 0,
             tokens=sa.get(TOTAL_TOKENS) or 0,
             temporal_status=status.name.lower(),
@@ -224,7 +224,7 @@ async def caller(
 ) -> Caller:
     """The authenticated caller (401 otherwise), within the rate limit (429 otherwise)."""
     token = bearer.credentials if bearer is not None else cookie
-    found = gw.tokens.lookup(token) if token else None
+    found = gw.tokens.lookup(token) if token and gw.tokens else None
     if found is None:
         gw.limit(f"address:{client_address(request)}")  # guessing tokens is limited too
         why = "this token is not known (revoked, or mistyped)" if token else "sign in first"
