@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from keel.activities.fork import load_fork
 from keel.activities.model import ModelActivities
 from keel.activities.record import archive_record
 from keel.activities.registry import Agent, AgentRegistry
@@ -22,6 +23,7 @@ def build_activities(
         tools.run_tool,
         registry.mcp.list_tools,
         archive_record,
+        load_fork,
     ]
 
 

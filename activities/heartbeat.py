@@ -22,18 +22,23 @@ def annotate_span(attributes: dict[str, str | int | float | bool]) -> None:
         otel.get_current_span().set_attributes(attributes)
 
 
-HEARTBEAT_EVERY_SECONDS = 1.0
+# a live call's heartbeats reach the server well inside the 2.5 s heartbeat timeout even on
+# a busy worker (workflows/steps.py)
+HEARTBEAT_EVERY_SECONDS = 0.5
 
 
 async def heartbeat_while(coro: Awaitable[T]) -> T:
     """Await `coro`, heartbeating meanwhile; a cancellation cancels `coro` too."""
     task = asyncio.ensure_future(coro)
+    beating = activity.in_activity() and not activity.info().is_local
+    if beating:  # at once: a busy worker's first beat must not wait out the interval
+        activity.heartbeat()
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY_SECONDS)
             if done:
                 return task.result()
-            if activity.in_activity() and not activity.info().is_local:
+            if beating:
                 activity.heartbeat()
     finally:
         if not task.done():

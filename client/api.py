@@ -44,6 +44,7 @@ from keel.client.sending import (
 from keel.client.signing import load_signing_key, sign_decision
 from keel.client.visibility import (
     NOT_CONTINUED,
+    may_see,
     quoted,
     run_status,
     status_query,
@@ -78,6 +79,7 @@ from keel.workflows.models import (
     DecideInput,
     DecideReceipt,
     Decision,
+    ForkOrigin,
     MessageInput,
     MessagePolicy,
     MessageReceipt,
@@ -89,6 +91,7 @@ from keel.workflows.models import (
     Usage,
     Visibility,
 )
+from keel.workflows.steps import WORKFLOW_TASK_TIMEOUT
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -109,6 +112,7 @@ ANSWER_GRACE = 1.0
 QUERY_DRAIN_SECONDS = 5.0
 # Every Keel run, whatever its loop, carries AgentName from its start.
 KEEL_RUNS = "AgentName IS NOT NULL"
+FORK_MEMO = "keel.forked_from"  # a fork's memo: the run and step it began from
 
 
 POLL_COOLDOWN = timedelta(milliseconds=25)  # between a watcher's polls of a run's events
@@ -261,6 +265,7 @@ class AgentClient:
             task_queue=task_queue or self.task_queue,
             result_type=AgentResult,
             execution_timeout=execution_timeout,
+            task_timeout=WORKFLOW_TASK_TIMEOUT,
             **options,
         )
         return run_id
@@ -857,6 +862,73 @@ class AgentClient:
     async def cancel(self, run_id: str) -> None:
         """Cancel the run: in-flight activities are cancelled, the record is kept."""
         await self._handle(run_id).cancel()
+
+    async def fork(
+        self,
+        run_id: str,
+        at_step: int,
+        message: str = "",
+        *,
+        user: str = "",
+        new_run_id: str | None = None,
+        current_spec: bool = False,
+        execution_timeout: timedelta | None = None,
+    ) -> str:
+        """Start a new run from the state `run_id` had after step `at_step` (running or
+        closed); returns the new run's id. It runs the same loop of the same agent, keeps
+        the origin's spec snapshot (or the agent's spec now, with `current_spec`), and goes
+        on with `message` if given, else from where step `at_step` left off.
+
+        The origin's effects of steps 1..N are listed as inherited and never redone; the
+        fork makes its own idempotency keys, so effects the origin made after step N are
+        not undone, and a call the fork makes again is a new effect. Only a caller who may
+        see the origin may fork it (the worker checks again, with its policy)."""
+        if at_step < 1:
+            raise KeelClientError(f"--at-step must be 1 or more, got {at_step}")
+        try:
+            desc = await self._handle(run_id).describe()
+        except RPCError as e:
+            raise KeelClientError(f"run {run_id}: {e.message}") from e
+        sa = desc.typed_search_attributes
+        agent, owner = sa.get(AGENT_NAME) or "", sa.get(AGENT_USER) or ""
+        if not agent:
+            raise KeelClientError(f"run {run_id} is not a Keel run (it has no AgentName)")
+        caller = self.as_user
+        if caller is not None and not may_see(
+            self.policy, caller, owner, sa.get(AGENT_TENANT) or ""
+        ):
+            raise KeelClientError(f"{caller!r} may not see run {run_id}, so may not fork it")
+        step = (await self.status(run_id)).step
+        if at_step > step:
+            raise KeelClientError(f"run {run_id} has made {step} step(s): fork after 1..{step}")
+        user = user or caller or owner
+        options = self.start_options(
+            agent, message or f"(fork of {run_id} after step {at_step})", user
+        )
+        if self.policy is not None:
+            refused = start_refusal(self.policy, agent, user)
+            if refused:
+                raise KeelClientError(refused)
+            tenant = tenant_of(self.policy, user)
+            if tenant:
+                pairs = options["search_attributes"].search_attributes
+                options["search_attributes"] = TypedSearchAttributes(
+                    [*pairs, SearchAttributePair(AGENT_TENANT, tenant)]
+                )
+        origin = ForkOrigin(run_id=run_id, step=at_step, current_spec=current_spec)
+        new_run_id = new_run_id or f"{agent}-{uuid.uuid4().hex[:12]}"
+        await self.client.start_workflow(
+            desc.workflow_type,
+            AgentInput(agent=agent, message=message, user=user, fork=origin),
+            id=new_run_id,
+            task_queue=desc.task_queue,
+            result_type=AgentResult,
+            execution_timeout=execution_timeout,
+            task_timeout=WORKFLOW_TASK_TIMEOUT,
+            memo={FORK_MEMO: origin.model_dump(mode="json")},
+            **options,
+        )
+        return new_run_id
 
     async def pending(
         self, *, as_user: str | None = None, schemas: bool = False

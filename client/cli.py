@@ -364,6 +364,20 @@ async def cmd_cancel(a: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+async def cmd_fork(a: argparse.Namespace, s: Settings) -> int:
+    agents = await _agents(s)
+    run_id = await agents.fork(
+        a.run,
+        a.at_step,
+        a.message,
+        user=a.user,
+        new_run_id=a.id,
+        current_spec=a.current_spec,
+    )
+    print(run_id)
+    return 0
+
+
 async def cmd_pending(a: argparse.Namespace, s: Settings) -> int:
     pending = await (await _agents(s)).pending(as_user=a.as_user)
     if a.json:
@@ -630,6 +644,17 @@ def parser() -> argparse.ArgumentParser:
         help="the workflow type that runs the agent (default: Keel's own loop)",
     )
     sp.add_argument("--task-queue", default=None, help=queue_help)
+    sp = add("fork", cmd_fork, "a new run from the state a run had after step N")
+    sp.add_argument("run")
+    sp.add_argument("--at-step", type=int, required=True, help="the step to fork after")
+    sp.add_argument("--message", default="", help="what the new run goes on with (default: none)")
+    sp.add_argument("--user", default="", help="who the new run is for (default: $KEEL_USER)")
+    sp.add_argument("--id", default=None, help="the new run's id (default: generated)")
+    sp.add_argument(
+        "--current-spec",
+        action="store_true",
+        help="run on the agent's spec as the workers have it now, not the run's snapshot",
+    )
     sp = add("status", cmd_status, "a run's state")
     sp.add_argument("run")
     sp.add_argument("--json", action="store_true")

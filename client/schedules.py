@@ -28,6 +28,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from keel.client.api import KeelClientError, workflow_type
 from keel.workflows.models import AGENT_NAME, WORKFLOW_TYPE, AgentInput
+from keel.workflows.steps import WORKFLOW_TASK_TIMEOUT
 
 if TYPE_CHECKING:
     from keel.client.api import AgentClient
@@ -130,6 +131,7 @@ class Schedules:
             AgentInput(agent=agent, message=message, user=user),
             id=name,
             task_queue=task_queue or self.agents.task_queue,
+            task_timeout=WORKFLOW_TASK_TIMEOUT,
             typed_search_attributes=options["search_attributes"],
             static_summary=options["static_summary"],
         )

@@ -51,13 +51,15 @@ PASSTHROUGH_MODULES = ("keel", "pydantic", "pydantic_core", "jsonschema", "crypt
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
 OPENAI_BASE_URL = "https://api.openai.com/v1"  # the openai client's, when none is set
 # A dead worker's workflow tasks wait this long on its sticky queue before another worker
-# takes them (the SDK's default is 10 s); a longer value set on the worker is kept.
-STICKY_TIMEOUT = timedelta(seconds=3)
+# takes them (the SDK's default is 10 s); a longer value set on the worker is kept. A live
+# worker takes a task from its sticky queue in milliseconds; one that misses the window
+# loses only its cache (another worker replays the run).
+STICKY_TIMEOUT = timedelta(seconds=2)
 SDK_DEFAULT_STICKY_TIMEOUT = timedelta(seconds=10)
-# The SDK sends an activity's heartbeats at most every 80% of its heartbeat timeout (4 s of
-# a 5 s one): on a busy worker, one late send and a live attempt is timed out and retried
-# beside itself. Sending every second leaves 4 s of slack.
-HEARTBEAT_THROTTLE = timedelta(seconds=1)
+# The SDK sends an activity's heartbeats at most every 80% of its heartbeat timeout (2 s of
+# a 2.5 s one): on a busy worker, one late send and a live attempt is timed out and retried
+# beside itself. Sending every half second leaves 2 s of slack.
+HEARTBEAT_THROTTLE = timedelta(seconds=0.5)
 SDK_DEFAULT_HEARTBEAT_THROTTLE = timedelta(seconds=60)
 
 

@@ -29,9 +29,11 @@ from keel.chaos.check import (
     RunOutcome,
     SentDecision,
     SentMessage,
+    ToolAttempt,
     check,
     p50_max,
     recovery,
+    spurious_retries,
     summary_line,
 )
 from keel.chaos.run import ChaosError, ChaosOptions, fault_specs
@@ -43,7 +45,7 @@ SUMMARY = re.compile(
     r"(?P<lost>\d+) lost, recovery p50 (?P<p50>\d+\.\d)s max (?P<max>\d+\.\d)s, "
     r"(?P<unexpected>\d+) unexpected, (?P<kills>\d+) kills, (?P<restarts>\d+) server restarts, "
     r"(?P<faults>\d+) model faults, (?P<repeats>\d+) model steps asked again "
-    r"\((?P<explained>\d+) in flight at a kill\)$"
+    r"\((?P<explained>\d+) in flight at a kill\), (?P<spurious>\d+) retries of live calls$"
 )
 
 
@@ -177,6 +179,35 @@ def test_a_model_step_asked_again_needs_a_kill_in_between() -> None:
     assert "answered at 22.0 (worker 1) was asked again at 30.0 (worker 0)" in v.problems[0]
 
 
+def test_a_call_tried_again_while_its_worker_lived_is_a_spurious_retry() -> None:
+    calls = [
+        ModelCall("a", "k1", "pending", 10.0, worker=0),
+        ModelCall("a", "k1", "served", 14.0, worker=1),  # worker 0 was killed at 12
+        ModelCall("a", "k2", "fault:slow", 20.0, worker=1),  # the provider failed it
+        ModelCall("a", "k2", "served", 22.0, worker=1),
+        ModelCall("a", "k3", "pending", 30.0, worker=1),
+        ModelCall("a", "k3", "served", 33.0, worker=2),  # worker 1 was alive: spurious
+    ]
+    attempts = [
+        ToolAttempt("a-key:1:0", "a", 101, 15.0),
+        ToolAttempt("a-key:1:0", "a", 102, 17.0),  # pid 101 was killed at 16
+        ToolAttempt("a-key:2:0", "a", 102, 40.0),
+        ToolAttempt("a-key:2:0", "a", 103, 41.0),  # pid 102 was alive: spurious
+        ToolAttempt("a-key:3:0", "a", 103, 50.0),
+        ToolAttempt("a-key:3:0", "a", 103, 55.0),  # the server restarted in between
+    ]
+    struck = [
+        Disruption("kill", 12.0, 12.0, ["a"], worker=0, pid=100),
+        Disruption("kill", 16.0, 16.0, ["a"], worker=0, pid=101),
+        Disruption("server restart", 52.0, 53.0, ["a"]),
+    ]
+    found = spurious_retries(calls, attempts, struck)
+    assert len(found) == 2, found
+    assert "model call of 30.0s (worker 1) was asked again at 33.0s" in found[0]
+    assert "tool call a-key:2:0 of 40.0s (pid 102) was tried again at 41.0s" in found[1]
+    assert spurious_retries(calls[:4], attempts[:2], struck) == []
+
+
 def test_recovery_is_per_run_hit_and_reports_median_and_worst() -> None:
     kills = [Disruption("kill", 10.0, 10.0, ["a", "b"]), Disruption("kill", 50.0, 50.0, ["c"])]
     progress = {"a": [9.0, 12.0, 13.0], "b": [16.0], "c": [40.0]}
@@ -184,6 +215,15 @@ def test_recovery_is_per_run_hit_and_reports_median_and_worst() -> None:
     samples = recovery(kills, progress, closed)
     assert samples == [2.0, 6.0, 3.0]
     assert p50_max(samples) == (3.0, 6.0) and p50_max([]) == (0.0, 0.0)
+
+
+def test_a_wait_the_restart_or_a_person_broke_into_is_not_a_kills() -> None:
+    kill = Disruption("kill", 10.0, 10.0, ["a", "b", "c"])
+    progress = {"a": [12.0], "b": [18.0], "c": [19.0]}
+    restart = Disruption("server restart", 14.0, 16.0, ["b"])  # b had not moved yet
+    decided = [SentDecision("c", "call", "approved", "ann", True, at=17.0)]  # c waited on ann
+    assert recovery([kill], progress, {}, [restart], decided) == [2.0]
+    assert recovery([kill], progress, {}) == [2.0, 8.0, 9.0]
 
 
 def test_summary_line_is_what_scripts_read() -> None:
@@ -293,4 +333,5 @@ async def test_a_small_chaos_session_loses_nothing_and_does_nothing_twice() -> N
     ), out  # fmt: skip
     assert int(m["kills"]) >= 2 and m["restarts"] == "1", out
     assert int(m["repeats"]) == int(m["explained"]), out
+    assert m["spurious"] == "0", out
     assert "killed the Temporal server" in out and "Traceback" not in out + err

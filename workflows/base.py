@@ -40,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
     from keel.workflows.doors import RunDoors
     from keel.workflows.errors import EndRun
     from keel.workflows.events import EventKind, EventLog
+    from keel.workflows.fork import begin_fork, load_fork
     from keel.workflows.inbox import Inbox
     from keel.workflows.model_call import ModelCall
     from keel.workflows.models import (
@@ -127,7 +128,11 @@ class KeelWorkflow(RunDoors):
                     refused = start_refusal(self.spec.policy, input.agent, input.user)
                     if refused and workflow.info().parent is None:
                         raise errors.KeelError(refused, type=START_REFUSED)
-                    if self.spec.mcp:  # listed once, pinned in the snapshot
+                    forked = await load_fork(input, self.spec) if input.fork else None
+                    keeps_origin = forked is not None and forked.spec is not None
+                    if keeps_origin and input.fork is not None and input.fork.current_spec:
+                        keeps_origin = False
+                    if self.spec.mcp and not keeps_origin:  # listed once, pinned in the snapshot
                         self.spec = st.spec = await pin_mcp_tools(self.spec)
                 except errors.KeelError as e:
                     self.finish(AgentStatus.FAILED, e.message)
@@ -137,7 +142,13 @@ class KeelWorkflow(RunDoors):
                 st.started_at = begun
                 st.transcript = [ChatMessage(role="system", content=self.spec.instructions)]
                 st.turn_start = 1
-                st.queued_messages.insert(0, _first_message(input))
+                if forked is not None and input.fork is not None:
+                    self.clock.release()  # the origin's state came in a task of its own
+                    begin_fork(st, input.fork, forked)
+                    if forked.spec is not None and not input.fork.current_spec:
+                        self.spec = st.spec = forked.spec
+                if input.fork is None or input.message:
+                    st.queued_messages.insert(0, _first_message(input))
             assert self.spec is not None
             try:
                 result = await loop(self.spec)
@@ -271,6 +282,7 @@ class KeelWorkflow(RunDoors):
         result = model.result()  # EndRun, or the run's failure, propagate from here
         self.clock.release()  # a new task began with the model's reply
         st.usage = st.usage.add(result.usage)
+        result.message.step, result.message.usage = st.step, result.usage  # see `keel fork`
         st.transcript.append(result.message)
         calls = result.message.tool_calls
         self.events.emit(

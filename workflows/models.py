@@ -28,6 +28,7 @@ DECISION_BURST = 20  # ... and at once; over it, a decision is refused (a policy
 
 WORKFLOW_TYPE = "keel.AgentWorkflow"
 LOAD_AGENT_SPEC = "keel.load_agent_spec"  # a local activity
+LOAD_FORK = "keel.load_fork"  # a forked run reads the state its origin had after a step
 CALL_MODEL = "keel.call_model"
 RUN_TOOL = "keel.run_tool"
 SIGNAL_DECIDE = "keel.decide"
@@ -309,6 +310,10 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
     name: str | None = None  # the tool's name, on tool messages
     model: str | None = None  # on the model's messages: which model answered (never sent)
+    # on the model's messages: the step that wrote them and what it cost (never sent), so a
+    # run can be forked after any step (0 / None: recorded before messages carried them)
+    step: int = 0
+    usage: Usage | None = None
     # > 0: a summary marker (never sent as such): requests carry its text in place of
     # transcript[1:summarizes], the messages it summarises
     summarizes: int = 0
@@ -651,6 +656,16 @@ class OpenStep(BaseModel):
     decided: dict[str, DecideInput] = Field(default_factory=dict)  # accepted, not yet acted on
 
 
+class ForkOrigin(BaseModel):
+    """Where a forked run comes from: a run (its id) and the step it was forked after."""
+
+    run_id: str = Field(min_length=1, max_length=1000)
+    step: int = Field(ge=1)
+    # False: the fork keeps the origin's spec snapshot (its tools, limits and policy);
+    # True: it runs on the agent's spec as the worker has it now
+    current_spec: bool = False
+
+
 class RunState(BaseModel):
     """What `get_state` shows of a run: its status, record and conversation (the transcript's
     tail, long texts cut: `transcript_from`, `transcript_of` and `cut` say what is shown)."""
@@ -679,6 +694,10 @@ class RunState(BaseModel):
     # a custom loop's own progress (e.g. its plan), carried across continue-as-new with the rest
     loop_state: dict[str, Any] = Field(default_factory=dict)
     provider_error: str = ""  # while waiting_provider: what the provider last said
+    forked_from: ForkOrigin | None = None  # set: the run began as a fork (`keel fork`)
+    # a fork's: the effects its origin committed up to the step it was forked after (done
+    # there, never redone here; `run_id` names the run whose record lists each one)
+    inherited_effects: list[Effect] = Field(default_factory=list)
     # set only in a query's answer: the transcript shown starts at this index of `of` messages,
     # and long texts were cut (AgentClient.get_state fetches the rest page by page)
     transcript_from: int = 0
@@ -771,6 +790,7 @@ class AgentInput(BaseModel):
     message: str
     user: str = ""
     carry: AgentState | None = None  # set only by continue-as-new
+    fork: ForkOrigin | None = None  # set: start from that run's state after that step
     budget: Budget | None = None  # set by a parent run for its sub-agent
 
 
@@ -781,6 +801,24 @@ class AgentResult(BaseModel):
     steps: int = 0
     # the run's and its sub-agents' (`usage.steps`: their model steps, all together)
     usage: Usage = Field(default_factory=Usage)
+
+
+class ForkInput(BaseModel):
+    """What a forked run asks of its origin (the `keel.load_fork` activity)."""
+
+    origin: ForkOrigin
+    agent: str  # the fork's agent: the origin must be a run of it
+    user: str  # who forks: they must be allowed to see the origin
+    policy: Policy | None = None  # the worker's policy now, which says who sees what
+
+
+class ForkState(BaseModel):
+    """The origin's state after the step: what the fork starts from."""
+
+    transcript: list[ChatMessage]
+    usage: Usage
+    effects: list[Effect] = Field(default_factory=list)
+    spec: AgentSpec | None = None  # the origin's snapshot
 
 
 # --- signals and updates ----------------------------------------------------------------------

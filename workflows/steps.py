@@ -56,11 +56,20 @@ from keel.workflows.transcript_ref import TranscriptChain
 from keel.workflows.views import MAX_CONTEXT_CHARS, context_window
 
 LOAD_SPEC_TIMEOUT = timedelta(seconds=10)
-MODEL_HEARTBEAT_TIMEOUT = timedelta(seconds=5)
-MODEL_RETRY_INITIAL = timedelta(seconds=1)
+# How fast a dead worker's calls are taken over: an activity heartbeats at once and then
+# every 0.5 s (activities/heartbeat.py, paced by the plugin's heartbeat throttle), so a
+# 2.5 s heartbeat timeout notices a SIGKILLed worker within 2.5 s and leaves a live call
+# 2 s of slack on a busy worker (2 s left a starved worker's live calls timed out: see
+# docs/chaos.md); the retry then starts after half a second.
+MODEL_HEARTBEAT_TIMEOUT = timedelta(seconds=2.5)
+MODEL_RETRY_INITIAL = timedelta(seconds=0.5)
 MODEL_RETRY_MAX_INTERVAL = timedelta(seconds=30)
 TOOL_RETRY_MAX_INTERVAL = timedelta(seconds=60)
-TOOL_HEARTBEAT_SECONDS = 5.0
+TOOL_HEARTBEAT_SECONDS = 2.5
+# A workflow task a dead worker had started is given to another after this (Temporal's
+# default is 10 s). Keel's tasks take milliseconds; the longest is a cold replay of a history
+# up to the continue-as-new point, which stays well inside it.
+WORKFLOW_TASK_TIMEOUT = timedelta(seconds=4)
 MAX_PAYLOAD_BYTES = 1_800_000
 NON_RETRYABLE_PROVIDER = [
     errors.PROVIDER_REJECTED,
@@ -325,6 +334,7 @@ async def subagent_step(
             AgentInput(agent=tool.agent, message=task.task, user=state.user, budget=budget),
             id=run_id,
             result_type=AgentResult,
+            task_timeout=WORKFLOW_TASK_TIMEOUT,
             parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
             search_attributes=TypedSearchAttributes(
                 [

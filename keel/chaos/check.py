@@ -10,6 +10,9 @@ so that each check is tested on crafted data without a server.
 - No model step that was answered was asked again, unless the worker that asked it was
   killed, or the server restarted, between the answer and the new request (the call was in
   flight there).
+- No call is tried again while the attempt before it was alive: a model request or a tool
+  write repeated with no fault, kill or restart in between is a spurious retry (a live but
+  slow call whose heartbeats did not arrive in time).
 - Recovery: for each worker kill, each run it hit waits from the kill until its next
   progress (a model request, a tool attempt, its end).
 """
@@ -84,6 +87,7 @@ class SentDecision:
     outcome: str  # approved / edited / rejected
     approver: str
     accepted: bool | None  # the update's answer; None: sent as a signal
+    at: float = 0.0  # when it was sent
 
 
 @dataclass
@@ -96,12 +100,23 @@ class ModelCall:
 
 
 @dataclass
+class ToolAttempt:
+    """A transfer's write as the ledger logged it: which key, from which worker process."""
+
+    key: str
+    run: str
+    pid: int
+    at: float
+
+
+@dataclass
 class Disruption:
     kind: str  # "kill" (of a worker), "exit" (a worker died by itself) or "server restart"
     at: float
     until: float  # when it was over (the server answered again); == at for a worker
     hit: list[str] = field(default_factory=list)  # the runs with work in flight there
     worker: int | None = None  # the worker slot; None: everything (the server)
+    pid: int | None = None  # the worker process that died
 
 
 @dataclass
@@ -321,23 +336,92 @@ def _check_model(v: Verdict, calls: list[ModelCall], disruptions: list[Disruptio
                 )
 
 
-def recovery(
+def spurious_retries(
+    calls: Sequence[ModelCall],
+    attempts: Sequence[ToolAttempt],
+    disruptions: Sequence[Disruption],
+    t0: float = 0.0,
+) -> list[str]:
+    """Calls tried again while the attempt before them was alive (times said from `t0`): a model request repeated
+    (same run, same conversation) after one the provider did not fail, or a transfer written
+    again under its key, with no kill or exit of the worker that had the earlier attempt and
+    no server restart in between. Each is a heartbeat timeout of a live call."""
+    found = []
+
+    def hit(worker: int | None, pid: int | None, start: float, end: float) -> bool:
+        """A restart, or the death of the worker (slot, or process) in [start, end]."""
+        return any(
+            (d.worker is None or (d.pid == pid if pid is not None else d.worker == worker))
+            and d.at <= end
+            and d.until >= start
+            for d in disruptions
+        )
+
+    asks: dict[tuple[str, str], list[ModelCall]] = defaultdict(list)
+    for c in sorted(calls, key=lambda c: c.at):
+        asks[(c.run, c.key)].append(c)
+    for (run, _), seq in sorted(asks.items()):
+        for before, again in zip(seq, seq[1:], strict=False):
+            failed = before.outcome.startswith(("fault:", "broken:"))
+            if not failed and not hit(before.worker, None, before.at, again.at):
+                found.append(
+                    f"{run}: the model call of {before.at - t0:.1f}s (worker {before.worker}) "
+                    f"was asked again at {again.at - t0:.1f}s while its worker was alive"
+                )
+    writes: dict[str, list[ToolAttempt]] = defaultdict(list)
+    for a in sorted(attempts, key=lambda a: a.at):
+        writes[a.key].append(a)
+    for key, seq in sorted(writes.items()):
+        for before, again in zip(seq, seq[1:], strict=False):
+            if not hit(None, before.pid, before.at, again.at):
+                found.append(
+                    f"{before.run}: the tool call {key} of {before.at - t0:.1f}s (pid "
+                    f"{before.pid}) was tried again at {again.at - t0:.1f}s while its worker "
+                    "was alive"
+                )
+    return found
+
+
+def waits(
     disruptions: Sequence[Disruption],
     progress: dict[str, list[float]],
     closed: dict[str, float],
-) -> list[float]:
+    restarts: Sequence[Disruption] = (),
+    decisions: Sequence[SentDecision] = (),
+) -> list[tuple[float, str, Disruption]]:
     """For each disruption and each run it hit: seconds from it until that run's next
-    progress (or its end). Runs that never moved again are left out (they count as lost)."""
-    samples: list[float] = []
+    progress (or its end), the run, the disruption. Runs that never moved again are left
+    out (they count as lost); so is a wait the server's restart broke into (the server went
+    down before the run moved again: the run is counted in the restart's recovery), and a
+    wait for a person (the run asked for a decision, which came before it moved again)."""
+    decided: dict[str, list[float]] = defaultdict(list)
+    for x in decisions:
+        decided[x.run_id].append(x.at)
+    out = []
     for d in disruptions:
         for run in d.hit:
             after = [t for t in progress.get(run, []) if t > d.at]
             end = closed.get(run)
             if end is not None and end > d.at:
                 after.append(end)
-            if after:
-                samples.append(min(after) - d.at)
-    return samples
+            if not after:
+                continue
+            moved = min(after)
+            broken = any(d.at < r.at < moved for r in restarts)
+            if not broken and not any(d.at < t < moved for t in decided[run]):
+                out.append((moved - d.at, run, d))
+    return out
+
+
+def recovery(
+    disruptions: Sequence[Disruption],
+    progress: dict[str, list[float]],
+    closed: dict[str, float],
+    restarts: Sequence[Disruption] = (),
+    decisions: Sequence[SentDecision] = (),
+) -> list[float]:
+    """The seconds of `waits`: per disruption, per run it hit, until that run moved again."""
+    return [w for w, _, _ in waits(disruptions, progress, closed, restarts, decisions)]
 
 
 def p50_max(samples: list[float]) -> tuple[float, float]:
@@ -347,7 +431,9 @@ def p50_max(samples: list[float]) -> tuple[float, float]:
     return statistics.median(samples), max(samples)
 
 
-def summary_line(v: Verdict, samples: list[float], kills: int, restarts: int, faults: int) -> str:
+def summary_line(
+    v: Verdict, samples: list[float], kills: int, restarts: int, faults: int, spurious: int = 0
+) -> str:
     """The last line of `keel chaos`, for scripts."""
     p50, worst = p50_max(samples)
     return (
@@ -355,7 +441,8 @@ def summary_line(v: Verdict, samples: list[float], kills: int, restarts: int, fa
         f"{v.lost} lost, recovery p50 {p50:.1f}s max {worst:.1f}s, "
         f"{v.unexpected} unexpected, {kills} kills, {restarts} server restarts, "
         f"{faults} model faults, {v.model_repeats} model steps asked again "
-        f"({v.model_repeats_explained} in flight at a kill)"
+        f"({v.model_repeats_explained} in flight at a kill), "
+        f"{spurious} retries of live calls"
     )
 
 
@@ -367,6 +454,7 @@ def report_lines(
     faults: Counter[str],
     kills: list[float],
     restart: list[float],
+    spurious: Sequence[str] = (),
 ) -> list[str]:
     """What `keel chaos` prints above its summary: what was done, and every problem."""
     ended = Counter(o.status or "unreadable" for o in outcomes)
@@ -392,6 +480,11 @@ def report_lines(
             f"server restart: down {d.until - d.at:.1f}s; {len(restart)} runs in flight went "
             "on after p50 {:.1f}s max {:.1f}s".format(*p50_max(restart))
         )
+    lines.append(
+        f"retries of live calls: {len(spurious)} (a call tried again while the worker that "
+        "had it was alive: a heartbeat timeout of a slow call)"
+    )
+    lines += [f"retried while alive: {x}" for x in spurious]
     lines += [f"note: {n}" for n in seen.notes]
     lines += [f"problem: {p}" for p in v.problems]
     return lines

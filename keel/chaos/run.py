@@ -57,12 +57,15 @@ from keel.chaos.check import (
     RunOutcome,
     SentDecision,
     SentMessage,
+    ToolAttempt,
     check,
     conversation_key,
     outcome_of,
     recovery,
     report_lines,
+    spurious_retries,
     summary_line,
+    waits,
 )
 from keel.chaos.stack import (
     SERVER_START_TIMEOUT,
@@ -437,6 +440,7 @@ class Chaos:
             d = DecideInput(call_id=call_id, decision=Decision.APPROVE, approver=approver)
             outcome = "approved"
         accepted: bool | None
+        sent = time.time()
         try:
             receipt = await self.agents.decide(plan.run_id, d, wait=not by_signal)
             accepted = None if receipt.note else receipt.accepted
@@ -446,7 +450,7 @@ class Chaos:
             accepted = False  # refused: the call was withdrawn by an interrupt, say
         self._decided.add(call_id)
         self.seen.decisions.append(
-            SentDecision(plan.run_id, call_id, outcome, d.approver, accepted)
+            SentDecision(plan.run_id, call_id, outcome, d.approver, accepted, at=sent)
         )
 
     async def _kill_workers(self) -> None:
@@ -473,7 +477,7 @@ class Chaos:
         hit = await runs_on_worker(self.client, self._working(), identity(proc.pid))
         at = time.time()
         await self.workers.restart(i)
-        self.seen.disruptions.append(Disruption("kill", at, at, hit, worker=i))
+        self.seen.disruptions.append(Disruption("kill", at, at, hit, worker=i, pid=proc.pid))
         self.say(f"killed worker {i} (pid {proc.pid}), started another; {len(hit)} runs hit")
 
     def _working(self) -> list[str]:
@@ -509,7 +513,7 @@ class Chaos:
                 why = self.workers.last_words(i)
                 note = f"worker {i} (pid {pid}) exited by itself with code {code}: {why}"
                 at = time.time()
-                self.seen.exits.append(Disruption("exit", at, at, [], worker=i))
+                self.seen.exits.append(Disruption("exit", at, at, [], worker=i, pid=pid))
                 self.seen.notes.append(note)
                 self.say(note + "; started again")
                 await self.workers.start(i)
@@ -552,8 +556,10 @@ class Chaos:
 
     def model_record(self) -> tuple[list[ModelCall], dict[str, list[float]], Counter[str]]:
         """The model's requests by run (and the worker that sent each), progress times by
-        run, and faults by kind."""
+        run, and faults by kind. A run progresses when the model is asked, when its reply has
+        gone out whole to a worker that lived through it, and when a tool writes."""
         calls, progress, faults = [], defaultdict(list), Counter[str]()
+        struck = self.seen.disruptions + self.seen.restarts + self.seen.exits
         for worker, model in enumerate(self.models):
             for r in model.requests():
                 body = r["body"] if isinstance(r["body"], dict) else {}
@@ -564,9 +570,23 @@ class Chaos:
                     key = conversation_key(body)
                     calls.append(ModelCall(run, key, r["outcome"], r["at"], worker))
                     progress[run].append(r["at"])
-        for a in ChaosLedger(self.home / "ledger.db").rows("attempts"):
-            progress[a["run"]].append(a["at"])
+                    end = (r.get("chunks_at") or [None])[-1]
+                    if (
+                        r["outcome"] == "served"
+                        and end is not None
+                        and not any(
+                            d.worker in (None, worker) and r["at"] <= d.at <= end for d in struck
+                        )
+                    ):
+                        progress[run].append(end)
+        for a in self.tool_attempts():
+            progress[a.run].append(a.at)
         return calls, progress, faults
+
+    def tool_attempts(self) -> list[ToolAttempt]:
+        """Every transfer write the ledger logged, with the worker process that made it."""
+        rows = ChaosLedger(self.home / "ledger.db").rows("attempts")
+        return [ToolAttempt(r["idempotency_key"], r["run"], r["pid"], r["at"]) for r in rows]
 
     async def report(self) -> int:
         """Check everything, print what was found; the last line is the summary."""
@@ -577,9 +597,24 @@ class Chaos:
             outcomes, ledger, s.messages, s.decisions, dict(s.malformed), calls,
             s.disruptions + s.restarts + s.exits,
         )  # fmt: skip
-        kills = recovery(s.disruptions, progress, s.closed)
+        kills = recovery(s.disruptions, progress, s.closed, s.restarts, s.decisions)
         restart = recovery(s.restarts, progress, s.closed)
-        lines = report_lines(verdict, outcomes, ledger, s, faults, kills, restart)
+        struck = s.disruptions + s.restarts + s.exits
+        spurious = spurious_retries(calls, self.tool_attempts(), struck, self.t0)
+        lines = report_lines(verdict, outcomes, ledger, s, faults, kills, restart, spurious)
+        every = waits(s.disruptions, progress, s.closed)
+        if len(every) > len(kills):
+            lines.append(
+                f"recovery: {len(every) - len(kills)} waits after a kill left out: the server "
+                "restart broke into them, or the run was waiting for a person's decision"
+            )
+        slow = waits(s.disruptions, progress, s.closed, s.restarts, s.decisions)
+        slow.sort(key=lambda w: -w[0])
+        for wait, run, d in slow[:3]:
+            lines.append(
+                f"slowest takeover: {run}, {wait:.1f}s after the kill of worker {d.worker} "
+                f"at {d.at - self.t0:.1f}s"
+            )
         if not self.embedded:
             lines.append("server restart: not done (an existing deployment cannot be restarted)")
         for line in lines:
@@ -587,7 +622,11 @@ class Chaos:
         if self.opts.keep:
             print(f"kept: {self.home}", flush=True)
         restarts = len(s.restarts)
-        print(summary_line(verdict, kills, len(s.disruptions), restarts, sum(faults.values())))
+        print(
+            summary_line(
+                verdict, kills, len(s.disruptions), restarts, sum(faults.values()), len(spurious)
+            )
+        )
         sys.stdout.flush()
         return 0 if verdict.ok else 1
 
