@@ -152,6 +152,8 @@ async def cmd_status(a: argparse.Namespace, s: Settings) -> int:
     print(f"{a.run}: {status}, step {state.step}, {state.usage.total_tokens} tokens")
     print(f"  usage: {usage_line(state.usage, state.subagents)}")
     print(f"  task queue: {summary.task_queue}")
+    for pin in state.spec.mcp if state.spec else []:  # the tool lists this run pinned
+        print(f"  MCP server {pin.server}: tools {pin.digest[:19] or 'not listed yet'}")
     if closed and summary.error and not state.error:
         print(f"  ended: {summary.error}")
     for r in state.pending_approvals:

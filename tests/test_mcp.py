@@ -17,6 +17,7 @@ from keel.testing import AgentEnvironment
 from keel.workflows.models import AgentStatus, ApprovalMode, ApprovalPolicy, Policy, PolicyAgent
 from tests.conftest import wait_for
 from tests.mcp_servers.agents import CLOCK, MCP_RULES, TIME, db_agent
+from tests.test_cli import keel
 
 
 async def test_a_reference_server_over_stdio(env: WorkflowEnvironment) -> None:
@@ -24,8 +25,11 @@ async def test_a_reference_server_over_stdio(env: WorkflowEnvironment) -> None:
         run = await e.start("timekeeper", "what time is it?")
         result = await e.agents.result(run, timeout=120)
         state = await e.agents.get_state(run)
+        _, status, _ = await keel(e, "status", run)  # type: ignore[arg-type]
     assert result.status == AgentStatus.COMPLETED
     assert '"timezone": "UTC"' in (result.final_answer or "")
+    # keel status names the tool list the run pinned
+    assert f"MCP server time: tools {state.spec.mcp[0].digest[:19]}" in status  # type: ignore[union-attr]
     spec = state.spec
     assert spec is not None
     (pin,) = spec.mcp
