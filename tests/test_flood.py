@@ -2,8 +2,8 @@
 by the tens of thousands leave its histories under Temporal's limits and its carried state
 under a fixed size, while the whole record stays readable (`AgentClient.record`).
 
-The suite floods one run with 20,000 signals: 10,000 resume signals, 5,000 decisions and
-5,000 refused messages (KEEL_FLOOD_RESUMES scales them); `python -m bench.flood` runs
+The suite floods one run with 10,000 signals: 5,000 resume signals, 2,500 decisions and
+2,500 refused messages (KEEL_FLOOD_RESUMES scales them); `python -m bench.flood` runs
 100,000 resume signals, 10,000 decisions and 10,000 refused messages.
 """
 
@@ -35,7 +35,7 @@ from keel.workflows.models import (
 )
 from tests.conftest import Harness, wait_for
 
-FLOOD_RESUMES = int(os.environ.get("KEEL_FLOOD_RESUMES", "10000"))
+FLOOD_RESUMES = int(os.environ.get("KEEL_FLOOD_RESUMES", "5000"))
 FLOOD_DECISIONS = FLOOD_RESUMES // 2
 FLOOD_MESSAGES = FLOOD_RESUMES // 2
 # what continue-as-new may carry of a run whose transcript is a few messages: the record's
