@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ from keel.workflows.models import (
     ApprovalPolicy,
     Condition,
 )
+
+RUN_TIMEOUT = timedelta(hours=2)
 
 DOC = REPO / "docs" / "benchmarks.md"
 RAW = REPO / "bench" / "results" / "flood.json"
@@ -171,7 +174,8 @@ async def measure(args: argparse.Namespace) -> FloodResults:
     )
     async with await start_local_temporal() as temporal:
         async with AgentEnvironment(temporal.client, [AGENT], RULES) as env:
-            run = await env.start("flooded", "charge 30")
+            # no run timeout: 120,000 signals outlast the test kit's five minutes
+            run = await env.start("flooded", "charge 30", execution_timeout=RUN_TIMEOUT)
             while not (await env.agents.get_state(run)).pending_approvals:
                 await asyncio.sleep(0.2)
             call = (await env.agents.get_state(run)).pending_approvals[0].call_id
