@@ -18,12 +18,10 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
-from keel.client.api import KeelClientError
+from bench.flood import chain, recorded  # what the bench reads, read the same way
 from keel.demo.agent import Ledger
 from keel.testing import ScriptedModelServer, start_local_temporal
 from keel.workflows.models import (
@@ -83,40 +81,8 @@ async def send_all(h: Harness, run: str, sends: list[Callable[[], Awaitable[Any]
     return accepted
 
 
-async def recorded(h: Harness, run: str) -> int:
-    """Audit entries the run has recorded so far (archived or held)."""
-    while True:
-        try:
-            s = await h.agents.get_state(run)
-            return (s.archive.audit.dropped if s.archive else 0) + len(s.audit)
-        except KeelClientError:  # the worker, busy with a wave, did not answer in time
-            continue
-
-
 async def _at_least(h: Harness, run: str, n: int) -> bool:
     return await recorded(h, run) >= n
-
-
-async def chain(client: Client, run: str) -> list[tuple[int, int, int]]:
-    """Each history of the run's chain: (events, bytes, bytes of its start input)."""
-    desc = await client.get_workflow_handle(run).describe()
-    run_id = desc.raw_description.workflow_execution_info.first_run_id
-    out = []
-    while run_id:
-        handle = client.get_workflow_handle(run, run_id=run_id)
-        info = (await handle.describe()).raw_description.workflow_execution_info
-        run_id = ""
-        start_bytes = 0
-        async for event in handle.fetch_history_events():
-            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
-                payloads = event.workflow_execution_started_event_attributes.input.payloads
-                start_bytes = sum(p.ByteSize() for p in payloads)
-            elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW:
-                run_id = (
-                    event.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
-                )
-        out.append((info.history_length, info.history_size_bytes, start_bytes))
-    return out
 
 
 @pytest.mark.timeout(900)
